@@ -1,0 +1,1 @@
+"""The built-in demos (see ``hesse.demo``): one module per demo."""

@@ -1,0 +1,123 @@
+"""The digits demo: a small CNN on scikit-learn's 8x8 handwritten digits, trained with SGD."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from tqdm.auto import tqdm
+
+N_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Config:
+    """Training configuration of the digits CNN (hashed into the cache key).
+
+    Training stops at the end of the first epoch whose full-data loss is at most
+    ``target_loss``: the outlier structure of the Hessian is clearest at a moderate loss,
+    before the model interpolates and the curvature collapses.
+    """
+
+    loss: str = "cross_entropy"
+    seed: int = 0
+    lr: float = 0.1
+    batch_size: int = 32
+    max_epochs: int = 60
+    target_loss: float = 0.1
+
+
+def build_model(config: Config) -> nn.Module:
+    """The CNN: two 3x3 conv layers with max-pooling, then a two-layer MLP head (~9k params)."""
+    torch.manual_seed(config.seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 32),
+        nn.ReLU(),
+        nn.Linear(32, N_CLASSES),
+    )
+
+
+def dataset(config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as ``(N, 1, 8, 8)`` floats in [0, 1] and their targets.
+
+    Targets are class indices for cross-entropy and one-hot rows for the squared loss.
+    """
+    X, y = load_digits(return_X_y=True)
+    inputs = torch.tensor(X, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    labels = torch.tensor(y, dtype=torch.long)
+    if config.loss == "mse":
+        return inputs, F.one_hot(labels, N_CLASSES).float()
+    return inputs, labels
+
+
+def loss_function(config: Config):
+    """``F.cross_entropy`` or ``F.mse_loss`` according to ``config.loss``."""
+    losses = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+    if config.loss not in losses:
+        raise ValueError(
+            f"digits demo: loss {config.loss!r} is not supported; expected one of "
+            f"{', '.join(losses)}."
+        )
+    return losses[config.loss]
+
+
+def train(model: nn.Module, config: Config, *, progress: bool = False) -> dict:
+    """Train with plain mini-batch SGD (no momentum) until ``target_loss`` or ``max_epochs``."""
+    inputs, targets = dataset(config)
+    loss = loss_function(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    epochs = tqdm(range(config.max_epochs), desc="training digits CNN", disable=not progress)
+    for epoch in epochs:
+        done = epoch + 1
+        for idx in torch.randperm(len(inputs), generator=generator).split(config.batch_size):
+            optimizer.zero_grad()
+            loss(model(inputs[idx]), targets[idx]).backward()
+            optimizer.step()
+        with torch.no_grad():
+            full_loss = loss(model(inputs), targets).item()
+        epochs.set_postfix(loss=f"{full_loss:.3f}")
+        if full_loss <= config.target_loss:
+            break
+    return {"epochs": done, "final_loss": full_loss, "accuracy": _accuracy(model, config)}
+
+
+def _accuracy(model: nn.Module, config: Config) -> float:
+    inputs, _ = dataset(config)
+    labels = torch.tensor(load_digits().target)
+    with torch.no_grad():
+        return (model(inputs).argmax(-1) == labels).float().mean().item()
+
+
+def make_demo(model: nn.Module, config: Config, training: dict):
+    """Package the trained model as a ``hesse.demo.Demo``."""
+    from hesse.demo import Demo
+
+    inputs, targets = dataset(config)
+    return Demo(
+        name="digits",
+        model=model,
+        inputs=inputs,
+        targets=targets,
+        loss=loss_function(config),
+        loss_fn=None,
+        lr=config.lr,
+        n_classes=N_CLASSES,
+        description=(
+            f"A {sum(p.numel() for p in model.parameters())}-parameter CNN trained with plain "
+            f"SGD (lr {config.lr}, batch {config.batch_size}, {config.loss} loss) on "
+            f"scikit-learn's 1797 handwritten digits (8x8 pixels, {N_CLASSES} classes) until "
+            f"the training loss reached {config.target_loss} ({training['epochs']} epochs)."
+        ),
+        training={"config": {**vars(config)}, **training},
+    )

@@ -1,0 +1,196 @@
+"""Linear solves with a (damped) curvature operator: CG, MINRES, LiSSA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..operators.base import PSD, SYMMETRIC
+from ._util import Counted, tags_of
+
+METHODS = ("cg", "minres", "lissa")
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """Solution of ``(A + damping I) x = b``.
+
+    Attributes:
+        value: ``x``, shaped like ``b`` (``(d,)`` or ``(d, k)``).
+        converged: Whether every column reached ``||r|| <= tol ||b||``.
+        n_matvecs: Matrix-vector products used.
+        residual_norm: ``(k,)`` float64 final residual norms ``||b - (A + damping I) x||``.
+    """
+
+    value: torch.Tensor
+    converged: bool
+    n_matvecs: int
+    residual_norm: torch.Tensor
+
+
+def solve(
+    A: Any,
+    b: torch.Tensor,
+    *,
+    damping: float = 0.0,
+    method: str = "cg",
+    tol: float = 1e-8,
+    max_matvecs: int | None = None,
+    x0: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> SolveResult:
+    r"""Solve :math:`(A + \lambda I)\,x = b` from matrix-vector products.
+
+    - ``"cg"``: conjugate gradients (Hestenes & Stiefel 1952), all columns of ``b`` at once;
+      needs :math:`A + \lambda I` positive definite.
+    - ``"minres"``: MINRES (Paige & Saunders 1975), for symmetric indefinite systems such as an
+      undamped Hessian away from a minimum.
+    - ``"lissa"``: the LiSSA recursion :math:`x_{j} = b + (I - (A+\lambda I)/s)\,x_{j-1}`,
+      returning :math:`x/s` (Agarwal, Bullins & Hazan 2017; Koh & Liang 2017 for influence
+      functions), here with exact products; needs PSD and :math:`s > \lambda_{max}/2`.
+
+    Every method stops when :math:`\|b - (A+\lambda I)x\| \le \mathrm{tol}\,\|b\|` for every
+    column, or when ``max_matvecs`` is spent (then ``converged=False``).
+
+    Args:
+        A: Operator or dense tensor ``(d, d)``.
+        b: Right-hand side ``(d,)`` or ``(d, k)``.
+        damping: :math:`\lambda \ge 0` added to the diagonal.
+        method: ``"cg"``, ``"minres"`` or ``"lissa"``.
+        tol: Relative residual tolerance.
+        max_matvecs: Budget; default ``10 d`` per column, at most 10,000.
+        x0: Start, shaped like ``b`` (default zero).
+        scale: LiSSA's :math:`s` (default 1.1 times an estimate of :math:`\lambda_{max}+\lambda`).
+
+    Returns:
+        SolveResult.
+
+    Raises:
+        ValueError: ``cg``/``lissa`` on an operator not declared PSD without damping, or a
+            non-symmetric operator.
+    """
+    if method not in METHODS:
+        raise ValueError(f"solve: method must be one of {METHODS}, got {method!r}.")
+    tags = tags_of(A)
+    if SYMMETRIC not in tags:
+        raise ValueError(f"solve(method={method!r}): the operator is not declared symmetric.")
+    if method != "minres" and PSD not in tags and damping <= 0:
+        raise ValueError(
+            f"solve(method={method!r}) needs a positive-definite operator, but this one is not "
+            "declared PSD (a Hessian is indefinite away from a minimum). Pass damping=lam > 0 "
+            "larger than minus its most negative eigenvalue, use method='minres', or solve with "
+            "a GGNOperator / FisherOperator."
+        )
+    op = Counted(A)
+    B = b[:, None] if b.dim() == 1 else b
+    B = B.to(device=op.device, dtype=op.dtype)
+    X = torch.zeros_like(B) if x0 is None else x0.reshape(B.shape).to(B)
+    budget = max_matvecs or min(10 * op.d, 10_000) * B.shape[1]
+
+    def apply(V: torch.Tensor) -> torch.Tensor:
+        return op(V) + damping * V
+
+    if method == "cg":
+        X, ok = _cg(apply, B, X, tol, budget, op)
+    elif method == "minres":
+        X, ok = _columns(_minres, apply, B, X, tol, budget, op)
+    else:
+        s = scale or 1.1 * (_norm_estimate(op) + damping)
+        X, ok = _lissa(apply, B, X, tol, budget, op, s)
+    res = torch.linalg.vector_norm((B - apply(X)).double(), dim=0).cpu()
+    return SolveResult(X[:, 0] if b.dim() == 1 else X, ok, op.n, res)
+
+
+def _cg(apply: Callable, B, X, tol, budget, op) -> tuple[torch.Tensor, bool]:
+    R = B - apply(X)
+    P = R.clone()
+    rs = (R.double() ** 2).sum(0)
+    stop = tol**2 * (B.double() ** 2).sum(0)
+    while op.n < budget:
+        active = rs > stop
+        if not active.any():
+            return X, True
+        AP = apply(P)
+        pap = (P.double() * AP.double()).sum(0)
+        if (pap[active] <= 0).any():
+            return X, False  # direction of non-positive curvature: not positive definite
+        alpha = torch.where(active, rs / pap.clamp_min(1e-300), 0.0)
+        X = X + alpha.to(X) * P
+        R = R - alpha.to(R) * AP
+        rs_new = (R.double() ** 2).sum(0)
+        P = R + (rs_new / rs.clamp_min(1e-300)).to(R) * P
+        rs = rs_new
+    return X, bool((rs <= stop).all())
+
+
+def _columns(fn: Callable, apply, B, X, tol, budget, op) -> tuple[torch.Tensor, bool]:
+    """Run a single-vector solver column by column."""
+    cols, ok = [], True
+    for i in range(B.shape[1]):
+        share = op.n + (budget - op.n) // (B.shape[1] - i)
+        x, done = fn(apply, B[:, i], X[:, i], tol, share, op)
+        cols.append(x)
+        ok = ok and done
+    return torch.stack(cols, 1), ok
+
+
+def _minres(apply: Callable, b, x, tol, budget, op) -> tuple[torch.Tensor, bool]:
+    """MINRES for symmetric ``apply`` (Paige & Saunders 1975), scalars in float64."""
+
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        return apply(v[:, None])[:, 0]
+
+    r1 = b - mv(x)
+    beta = float(torch.linalg.vector_norm(r1.double()))
+    bnorm = float(torch.linalg.vector_norm(b.double()))
+    if beta <= tol * bnorm:
+        return x, True
+    y, r2 = r1.clone(), r1.clone()
+    oldb, dbar, epsln, phibar, cs, sn = 0.0, 0.0, 0.0, beta, -1.0, 0.0
+    w = torch.zeros_like(b)
+    w2 = torch.zeros_like(b)
+    while op.n < budget:
+        v = y / beta
+        y = mv(v)
+        if oldb > 0:
+            y = y - (beta / oldb) * r1
+        alfa = float((v.double() * y.double()).sum())
+        y = y - (alfa / beta) * r2
+        r1, r2 = r2, y
+        oldb, beta = beta, float(torch.linalg.vector_norm(y.double()))
+        oldeps = epsln
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsln, dbar = sn * beta, -cs * beta
+        gamma = max((gbar**2 + beta**2) ** 0.5, 1e-300)
+        cs, sn = gbar / gamma, beta / gamma
+        phi, phibar = cs * phibar, sn * phibar
+        w1, w2 = w2, w
+        w = (v - oldeps * w1 - delta * w2) / gamma
+        x = x + phi * w
+        if phibar <= tol * bnorm or beta == 0.0:
+            return x, True
+    return x, False
+
+
+def _lissa(apply: Callable, B, X, tol, budget, op, s) -> tuple[torch.Tensor, bool]:
+    Y = X * s
+    stop = tol * torch.linalg.vector_norm(B.double(), dim=0)
+    while op.n < budget:
+        R = B - apply(Y) / s  # residual of (A + lam I)(Y / s) = B
+        if (torch.linalg.vector_norm(R.double(), dim=0).cpu() <= stop.cpu()).all():
+            return Y / s, True
+        Y = Y + R
+    return Y / s, False
+
+
+def _norm_estimate(op: Counted, steps: int = 20) -> float:
+    """Largest eigenvalue of a PSD operator from a short Lanczos run."""
+    from .eigs import eigs
+
+    r = eigs(op.A, k=1, tol=1e-3, max_matvecs=steps)
+    op.n += r.n_matvecs
+    return float(r.values[0]) + float(r.residuals[0])

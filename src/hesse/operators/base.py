@@ -1,0 +1,243 @@
+"""Linear operators: the base class that gives every curvature matrix the same interface."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..params import ParamSpace
+
+SYMMETRIC, PSD = "symmetric", "psd"
+
+
+class Operator:
+    """A square linear operator ``A`` of shape ``(d, d)`` seen through products ``A @ V``.
+
+    Subclasses implement ``_matmat(V)`` for ``V`` of shape ``(d, k)``; this class gives
+    ``@``, ``matvec``, ``matmat``, sums, scaling, damping, restriction to parameter blocks,
+    product counting (``n_matvecs`` counts columns) and conversion to SciPy and dense.
+
+    Attributes:
+        shape: ``(d, d)``.
+        dtype: Floating dtype of the products.
+        device: Device of the products.
+        tags: Declared structure: ``"symmetric"``, ``"psd"`` (positive semi-definite).
+        space: The parameter layout of the rows, or None for an unstructured operator.
+        n_matvecs: Matrix-vector products computed so far (a ``(d, k)`` product counts ``k``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        tags: Sequence[str] = (),
+        space: ParamSpace | None = None,
+    ):
+        self.shape = (dim, dim)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.tags = frozenset(tags)
+        self.space = space
+        self.n_matvecs = 0
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A @ V`` for ``V`` of shape ``(d, k)``, in one pass over the data."""
+        d = self.shape[0]
+        if V.dim() != 2 or V.shape[0] != d:
+            raise ValueError(
+                f"{type(self).__name__}: expected shape ({d}, k), got {tuple(V.shape)}."
+            )
+        self.n_matvecs += V.shape[1]
+        return self._matmat(V.to(device=self.device, dtype=self.dtype))
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``A @ v`` for ``v`` of shape ``(d,)``."""
+        if v.dim() != 1:
+            raise ValueError(
+                f"{type(self).__name__}.matvec: expected shape (d,), got {tuple(v.shape)}."
+            )
+        return self.matmat(v[:, None])[:, 0]
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matvec(x) if x.dim() == 1 else self.matmat(x)
+
+    def __add__(self, other: Operator) -> Operator:
+        if not isinstance(other, Operator):
+            return NotImplemented
+        return SumOperator([self, other])
+
+    def __sub__(self, other: Operator) -> Operator:
+        if not isinstance(other, Operator):
+            return NotImplemented
+        return SumOperator([self, ScaledOperator(other, -1.0)])
+
+    def __mul__(self, c: float) -> Operator:
+        if not isinstance(c, (int, float)):
+            return NotImplemented
+        return ScaledOperator(self, float(c))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Operator:
+        return ScaledOperator(self, -1.0)
+
+    def damped(self, lam: float) -> Operator:
+        """``A + lam * I`` (Tikhonov damping)."""
+        identity = IdentityOperator(
+            self.shape[0], dtype=self.dtype, device=self.device, space=self.space
+        )
+        return self + float(lam) * identity
+
+    def restrict(self, names: Sequence[str]) -> Operator:
+        """The diagonal block of the named parameters (or module prefixes): ``P^T A P``."""
+        if self.space is None:
+            raise ValueError(
+                f"{type(self).__name__}.restrict: this operator has no parameter names; "
+                "pass space=ParamSpace(...) when building it."
+            )
+        return self._restrict(self.space.select(names))
+
+    def _restrict(self, names: list[str]) -> Operator:
+        raise NotImplementedError(f"{type(self).__name__} cannot be restricted to a block.")
+
+    def blocks(self, by: str = "param") -> dict[str, Operator]:
+        """Diagonal blocks, one per parameter (``by="param"``) or per module (``by="module"``)."""
+        if self.space is None:
+            raise ValueError(f"{type(self).__name__}.blocks: this operator has no parameter names.")
+        return {name: self._restrict(names) for name, names in self.space.blocks(by).items()}
+
+    def to_dense(self, block_size: int = 256) -> torch.Tensor:
+        """The ``(d, d)`` matrix, built from products with identity columns (``d`` matvecs)."""
+        d = self.shape[0]
+        eye = torch.eye(d, dtype=self.dtype, device=self.device)
+        return torch.cat([self @ eye[:, i : i + block_size] for i in range(0, d, block_size)], 1)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` in float64 numpy (products go through torch)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mm(X: np.ndarray) -> np.ndarray:
+            X = torch.as_tensor(np.asarray(X, dtype=np.float64))
+            out = self @ (X if X.dim() == 2 else X.reshape(-1))
+            return out.detach().to("cpu", torch.float64).numpy()
+
+        rmm = mm if SYMMETRIC in self.tags else None
+        return LinearOperator(
+            self.shape, matvec=mm, matmat=mm, rmatvec=rmm, rmatmat=rmm, dtype=np.float64
+        )
+
+    def __repr__(self) -> str:
+        tags = ", ".join(sorted(self.tags))
+        return f"{type(self).__name__}(d={self.shape[0]}, dtype={self.dtype}, tags={{{tags}}})"
+
+
+class DenseOperator(Operator):
+    """A dense matrix as an operator.
+
+    Args:
+        matrix: ``(d, d)`` tensor.
+        tags: Declared structure; by default ``"symmetric"`` when the matrix is symmetric and
+            ``"psd"`` when, in addition, its smallest eigenvalue is not below round-off.
+        space: Optional parameter layout, which enables ``restrict`` and ``blocks``.
+    """
+
+    def __init__(self, matrix: torch.Tensor, *, tags: Sequence[str] | None = None, space=None):
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"DenseOperator: expected a square matrix, got {tuple(matrix.shape)}.")
+        if space is not None and space.dim != matrix.shape[0]:
+            raise ValueError(
+                f"DenseOperator: space has {space.dim} entries, matrix {matrix.shape[0]}."
+            )
+        super().__init__(
+            matrix.shape[0],
+            matrix.dtype,
+            matrix.device,
+            infer_tags(matrix) if tags is None else tags,
+            space,
+        )
+        self.matrix = matrix
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ V
+
+    def _restrict(self, names: list[str]) -> Operator:
+        slices = self.space.slices()
+        idx = torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
+        idx = idx.to(self.matrix.device)
+        return DenseOperator(
+            self.matrix[idx][:, idx], tags=self.tags, space=self.space.subspace(names)
+        )
+
+
+class IdentityOperator(Operator):
+    """The identity ``I`` of size ``d``."""
+
+    def __init__(self, dim: int, *, dtype=torch.float64, device="cpu", space=None):
+        super().__init__(dim, dtype, device, (SYMMETRIC, PSD), space)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return V.clone()
+
+    def _restrict(self, names: list[str]) -> Operator:
+        sub = self.space.subspace(names)
+        return IdentityOperator(sub.dim, dtype=self.dtype, device=self.device, space=sub)
+
+
+class ScaledOperator(Operator):
+    """``c * A``; stays PSD for ``c >= 0``."""
+
+    def __init__(self, op: Operator, c: float):
+        tags = set(op.tags) if c >= 0 else set(op.tags) - {PSD}
+        super().__init__(op.shape[0], op.dtype, op.device, tags, op.space)
+        self.op, self.c = op, c
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.c * self.op.matmat(V)
+
+    def _restrict(self, names: list[str]) -> Operator:
+        return ScaledOperator(self.op._restrict(names), self.c)
+
+
+class SumOperator(Operator):
+    """``A_1 + ... + A_n``: symmetric (PSD) when every term is."""
+
+    def __init__(self, ops: Sequence[Operator]):
+        first = ops[0]
+        for op in ops[1:]:
+            if op.shape != first.shape:
+                raise ValueError(f"SumOperator: shapes {first.shape} and {op.shape} differ.")
+        tags = frozenset.intersection(*(op.tags for op in ops))
+        space = next((op.space for op in ops if op.space is not None), None)
+        super().__init__(first.shape[0], first.dtype, first.device, tags, space)
+        self.ops = list(ops)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return sum(op.matmat(V) for op in self.ops)
+
+    def _restrict(self, names: list[str]) -> Operator:
+        return SumOperator([op._restrict(names) for op in self.ops])
+
+
+def infer_tags(matrix: torch.Tensor) -> frozenset[str]:
+    """Structure of a dense matrix: symmetric, and PSD up to round-off."""
+    scale = matrix.abs().max().clamp_min(torch.finfo(matrix.dtype).tiny)
+    eps = 100 * torch.finfo(matrix.dtype).eps * matrix.shape[0]
+    if (matrix - matrix.T).abs().max() > eps * scale:
+        return frozenset()
+    if torch.linalg.eigvalsh(matrix).min() >= -eps * scale:
+        return frozenset({SYMMETRIC, PSD})
+    return frozenset({SYMMETRIC})
+
+
+def copy_with(op: Operator, **changes) -> Operator:
+    """A shallow copy of ``op`` with some attributes replaced and its own product counter."""
+    new = copy.copy(op)
+    new.__dict__.update(changes)
+    new.n_matvecs = 0
+    return new

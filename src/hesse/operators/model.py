@@ -1,0 +1,259 @@
+"""Curvature of an Objective as linear operators: Hessian, generalized Gauss-Newton, Fisher."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import grad, jvp, vjp, vmap
+
+from ..objective import Batch, Objective
+from .base import PSD, SYMMETRIC, Operator, copy_with
+
+Tangents = dict[str, torch.Tensor]
+
+
+class ModelOperator(Operator):
+    """An operator defined by one product per batch, summed exactly over the data.
+
+    Subclasses implement ``_matmat_batch(index, batch, V) -> ((k, *shape) per parameter, w_b)``
+    returning the batch's weighted (sum-form) product; this class splits and joins flat vectors,
+    chunks wide ``V`` into ``block_size`` columns per batch (one data pass for all of them) and
+    divides by the total weight.
+
+    Args:
+        objective: The loss, model and data.
+        tags: Declared structure.
+        block_size: Most columns pushed through the model at once (memory grows with it).
+    """
+
+    def __init__(self, objective: Objective, tags, block_size: int = 32):
+        super().__init__(objective.dim, objective.dtype, objective.device, tags, objective.space)
+        self.objective = objective
+        self.block_size = block_size
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        space = self.objective.space
+        chunks = [
+            space.split(V[:, i : i + self.block_size])
+            for i in range(0, V.shape[1], self.block_size)
+        ]
+
+        def term(index: int, batch: Batch) -> tuple[torch.Tensor, float]:
+            parts, w = [], 0.0
+            for T in chunks:
+                out, w = self._matmat_batch(index, batch, T)
+                parts.append(space.join(out, next(iter(T.values())).shape[0]))
+            return torch.cat(parts, dim=1), w
+
+        return self.objective.accumulate(term)
+
+    def _matmat_batch(self, index: int, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
+        raise NotImplementedError
+
+    def _restrict(self, names: list[str]) -> Operator:
+        sub = self.objective.restrict(names)
+        return copy_with(self, objective=sub, space=sub.space, shape=(sub.dim, sub.dim))
+
+
+class HessianOperator(ModelOperator):
+    r"""The Hessian of the mean loss, :math:`H = \nabla^2_\theta L(\theta)`.
+
+    Products use forward-over-reverse differentiation (``torch.func.jvp`` of ``grad``),
+    vectorized over the columns of ``V`` with ``vmap``; ``mode="reverse"`` uses double
+    backward (Pearlmutter 1994, "Fast exact multiplication by the Hessian"), which ``"auto"``
+    falls back to when a module does not support forward-mode AD.
+
+    Args:
+        objective: The loss, model and data.
+        mode: ``"auto"``, ``"forward"`` or ``"reverse"``.
+        block_size: Most columns pushed through the model at once.
+
+    Example:
+        >>> model = nn.Linear(2, 1).double()
+        >>> x = torch.randn(8, 2, dtype=torch.float64)
+        >>> obj = Objective(model, (x, torch.zeros(8, 1, dtype=torch.float64)),
+        ...                 loss=nn.functional.mse_loss)
+        >>> H = HessianOperator(obj)
+        >>> torch.allclose(H.to_dense()[:2, :2], 2 * x.T @ x / 8)
+        True
+    """
+
+    def __init__(self, objective: Objective, *, mode: str = "auto", block_size: int = 32):
+        if mode not in ("auto", "forward", "reverse"):
+            raise ValueError(
+                f"HessianOperator: mode must be 'auto', 'forward' or 'reverse', got {mode!r}."
+            )
+        super().__init__(objective, (SYMMETRIC,), block_size)
+        self.mode = mode
+
+    def _matmat_batch(self, index: int, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
+        if self.mode == "reverse":
+            return self._reverse(batch, V)
+        try:
+            return self._forward(batch, V)
+        except (RuntimeError, NotImplementedError):
+            if self.mode == "forward":
+                raise
+            self.mode = "reverse"  # a module without forward-mode AD: double backward from now on
+            return self._reverse(batch, V)
+
+    def _forward(self, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
+        obj, box = self.objective, {}
+
+        def loss(p: Tangents) -> torch.Tensor:
+            value, box["w"] = obj.batch_loss(p, batch)
+            return value
+
+        g = grad(loss)
+        out = vmap(lambda t: jvp(g, (obj.params,), (t,))[1])(V)
+        return out, box["w"]
+
+    def _reverse(self, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
+        obj = self.objective
+        params = {n: p.detach().requires_grad_(True) for n, p in obj.params.items()}
+        with torch.enable_grad():
+            value, w = obj.batch_loss(params, batch)
+            g = torch.autograd.grad(value, list(params.values()), create_graph=True)
+            cols = []
+            for j in range(next(iter(V.values())).shape[0]):
+                vj = [V[n][j] for n in params]
+                cols.append(torch.autograd.grad(g, list(params.values()), vj, retain_graph=True))
+        return {n: torch.stack([c[i] for c in cols]) for i, n in enumerate(params)}, w
+
+
+class GGNOperator(ModelOperator):
+    r"""The generalized Gauss-Newton matrix :math:`G = \frac1W \sum_b J_b^\top H_b J_b`.
+
+    :math:`J_b` is the Jacobian of the model outputs on batch :math:`b` with respect to the
+    parameters and :math:`H_b` the Hessian of the (weighted) loss with respect to the outputs
+    (Schraudolph 2002, "Fast curvature matrix-vector products for second-order gradient
+    descent"). PSD when the loss is convex in the outputs (cross-entropy, MSE, NLL), which is
+    then tagged; pass ``psd=True`` to declare it for another convex loss.
+
+    Args:
+        objective: Built with ``loss=`` (the outputs must be separable from the loss).
+        psd: Override the PSD tag (default: inferred from the loss).
+        block_size: Most columns pushed through the model at once.
+    """
+
+    def __init__(self, objective: Objective, *, psd: bool | None = None, block_size: int = 32):
+        psd = _convex_loss(objective.loss) if psd is None else psd
+        super().__init__(objective, (SYMMETRIC, PSD) if psd else (SYMMETRIC,), block_size)
+        _needs_outputs(objective, "GGNOperator")
+
+    def _matmat_batch(self, index: int, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
+        obj = self.objective
+        y, w = obj.targets(batch), obj.batch_weight(batch)
+        f, JV, pullback = _linearize(obj, batch, V)
+        gl = grad(lambda out: obj.output_loss(out, y, w))
+        HJV = vmap(lambda u: jvp(gl, (f,), (u,))[1])(JV)
+        return vmap(pullback)(HJV), w
+
+
+class FisherOperator(ModelOperator):
+    r"""The Fisher information :math:`F = \frac1W \sum_n J_n^\top r_n r_n^\top J_n`.
+
+    :math:`r_n` is the gradient of sample :math:`n`'s loss with respect to its outputs (samples
+    along dim 0 of the outputs). ``kind="empirical"`` uses the data's targets (the empirical
+    Fisher); ``kind="mc"`` draws ``mc_samples`` targets per sample from the model's predictive
+    distribution (categorical for cross-entropy, Gaussian for MSE), so that in expectation
+    :math:`F` equals the GGN (Martens 2020, "New insights and perspectives on the natural
+    gradient method"; Kunstner et al. 2019, "Limitations of the empirical Fisher
+    approximation"). The draws are fixed by ``seed``: the operator is the same matrix on every
+    product.
+
+    Args:
+        objective: Built with ``loss=``.
+        kind: ``"empirical"`` or ``"mc"``.
+        mc_samples: Draws per sample for ``kind="mc"``.
+        seed: Seed of the draws.
+        block_size: Most columns pushed through the model at once.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        kind: str = "empirical",
+        *,
+        mc_samples: int = 1,
+        seed: int = 0,
+        block_size: int = 32,
+    ):
+        if kind not in ("empirical", "mc"):
+            raise ValueError(f"FisherOperator: kind must be 'empirical' or 'mc', got {kind!r}.")
+        super().__init__(objective, (SYMMETRIC, PSD), block_size)
+        _needs_outputs(objective, "FisherOperator")
+        self.kind, self.mc_samples, self.seed = kind, mc_samples, seed
+        self._sample = _sampler(objective.loss) if kind == "mc" else None
+
+    def _matmat_batch(self, index: int, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
+        obj = self.objective
+        w = obj.batch_weight(batch)
+        f, JV, pullback = _linearize(obj, batch, V)
+        Z = torch.zeros_like(JV)
+        for y in self._targets(index, batch, f, w):
+            r = grad(lambda out, y=y: obj.output_loss(out, y, w))(f.detach())
+            k, n = JV.shape[:2]
+            coeff = (r * JV).reshape(k, n, -1).sum(-1)  # <r_n, (J v)_n> per column and sample
+            Z += coeff.reshape(*coeff.shape, *([1] * (r.dim() - 1))) * r
+        return vmap(pullback)(Z / self.mc_samples if self._sample else Z), w
+
+    def _targets(self, index: int, batch: Batch, f: torch.Tensor, w: float) -> list[torch.Tensor]:
+        if self._sample is None:
+            return [self.objective.targets(batch)]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return [self._sample(f.detach(), w, gen) for _ in range(self.mc_samples)]
+
+
+def _linearize(obj: Objective, batch: Batch, V: Tangents):
+    """Outputs ``f``, Jacobian products ``J V`` (k, *f.shape) and the pullback ``z -> J^T z``."""
+
+    def forward(p: Tangents) -> torch.Tensor:
+        return obj.outputs(p, batch)
+
+    f, pullback = vjp(forward, obj.params)
+    JV = vmap(lambda t: jvp(forward, (obj.params,), (t,))[1])(V)
+    return f, JV, lambda z: pullback(z)[0]
+
+
+def _needs_outputs(objective: Objective, name: str) -> None:
+    if objective.loss is None:
+        raise ValueError(
+            f"{name}: needs the loss as a function of the model outputs; build the Objective "
+            "with loss= (e.g. torch.nn.functional.cross_entropy) instead of loss_fn= or a "
+            "model that returns its own loss."
+        )
+
+
+def _convex_loss(loss: Callable | None) -> bool:
+    convex = (nn.functional.cross_entropy, nn.functional.mse_loss, nn.functional.nll_loss)
+    return loss in convex or isinstance(loss, (nn.CrossEntropyLoss, nn.MSELoss, nn.NLLLoss))
+
+
+def _sampler(loss: Callable | None) -> Callable:
+    """Draws targets from the predictive distribution that ``loss`` is the negative log of."""
+    if loss is nn.functional.cross_entropy or isinstance(loss, nn.CrossEntropyLoss):
+        return _sample_categorical
+    if loss is nn.functional.mse_loss or isinstance(loss, nn.MSELoss):
+        return _sample_gaussian
+    raise ValueError(
+        "FisherOperator(kind='mc'): can sample targets for cross_entropy and mse_loss only; "
+        f"got {loss!r}. Use kind='empirical' or GGNOperator for other losses."
+    )
+
+
+def _sample_categorical(f: torch.Tensor, w: float, gen: torch.Generator) -> torch.Tensor:
+    logits = f.movedim(1, -1)  # classes along dim 1, as in cross_entropy
+    p = torch.softmax(logits.reshape(-1, logits.shape[-1]).double().cpu(), -1)
+    y = torch.multinomial(p, 1, generator=gen).reshape(logits.shape[:-1])
+    return y.to(f.device)
+
+
+def _sample_gaussian(f: torch.Tensor, w: float, gen: torch.Generator) -> torch.Tensor:
+    # mean-reduced MSE scaled by w is (w / numel) * ||f - y||^2, the negative log-likelihood
+    # of y ~ N(f, numel / (2 w)); that variance makes E[r r^T] equal the loss Hessian.
+    std = (f.numel() / (2.0 * w)) ** 0.5
+    noise = torch.randn(f.shape, generator=gen, dtype=torch.float64)
+    return f + std * noise.to(device=f.device, dtype=f.dtype)

@@ -1,0 +1,94 @@
+"""The compact terminal summary of a results document."""
+
+from __future__ import annotations
+
+
+def render_text(doc: dict) -> str:
+    """A few dozen lines for the terminal: spectrum, trace, outliers, layers, stability.
+
+    Args:
+        doc: a results document (see ``hesse.report.schema``).
+
+    Returns:
+        The summary, lines joined by newlines (no trailing newline).
+    """
+    sections = [_header(doc), _eigs(doc), _trace(doc), _outliers(doc), _layers(doc)]
+    sections += [_stability(doc), [f"note: {note}" for note in doc["notes"]]]
+    return "\n".join(line for lines in sections for line in lines)
+
+
+def _g(x: float | None, digits: int = 4) -> str:
+    return "—" if x is None else f"{x:.{digits}g}"
+
+
+def _header(doc: dict) -> list[str]:
+    p, c = doc["problem"], doc["config"]
+    samples = "" if p["n_samples"] is None else f", {p['n_samples']} samples"
+    return [
+        f"{p['model']}: {p['n_params']} parameters{samples}, "
+        f"loss {_g(p['loss'])} ({p['loss_name']}), |gradient| {_g(p['gradient_norm'], 3)}",
+        f"curvature {c['curvature']} · seed {c['seed']} · {c['dtype']} · {c['device']}",
+    ]
+
+
+def _eigs(doc: dict) -> list[str]:
+    if "eigs" not in doc:
+        return []
+    largest, smallest = doc["eigs"]["largest"], doc["eigs"]["smallest"]
+    ggn = (doc.get("ggn") or {}).get("eigs") or {"values": []}
+    lines = ["", f"{'i':>3}  {'λ_i (largest)':>14}  {'residual':>9}  {'GGN λ_i':>10}"]
+    for i, (value, res) in enumerate(zip(largest["values"], largest["residuals"], strict=True)):
+        other = _g(ggn["values"][i]) if i < len(ggn["values"]) else ""
+        lines.append(f"{i + 1:>3}  {_g(value, 6):>14}  {res:>9.1e}  {other:>10}")
+    status = "converged" if largest["converged"] else "NOT converged"
+    lines.append(f"     {status}, {largest['n_matvecs']} products")
+    most_negative = ", ".join(_g(v) for v in smallest["values"])
+    lines.append(f"smallest: {most_negative} (max residual {max(smallest['residuals']):.1e})")
+    return lines
+
+
+def _trace(doc: dict) -> list[str]:
+    lines = []
+    if "trace" in doc:
+        lines.append("trace:    " + _trace_line("Tr(H)", doc["trace"]))
+    ggn = doc.get("ggn")
+    if ggn and ggn["trace"]:
+        lines.append("GGN:      " + _trace_line("Tr(G)", ggn["trace"]))
+    elif ggn:
+        lines.append(f"GGN:      not computed: {ggn['reason']}")
+    return [""] + lines if lines else []
+
+
+def _trace_line(symbol: str, t: dict) -> str:
+    lo, hi = t["ci95"]
+    return (
+        f"{symbol} = {_g(t['value'])} ± {_g(t['stderr'], 2)} "
+        f"(95% CI {_g(lo)} – {_g(hi)}, {t['method']}, {t['n_matvecs']} products)"
+    )
+
+
+def _outliers(doc: dict) -> list[str]:
+    return ["", f"outliers: {doc['outliers']['text']}"] if "outliers" in doc else []
+
+
+def _layers(doc: dict) -> list[str]:
+    if "layers" not in doc:
+        return []
+    width = max(len(row["name"]) for row in doc["layers"]["rows"])
+    head = f"{'block':<{width}}  {'kind':<10} {'params':>7} {'trace':>10} {'trace/param':>11}"
+    lines = ["", head + f" {'λ_max':>10}"]
+    for row in doc["layers"]["rows"]:
+        lines.append(
+            f"{row['name']:<{width}}  {row['kind']:<10} {row['n_params']:>7} "
+            f"{_g(row['trace']):>10} {_g(row['trace_per_param']):>11} "
+            f"{_g(row['top_eigenvalue']):>10}"
+        )
+    return lines
+
+
+def _stability(doc: dict) -> list[str]:
+    if "stability" not in doc:
+        return []
+    s = doc["stability"]
+    lines = ["", f"stability at η = {_g(s['lr'])} (2/η = {_g(s['threshold'])}):"]
+    return lines + [f"  {v['criterion']:>3}: {v['text']}" for v in s["verdicts"]]

@@ -1,0 +1,82 @@
+"""solve (cg, minres, lissa) against torch.linalg.solve, and the PSD refusal."""
+
+import pytest
+import torch
+
+import hesse
+from cases import DT, dense, objective, sym_matrix
+
+D = 60
+
+
+def spd():
+    return sym_matrix(torch.logspace(-1, 1, D, dtype=DT), seed=20)  # condition number 100
+
+
+def rhs(k=None, seed=21):
+    shape = (D,) if k is None else (D, k)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def rel(a, b):
+    return ((a.to(DT) - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("k", [None, 3])
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+@pytest.mark.parametrize("method", ["cg", "minres", "lissa"])
+def test_solve_spd(method, damping, k):
+    A, b = spd(), rhs(k)
+    op = hesse.DenseOperator(A, tags={"symmetric", "psd"})
+    want = torch.linalg.solve(A + damping * torch.eye(D, dtype=DT), b)
+    r = hesse.solve(op, b, damping=damping, method=method, tol=1e-10, max_matvecs=20000)
+    assert r.converged is True
+    assert r.value.shape == b.shape
+    assert rel(r.value, want) <= (1e-6 if method == "lissa" else 1e-8)
+    assert r.n_matvecs > 0
+
+
+def test_minres_on_indefinite_symmetric_matrix():
+    evals = torch.cat([-torch.linspace(0.5, 3, D // 2, dtype=DT), torch.linspace(0.5, 3, D // 2)])
+    A, b = sym_matrix(evals, seed=22), rhs()
+    r = hesse.solve(A, b, method="minres", tol=1e-10)
+    assert r.converged is True
+    assert rel(r.value, torch.linalg.solve(A, b)) <= 1e-8
+
+
+@pytest.mark.parametrize("method", ["cg", "lissa"])
+def test_psd_solvers_refuse_hessian_without_damping(method):
+    op = hesse.HessianOperator(objective("mlp_ce"))
+    with pytest.raises(ValueError, match="(?i)damping"):
+        hesse.solve(op, torch.ones(op.shape[0], dtype=DT), method=method)
+
+
+def test_cg_refuses_plain_tensor_without_damping():
+    with pytest.raises(ValueError, match="(?i)damping"):
+        hesse.solve(spd(), rhs(), method="cg")
+
+
+def test_cg_on_damped_hessian():
+    H = dense("hessian", "mlp_ce")
+    lam = max(0.0, -torch.linalg.eigvalsh(H)[0].item()) + 0.1  # H + lam I is positive definite
+    op = hesse.HessianOperator(objective("mlp_ce"))
+    b = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0), dtype=DT)
+    r = hesse.solve(op, b, damping=lam, method="cg", tol=1e-10, max_matvecs=5000)
+    want = torch.linalg.solve(H + lam * torch.eye(op.shape[0], dtype=DT), b)
+    assert r.converged is True
+    assert rel(r.value, want) <= 1e-7
+    assert r.n_matvecs == op.n_matvecs
+
+
+def test_cg_on_ggn_without_damping_is_allowed():
+    op = hesse.GGNOperator(objective("linear_mse"))  # full rank: kron(I_2, 4x4 Gram of 7 samples)
+    G = dense("ggn", "linear_mse")
+    b = G @ torch.ones(op.shape[0], dtype=DT)  # in the range of G
+    r = hesse.solve(op, b, method="cg", tol=1e-10, max_matvecs=500)
+    assert rel(G @ r.value.to(DT), b) <= 1e-7
+
+
+def test_tiny_budget_reports_not_converged():
+    r = hesse.solve(spd(), rhs(), damping=1e-3, method="cg", tol=1e-12, max_matvecs=3)
+    assert r.converged is False
+    assert r.n_matvecs <= 3

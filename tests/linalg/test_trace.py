@@ -1,0 +1,129 @@
+"""trace (exact, Hutchinson, Hutch++) and block_traces: exactness, bias, CI coverage, budgets."""
+
+import pytest
+import torch
+
+import hesse
+from cases import DT, dense, objective, sym_matrix
+
+D = 100
+SEEDS = range(400)
+
+
+def decaying():
+    return sym_matrix(50.0 * 0.85 ** torch.arange(D, dtype=DT), seed=10)
+
+
+def flat():
+    return sym_matrix(
+        1.0 + torch.rand(D, generator=torch.Generator().manual_seed(11), dtype=DT), seed=11
+    )
+
+
+MATRICES = {"decaying": decaying, "flat": flat}
+BUDGET = {"hutchinson": 100, "hutch++": 150}
+
+
+def test_exact_trace_equals_torch_trace():
+    A = sym_matrix(torch.linspace(-3, 5, D, dtype=DT))
+    for inp in (A, hesse.DenseOperator(A)):
+        t = hesse.trace(inp, method="exact")
+        assert t.value == pytest.approx(torch.trace(A).item(), rel=1e-12)
+        assert t.stderr == 0
+        assert t.converged is True
+        assert t.method == "exact"
+
+
+def test_exact_trace_of_model_hessian():
+    t = hesse.trace(hesse.HessianOperator(objective("cnn_bn_ce")), method="exact")
+    want = torch.trace(dense("hessian", "cnn_bn_ce")).item()
+    assert abs(t.value - want) <= 1e-10 * dense("hessian", "cnn_bn_ce").norm().item()
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Estimates over 400 seeds for each method and matrix (shared by bias and coverage)."""
+    out = {}
+    for mname, make in MATRICES.items():
+        A = make()
+        for method, budget in BUDGET.items():
+            out[mname, method] = (
+                torch.trace(A).item(),
+                [hesse.trace(A, budget=budget, method=method, seed=s) for s in SEEDS],
+            )
+    return out
+
+
+@pytest.mark.parametrize("matrix", list(MATRICES))
+@pytest.mark.parametrize("method", list(BUDGET))
+def test_estimator_is_unbiased(runs, matrix, method):
+    exact, results = runs[matrix, method]
+    values = torch.tensor([r.value for r in results], dtype=DT)
+    se = values.std().item() / len(values) ** 0.5
+    assert abs(values.mean().item() - exact) <= 4 * se + 1e-12 * abs(exact)
+    assert all(r.n_matvecs <= BUDGET[method] for r in results)
+    assert all(r.method == method for r in results)
+
+
+@pytest.mark.parametrize("matrix", list(MATRICES))
+@pytest.mark.parametrize("method", list(BUDGET))
+def test_ci95_covers_the_trace_95_percent_of_the_time(runs, matrix, method):
+    # Over 400 seeds the binomial standard deviation of the coverage is 1.1%: 95 +- 3% is 2.7 sd.
+    exact, results = runs[matrix, method]
+    hits = sum(r.ci95[0] <= exact <= r.ci95[1] for r in results)
+    assert 0.92 <= hits / len(results) <= 0.98, hits
+    # stderr is the half-width / 1.96 of a normal interval, give or take a t quantile.
+    r = results[0]
+    assert 1.9 * r.stderr <= (r.ci95[1] - r.ci95[0]) / 2 <= 2.3 * r.stderr
+
+
+def test_hutchpp_beats_hutchinson_on_decaying_spectrum():
+    A = decaying()
+    exact = torch.trace(A).item()
+    err = {}
+    for method in ("hutchinson", "hutch++"):
+        vals = torch.tensor(
+            [hesse.trace(A, budget=60, method=method, seed=s).value for s in range(100)], dtype=DT
+        )
+        err[method] = ((vals - exact) ** 2).mean().sqrt().item()
+    assert err["hutch++"] < 0.5 * err["hutchinson"], err
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_target_stderr_stops_early(method):
+    A = flat()
+    pilot = hesse.trace(A, budget=200, method="hutchinson", seed=99)
+    target = pilot.stderr * 2**0.5  # about 100 probes' worth
+    t = hesse.trace(A, budget=2000, method=method, target_stderr=target, seed=0)
+    assert t.converged is True
+    assert t.stderr <= target
+    assert t.n_matvecs < 1000
+    assert abs(t.value - torch.trace(A).item()) <= 5 * target
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_target_stderr_out_of_budget_says_not_converged(method):
+    A = flat()
+    t = hesse.trace(A, budget=30, method=method, target_stderr=1e-9, seed=0)
+    assert t.converged is False
+    assert t.n_matvecs <= 30
+    assert t.stderr > 1e-9
+
+
+@pytest.mark.parametrize("by", ["param", "module"])
+def test_block_traces_sum_to_the_whole_trace(by):
+    op = hesse.HessianOperator(objective("mlp_ce"))
+    H = dense("hessian", "mlp_ce")
+    space = op.space
+    bt = hesse.block_traces(op, budget=300, by=by, seed=0)
+    blocks = space.blocks(by=by)
+    assert list(bt) == list(blocks)
+    slices = space.slices()
+    total, total_se = 0.0, 0.0
+    for key, names in blocks.items():
+        exact = sum(torch.trace(H[slices[n], slices[n]]).item() for n in names)
+        r = bt[key]
+        assert abs(r.value - exact) <= 5 * r.stderr + 1e-10, key
+        total, total_se = total + r.value, total_se + r.stderr
+    # The std of a sum is at most the sum of the stds, whatever the correlations.
+    assert abs(total - torch.trace(H).item()) <= 5 * total_se + 1e-10
