@@ -55,6 +55,7 @@ def _worker(rank, folder):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     ctx = mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
     deadline = time.monotonic() + TIMEOUT_S

@@ -100,7 +100,7 @@ class ProductLog:
 
     Args:
         checkpoint: where products are stored, or None to only count them.
-        progress: show a tqdm bar of data passes for each step (see :meth:`step`).
+        progress: show a tqdm bar of products (data passes) for each step (see :meth:`step`).
     """
 
     def __init__(self, checkpoint: Checkpoint | None = None, *, progress: bool = False):
@@ -111,7 +111,7 @@ class ProductLog:
     def step(self, description: str, total: int | None = None) -> None:
         """Start a new progress bar for the next products (closing the previous one)."""
         self.close()
-        self._bar = tqdm(total=total, desc=description, unit="pass", disable=not self.progress)
+        self._bar = tqdm(total=total, desc=description, unit="product", disable=not self.progress)
 
     def close(self) -> None:
         """Close the current progress bar."""
@@ -123,7 +123,7 @@ class ProductLog:
         """``op @ V``, from the checkpoint when this product was recorded before."""
         index, self.index = self.index, self.index + 1
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(V.shape[1])
         if self.checkpoint is None:
             return op.matmat(V)
         digest = _digest(V)

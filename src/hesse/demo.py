@@ -59,6 +59,8 @@ class Demo:
         description: one paragraph for the report.
         training: how training went: configuration, epochs or steps, final loss, cache file.
         batch_size: default batch size for the analysis data passes.
+        defaults: analysis settings that keep this demo fast (``samples``, ``k``, ``budget``,
+            ``steps``, ``probes``); the CLI uses them unless told otherwise.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Demo:
     description: str
     training: dict = field(default_factory=dict)
     batch_size: int = 256
+    defaults: dict = field(default_factory=dict)
 
     def batches(self, *, samples: int | None = None, batch_size: int | None = None) -> list:
         """The first ``samples`` training samples as a list of ``(inputs, targets)`` batches.
@@ -85,7 +88,8 @@ class Demo:
         """
         n = len(self.inputs) if samples is None else min(samples, len(self.inputs))
         size = batch_size or self.batch_size
-        return [(self.inputs[i : i + size], self.targets[i : i + size]) for i in range(0, n, size)]
+        ends = [(i, min(i + size, n)) for i in range(0, n, size)]
+        return [(self.inputs[a:b], self.targets[a:b]) for a, b in ends]
 
 
 def cache_dir() -> Path:

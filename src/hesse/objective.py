@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .params import ParamSpace
@@ -131,23 +131,27 @@ class Objective:
         for batch in bar:
             yield self._move(batch)
 
-    def accumulate(self, fn: Callable[[int, Batch], tuple[torch.Tensor, float]]) -> torch.Tensor:
+    def accumulate(
+        self, fn: Callable[[int, Any], tuple[torch.Tensor, float]], items: Iterable | None = None
+    ) -> torch.Tensor:
         """Weighted mean of per-batch sums: ``sum_b fn(b)[0] / sum_b fn(b)[1]``, over all ranks.
 
         Args:
             fn: ``fn(index, batch) -> (sum_term, weight)`` where ``sum_term`` is the batch's
                 contribution already multiplied by its weight.
+            items: What to pass to ``fn`` instead of the batches (e.g. cached per-batch state).
 
         Raises:
             ValueError: a batch produced non-finite values (the message names it).
         """
         total, weight = None, 0.0
-        for i, batch in enumerate(self.batches()):
+        for i, batch in enumerate(self.batches() if items is None else items):
             term, w = fn(i, batch)
             if not torch.isfinite(term).all():
                 raise ValueError(
                     f"Objective: non-finite loss or derivative in batch {i} "
-                    f"(values {term.flatten()[:4].tolist()}); check that batch's inputs and targets, and the loss's numerical range."
+                    f"(values {term.flatten()[:4].tolist()}); check that batch's inputs and "
+                    "targets, and the numerical range of the loss."
                 )
             total = term if total is None else total + term
             weight += float(w)
@@ -174,7 +178,9 @@ class Objective:
             out = functional_call(self.model, (params, self.frozen), (batch[0],))
         if isinstance(out, torch.Tensor):
             return out
-        return out["logits"] if isinstance(out, Mapping) else out[0]
+        if isinstance(out, Mapping):
+            return out["logits"]
+        return out[0] if isinstance(out, (tuple, list)) else out.logits
 
     def targets(self, batch: Batch) -> torch.Tensor:
         """The targets of a ``loss=`` batch."""
@@ -203,7 +209,8 @@ class Objective:
         if self.loss is None:
             out = functional_call(self.model, (params, self.frozen), (), dict(batch))
             w = self.batch_weight(batch)
-            return out["loss"] * w, w
+            value = out["loss"] if isinstance(out, Mapping) else out.loss
+            return value * w, w
         w = self.batch_weight(batch)
         return self.output_loss(self.outputs(params, batch), self.targets(batch), w), w
 
@@ -216,8 +223,11 @@ class Objective:
         """The gradient of the mean loss, flat ``(d,)``."""
 
         def term(i: int, batch: Batch) -> tuple[torch.Tensor, float]:
-            g, w = grad(self.batch_loss, has_aux=True)(self.params, batch)
-            return self.space.join(g), w
+            params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+            with torch.enable_grad():
+                value, w = self.batch_loss(params, batch)
+                g = torch.autograd.grad(value, list(params.values()))
+            return torch.cat([t.reshape(-1) for t in g]), w
 
         return self.accumulate(term)
 

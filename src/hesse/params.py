@@ -57,10 +57,12 @@ class ParamSpace:
         parts = torch.split(v.T, self.numels, dim=1)
         return {n: p.reshape(k, *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
-    def join(self, tensors: dict[str, torch.Tensor], k: int | None = None) -> torch.Tensor:
-        """Inverse of :meth:`split`: to ``(d,)`` (``k=None``) or ``(d, k)``."""
-        if k is None:
+    def join(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`split`: to ``(d,)`` or, from ``(k, *shape)`` tensors, ``(d, k)``."""
+        first = tensors[self.names[0]]
+        if first.dim() == len(self.shapes[0]):
             return torch.cat([tensors[n].reshape(-1) for n in self.names])
+        k = first.shape[0]
         return torch.cat([tensors[n].reshape(k, -1) for n in self.names], dim=1).T
 
     def blocks(self, by: str = "param") -> dict[str, list[str]]:

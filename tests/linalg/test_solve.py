@@ -51,9 +51,11 @@ def test_psd_solvers_refuse_hessian_without_damping(method):
         hesse.solve(op, torch.ones(op.shape[0], dtype=DT), method=method)
 
 
-def test_cg_refuses_plain_tensor_without_damping():
+def test_cg_refuses_indefinite_plain_tensor_without_damping():
+    evals = torch.cat([-torch.linspace(0.5, 3, D // 2, dtype=DT), torch.linspace(0.5, 3, D // 2)])
     with pytest.raises(ValueError, match="(?i)damping"):
-        hesse.solve(spd(), rhs(), method="cg")
+        hesse.solve(sym_matrix(evals, seed=3), rhs(), method="cg")
+    assert hesse.solve(spd(), rhs(), method="cg").converged  # a PSD tensor is recognised as such
 
 
 def test_cg_on_damped_hessian():

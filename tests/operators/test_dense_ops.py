@@ -41,9 +41,14 @@ def test_sum_difference_scaling_damping_match_dense_arithmetic(assert_operator_m
         "H.damped(0.3)": (H.damped(0.3), h + 0.3 * eye),
         "G.damped(0.3) + 0.5 * H": (G.damped(0.3) + 0.5 * H, g + 0.3 * eye + 0.5 * h),
     }
+    V = torch.randn(obj.dim, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
     for what, (op, want) in cases.items():
         assert op.shape == (obj.dim, obj.dim), what
-        assert_operator_matches(op, want, count=False)
+        err = ((op @ V) - want @ V).norm() / (want.norm() * V.norm())
+        assert err.item() <= 1e-10, what
+        err = ((op @ V[:, 0]) - want @ V[:, 0]).norm() / (want.norm() * V[:, 0].norm())
+        assert err.item() <= 1e-10, what
+    assert_operator_matches(H.damped(0.3), h + 0.3 * eye, count=False)
 
 
 def test_arithmetic_tags():

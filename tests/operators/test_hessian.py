@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hesse
-from cases import ALL, dense, objective
+from cases import ALL, CASES, dense, objective
 
 
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
@@ -14,9 +14,10 @@ def test_hessian_operator_matches_reference(name, mode, assert_operator_matches)
     assert_operator_matches(op, dense("hessian", name))
 
 
-def test_auto_mode_matches_reference(assert_operator_matches):
-    op = hesse.HessianOperator(objective("block_ce"))
-    assert_operator_matches(op, dense("hessian", "block_ce"))
+@pytest.mark.parametrize("name", ["block_ce", "mlp_mse"])
+def test_auto_mode_matches_reference(name, assert_operator_matches):
+    op = hesse.HessianOperator(objective(name))
+    assert_operator_matches(op, dense("hessian", name))
 
 
 def test_hessian_tags_dtype_device_space():
@@ -55,3 +56,17 @@ def test_matvec_counts_columns():
     op @ torch.ones(op.shape[0], dtype=torch.float64)
     op @ torch.ones(op.shape[0], 5, dtype=torch.float64)
     assert op.n_matvecs == 6
+
+
+def test_float32_objective_matches_float64_reference_to_float32_tolerance():
+    model, data, kw = CASES["mlp_ce"].build()
+    op = hesse.HessianOperator(hesse.Objective(model, data, **kw, dtype=torch.float32))
+    assert op.dtype == torch.float32
+    H = dense("hessian", "mlp_ce")
+    V = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = (op @ V.float()).double()
+    assert ((got - H @ V).norm() / (H.norm() * V.norm())).item() <= 1e-5
+    r = hesse.eigs(op, k=2)
+    assert r.values.dtype == torch.float64
+    want = torch.linalg.eigvalsh(H).flip(0)[:2]
+    assert (r.values - want).abs().max().item() <= 1e-4 * want.abs().max().item()

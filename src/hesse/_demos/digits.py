@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -31,20 +32,21 @@ class Config:
 
 
 def build_model(config: Config) -> nn.Module:
-    """The CNN: two 3x3 conv layers with max-pooling, then a two-layer MLP head (~9k params)."""
+    """The CNN: two 3x3 conv layers with max-pooling, then a two-layer MLP head (3658 params)."""
     torch.manual_seed(config.seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64, 32),
-        nn.ReLU(),
-        nn.Linear(32, N_CLASSES),
-    )
+    layers = {
+        "conv1": nn.Conv2d(1, 8, 3, padding=1),
+        "relu1": nn.ReLU(),
+        "pool1": nn.MaxPool2d(2),
+        "conv2": nn.Conv2d(8, 16, 3, padding=1),
+        "relu2": nn.ReLU(),
+        "pool2": nn.MaxPool2d(2),
+        "flatten": nn.Flatten(),
+        "fc1": nn.Linear(64, 32),
+        "relu3": nn.ReLU(),
+        "fc2": nn.Linear(32, N_CLASSES),
+    }
+    return nn.Sequential(OrderedDict(layers))
 
 
 def dataset(config: Config) -> tuple[torch.Tensor, torch.Tensor]:

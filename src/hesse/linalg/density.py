@@ -40,7 +40,7 @@ class DensityResult:
         return float(used.min()), float(used.max())
 
     def __call__(self, grid: Any, sigma: float | None = None) -> torch.Tensor:
-        """Gaussian-smoothed density on ``grid`` ``(n,)``; ``sigma`` defaults to 1% of the support."""
+        """Gaussian-smoothed density on ``grid`` ``(n,)``; ``sigma`` defaults to 1% of the range."""
         t = torch.as_tensor(grid, dtype=torch.float64).reshape(-1, 1)
         if sigma is None:
             lo, hi = self.support
@@ -57,7 +57,7 @@ class DensityResult:
 
     @property
     def trace_estimate(self) -> TraceResult:
-        """The trace implied by the quadrature: ``d`` times the mean of each probe's first moment."""
+        """The trace implied by the quadrature: ``d`` times the mean first moment of the probes."""
         value, se, (lo, hi) = mean_ci(self.dim * (self.weights * self.nodes).sum(1))
         return TraceResult(value, se, (lo, hi), self.n_matvecs, "slq", True, self.nodes.shape[0])
 

@@ -22,7 +22,8 @@ class SolveResult:
         value: ``x``, shaped like ``b`` (``(d,)`` or ``(d, k)``).
         converged: Whether every column reached ``||r|| <= tol ||b||``.
         n_matvecs: Matrix-vector products used.
-        residual_norm: ``(k,)`` float64 final residual norms ``||b - (A + damping I) x||``.
+        residual_norm: ``(k,)`` float64 residual norms ``||b - (A + damping I) x||`` as the
+            recurrence tracks them (MINRES: its estimate ``phibar``).
     """
 
     value: torch.Tensor
@@ -94,60 +95,60 @@ def solve(
         return op(V) + damping * V
 
     if method == "cg":
-        X, ok = _cg(apply, B, X, tol, budget, op)
+        X, res = _cg(apply, B, X, tol, budget, op)
     elif method == "minres":
-        X, ok = _columns(_minres, apply, B, X, tol, budget, op)
+        X, res = _columns(_minres, apply, B, X, tol, budget, op)
     else:
         s = scale or 1.1 * (_norm_estimate(op) + damping)
-        X, ok = _lissa(apply, B, X, tol, budget, op, s)
-    res = torch.linalg.vector_norm((B - apply(X)).double(), dim=0).cpu()
+        X, res = _lissa(apply, B, X, tol, budget, op, s)
+    ok = bool((res <= tol * torch.linalg.vector_norm(B.double(), dim=0).cpu()).all())
     return SolveResult(X[:, 0] if b.dim() == 1 else X, ok, op.n, res)
 
 
-def _cg(apply: Callable, B, X, tol, budget, op) -> tuple[torch.Tensor, bool]:
-    R = B - apply(X)
+def _cg(apply: Callable, B, X, tol, budget, op) -> tuple[torch.Tensor, torch.Tensor]:
+    R = B - apply(X) if X.any() else B.clone()
     P = R.clone()
     rs = (R.double() ** 2).sum(0)
     stop = tol**2 * (B.double() ** 2).sum(0)
-    while op.n < budget:
+    while op.n + B.shape[1] <= budget:
         active = rs > stop
         if not active.any():
-            return X, True
+            break
         AP = apply(P)
         pap = (P.double() * AP.double()).sum(0)
         if (pap[active] <= 0).any():
-            return X, False  # direction of non-positive curvature: not positive definite
+            break  # a direction of non-positive curvature: not positive definite
         alpha = torch.where(active, rs / pap.clamp_min(1e-300), 0.0)
         X = X + alpha.to(X) * P
         R = R - alpha.to(R) * AP
         rs_new = (R.double() ** 2).sum(0)
         P = R + (rs_new / rs.clamp_min(1e-300)).to(R) * P
         rs = rs_new
-    return X, bool((rs <= stop).all())
+    return X, rs.sqrt().cpu()
 
 
-def _columns(fn: Callable, apply, B, X, tol, budget, op) -> tuple[torch.Tensor, bool]:
+def _columns(fn: Callable, apply, B, X, tol, budget, op) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a single-vector solver column by column."""
-    cols, ok = [], True
+    cols, res = [], []
     for i in range(B.shape[1]):
         share = op.n + (budget - op.n) // (B.shape[1] - i)
-        x, done = fn(apply, B[:, i], X[:, i], tol, share, op)
+        x, r = fn(apply, B[:, i], X[:, i], tol, share, op)
         cols.append(x)
-        ok = ok and done
-    return torch.stack(cols, 1), ok
+        res.append(r)
+    return torch.stack(cols, 1), torch.tensor(res, dtype=torch.float64)
 
 
-def _minres(apply: Callable, b, x, tol, budget, op) -> tuple[torch.Tensor, bool]:
+def _minres(apply: Callable, b, x, tol, budget, op) -> tuple[torch.Tensor, float]:
     """MINRES for symmetric ``apply`` (Paige & Saunders 1975), scalars in float64."""
 
     def mv(v: torch.Tensor) -> torch.Tensor:
         return apply(v[:, None])[:, 0]
 
-    r1 = b - mv(x)
+    r1 = b - mv(x) if x.any() else b.clone()
     beta = float(torch.linalg.vector_norm(r1.double()))
     bnorm = float(torch.linalg.vector_norm(b.double()))
     if beta <= tol * bnorm:
-        return x, True
+        return x, beta
     y, r2 = r1.clone(), r1.clone()
     oldb, dbar, epsln, phibar, cs, sn = 0.0, 0.0, 0.0, beta, -1.0, 0.0
     w = torch.zeros_like(b)
@@ -172,19 +173,22 @@ def _minres(apply: Callable, b, x, tol, budget, op) -> tuple[torch.Tensor, bool]
         w = (v - oldeps * w1 - delta * w2) / gamma
         x = x + phi * w
         if phibar <= tol * bnorm or beta == 0.0:
-            return x, True
-    return x, False
+            break
+    return x, phibar
 
 
-def _lissa(apply: Callable, B, X, tol, budget, op, s) -> tuple[torch.Tensor, bool]:
-    Y = X * s
-    stop = tol * torch.linalg.vector_norm(B.double(), dim=0)
-    while op.n < budget:
+def _lissa(apply: Callable, B, X, tol, budget, op, s) -> tuple[torch.Tensor, torch.Tensor]:
+    Y, R = X * s, None
+    stop = tol * torch.linalg.vector_norm(B.double(), dim=0).cpu()
+    while op.n + B.shape[1] <= budget:
         R = B - apply(Y) / s  # residual of (A + lam I)(Y / s) = B
-        if (torch.linalg.vector_norm(R.double(), dim=0).cpu() <= stop.cpu()).all():
-            return Y / s, True
+        res = torch.linalg.vector_norm(R.double(), dim=0).cpu()
+        if (res <= stop).all():
+            return Y / s, res
         Y = Y + R
-    return Y / s, False
+    if R is None:
+        return Y / s, torch.full((B.shape[1],), float("inf"), dtype=torch.float64)
+    return (Y - R) / s, res
 
 
 def _norm_estimate(op: Counted, steps: int = 20) -> float:

@@ -34,20 +34,21 @@ class ModelOperator(Operator):
         self.block_size = block_size
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        space = self.objective.space
-        chunks = [
-            space.split(V[:, i : i + self.block_size])
-            for i in range(0, V.shape[1], self.block_size)
-        ]
+        return self._pass(V, self._matmat_batch)
 
-        def term(index: int, batch: Batch) -> tuple[torch.Tensor, float]:
+    def _pass(self, V: torch.Tensor, product: Callable, items=None) -> torch.Tensor:
+        """One pass over ``items`` (default: the batches) applying ``product`` per column chunk."""
+        space, size = self.objective.space, self.block_size
+        chunks = [space.split(V[:, i : i + size]) for i in range(0, V.shape[1], size)]
+
+        def term(index: int, item) -> tuple[torch.Tensor, float]:
             parts, w = [], 0.0
             for T in chunks:
-                out, w = self._matmat_batch(index, batch, T)
-                parts.append(space.join(out, next(iter(T.values())).shape[0]))
+                out, w = product(index, item, T)
+                parts.append(space.join(out))
             return torch.cat(parts, dim=1), w
 
-        return self.objective.accumulate(term)
+        return self.objective.accumulate(term, items)
 
     def _matmat_batch(self, index: int, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
         raise NotImplementedError
@@ -60,15 +61,22 @@ class ModelOperator(Operator):
 class HessianOperator(ModelOperator):
     r"""The Hessian of the mean loss, :math:`H = \nabla^2_\theta L(\theta)`.
 
-    Products use forward-over-reverse differentiation (``torch.func.jvp`` of ``grad``),
-    vectorized over the columns of ``V`` with ``vmap``; ``mode="reverse"`` uses double
-    backward (Pearlmutter 1994, "Fast exact multiplication by the Hessian"), which ``"auto"``
-    falls back to when a module does not support forward-mode AD.
+    ``mode="reverse"`` (the default through ``"auto"``) differentiates the gradient again
+    (double backward; Pearlmutter 1994, "Fast exact multiplication by the Hessian"). Its first
+    pass over the data keeps each batch's gradient graph while their saved tensors total at
+    most ``max_cache_bytes``; when every batch fits, later products only run the second
+    backward through the kept graphs, about a third of the cost of a fresh product (the graphs
+    are dropped when the parameters change in place). ``mode="forward"`` uses forward-over-reverse
+    differentiation (``torch.func.jvp`` of ``grad``, vectorized over columns with ``vmap``).
 
     Args:
         objective: The loss, model and data.
-        mode: ``"auto"``, ``"forward"`` or ``"reverse"``.
+        mode: ``"auto"``, ``"reverse"`` or ``"forward"``.
         block_size: Most columns pushed through the model at once.
+        max_cache_bytes: Memory cap of the kept graphs (0 disables keeping them).
+
+    Attributes:
+        cache_bytes: Bytes the kept graphs hold (0 when none are kept).
 
     Example:
         >>> model = nn.Linear(2, 1).double()
@@ -80,24 +88,45 @@ class HessianOperator(ModelOperator):
         True
     """
 
-    def __init__(self, objective: Objective, *, mode: str = "auto", block_size: int = 32):
+    def __init__(
+        self,
+        objective: Objective,
+        *,
+        mode: str = "auto",
+        block_size: int = 32,
+        max_cache_bytes: int = 2**30,
+    ):
         if mode not in ("auto", "forward", "reverse"):
             raise ValueError(
                 f"HessianOperator: mode must be 'auto', 'forward' or 'reverse', got {mode!r}."
             )
         super().__init__(objective, (SYMMETRIC,), block_size)
-        self.mode = mode
+        self.mode, self.max_cache_bytes = mode, max_cache_bytes
+        self.cache_bytes, self._cache, self._versions = 0, None, None
+        self._building, self._last = None, None
+        self._fits = mode != "forward" and max_cache_bytes > 0
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self._cache is not None and self._versions == self._param_versions():
+            return self._pass(V, lambda i, graph, T: self._through(graph, T), self._cache)
+        self._cache, self.cache_bytes = None, 0
+        self._building = [] if self._fits else None
+        try:
+            out = self._pass(V, self._matmat_batch)
+            if self._building is not None:
+                self._cache, self._versions = self._building, self._param_versions()
+        finally:
+            self._building, self._last = None, None
+        return out
 
     def _matmat_batch(self, index: int, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
-        if self.mode == "reverse":
-            return self._reverse(batch, V)
+        if self.mode != "forward":
+            return self._through(self._graph(batch), V)
         try:
             return self._forward(batch, V)
         except (RuntimeError, NotImplementedError):
-            if self.mode == "forward":
-                raise
             self.mode = "reverse"  # a module without forward-mode AD: double backward from now on
-            return self._reverse(batch, V)
+            return self._through(self._graph(batch), V)
 
     def _forward(self, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
         obj, box = self.objective, {}
@@ -110,17 +139,51 @@ class HessianOperator(ModelOperator):
         out = vmap(lambda t: jvp(g, (obj.params,), (t,))[1])(V)
         return out, box["w"]
 
-    def _reverse(self, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
+    def _graph(self, batch: Batch):
+        """The batch's gradient graph ``(params, grads, weight)``; kept if it fits the cap."""
+        if self._last is not None and self._last[0] is batch:
+            return self._last[1]  # the same batch, next chunk of columns
+        saved: dict = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+            return t
+
         obj = self.objective
         params = {n: p.detach().requires_grad_(True) for n, p in obj.params.items()}
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             value, w = obj.batch_loss(params, batch)
             g = torch.autograd.grad(value, list(params.values()), create_graph=True)
-            cols = []
-            for j in range(next(iter(V.values())).shape[0]):
-                vj = [V[n][j] for n in params]
-                cols.append(torch.autograd.grad(g, list(params.values()), vj, retain_graph=True))
-        return {n: torch.stack([c[i] for c in cols]) for i, n in enumerate(params)}, w
+        graph = (params, g, w)
+        self._last = (batch, graph)
+        if self._building is not None:
+            self.cache_bytes += sum(saved.values())
+            if self.cache_bytes <= self.max_cache_bytes:
+                self._building.append(graph)
+            else:  # the data's graphs do not fit: recompute them on every pass
+                self._building, self.cache_bytes, self._fits = None, 0, False
+        return graph
+
+    def _through(self, graph, V: Tangents) -> tuple[Tangents, float]:
+        """Second backward through a kept gradient graph: ``(k, *shape)`` Hessian products."""
+        params, g, w = graph
+        ps = list(params.values())
+        k = next(iter(V.values())).shape[0]
+        if k == 1:
+            h = torch.autograd.grad(g, ps, [V[n][0] for n in params], retain_graph=True)
+            return {n: t[None] for n, t in zip(params, h, strict=True)}, w
+        h = torch.autograd.grad(
+            g, ps, [V[n] for n in params], retain_graph=True, is_grads_batched=True
+        )
+        return dict(zip(params, h, strict=True)), w
+
+    def _restrict(self, names: list[str]) -> Operator:
+        block = super()._restrict(names)
+        block.cache_bytes, block._cache, block._versions = 0, None, None  # graphs of all params
+        return block
+
+    def _param_versions(self) -> list[int]:
+        return [p._version for p in self.objective.params.values()]
 
 
 class GGNOperator(ModelOperator):
@@ -147,8 +210,10 @@ class GGNOperator(ModelOperator):
         obj = self.objective
         y, w = obj.targets(batch), obj.batch_weight(batch)
         f, JV, pullback = _linearize(obj, batch, V)
-        gl = grad(lambda out: obj.output_loss(out, y, w))
-        HJV = vmap(lambda u: jvp(gl, (f,), (u,))[1])(JV)
+        # reverse-over-reverse on the small output space: forward mode through mse_loss's
+        # backward fails on its constant target (an immutable ZeroTensor tangent)
+        _, hessian_out = vjp(grad(lambda out: obj.output_loss(out, y, w)), f)
+        HJV = vmap(lambda u: hessian_out(u)[0])(JV)
         return vmap(pullback)(HJV), w
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import textwrap
+
+WIDTH = 100
+
 
 def render_text(doc: dict) -> str:
     """A few dozen lines for the terminal: spectrum, trace, outliers, layers, stability.
@@ -13,7 +17,7 @@ def render_text(doc: dict) -> str:
         The summary, lines joined by newlines (no trailing newline).
     """
     sections = [_header(doc), _eigs(doc), _trace(doc), _outliers(doc), _layers(doc)]
-    sections += [_stability(doc), [f"note: {note}" for note in doc["notes"]]]
+    sections += [_stability(doc), [_wrap(f"note: {note}") for note in doc["notes"]]]
     return "\n".join(line for lines in sections for line in lines)
 
 
@@ -68,13 +72,17 @@ def _trace_line(symbol: str, t: dict) -> str:
 
 
 def _outliers(doc: dict) -> list[str]:
-    return ["", f"outliers: {doc['outliers']['text']}"] if "outliers" in doc else []
+    return ["", _wrap("outliers: " + doc["outliers"]["text"])] if "outliers" in doc else []
+
+
+def _wrap(text: str, indent: str = "  ") -> str:
+    return textwrap.fill(text, WIDTH, subsequent_indent=indent)
 
 
 def _layers(doc: dict) -> list[str]:
     if "layers" not in doc:
         return []
-    width = max(len(row["name"]) for row in doc["layers"]["rows"])
+    width = max(5, *(len(row["name"]) for row in doc["layers"]["rows"]))
     head = f"{'block':<{width}}  {'kind':<10} {'params':>7} {'trace':>10} {'trace/param':>11}"
     lines = ["", head + f" {'λ_max':>10}"]
     for row in doc["layers"]["rows"]:
@@ -91,4 +99,4 @@ def _stability(doc: dict) -> list[str]:
         return []
     s = doc["stability"]
     lines = ["", f"stability at η = {_g(s['lr'])} (2/η = {_g(s['threshold'])}):"]
-    return lines + [f"  {v['criterion']:>3}: {v['text']}" for v in s["verdicts"]]
+    return lines + [_wrap(f"  {v['criterion']:>3}: {v['text']}", " " * 7) for v in s["verdicts"]]

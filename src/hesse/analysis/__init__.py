@@ -1,0 +1,27 @@
+"""Analyses of a model's curvature: ``analyze`` and the ``Report`` it returns.
+
+Example:
+    >>> report = analyze(model, loader, F.cross_entropy, lr=0.1)  # doctest: +SKIP
+    >>> report.save("hesse-report")  # doctest: +SKIP
+"""
+
+from hesse.analysis._analyze import CURVATURES, SECTIONS, Options, analyze
+from hesse.analysis.layers import LayerRow, layer_table
+from hesse.analysis.outliers import Outliers, find_outliers
+from hesse.analysis.report import Report
+from hesse.analysis.stability import Verdict, gd_verdict, sgd_verdict
+
+__all__ = [
+    "CURVATURES",
+    "SECTIONS",
+    "LayerRow",
+    "Options",
+    "Outliers",
+    "Report",
+    "Verdict",
+    "analyze",
+    "find_outliers",
+    "gd_verdict",
+    "layer_table",
+    "sgd_verdict",
+]

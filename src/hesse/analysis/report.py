@@ -1,0 +1,93 @@
+"""The ``Report`` of an analysis: every number with its diagnostics, and how to write it out."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hesse import report as _render
+from hesse.analysis.layers import LayerRow
+from hesse.analysis.outliers import Outliers
+from hesse.analysis.stability import Verdict
+
+
+@dataclass(frozen=True)
+class Report:
+    """The curvature of one model's loss: spectrum, trace, density, layers, verdicts.
+
+    Sections that were not computed are None. Numbers are plain floats and lists, so that
+    ``to_dict()`` is the ``results.json`` document (schema ``hesse.report``, see
+    ``hesse.report.schema``).
+
+    Attributes:
+        meta: versions (hesse, torch, numpy, python), platform, creation time, command line.
+        config: the analysis options, seed included.
+        problem: model, parameter and sample counts, loss value and name, gradient norm.
+        eigs: ``{"largest": ..., "smallest": ...}``: values, residual bounds, diagnostics.
+        trace: the trace estimate with standard error and 95% CI.
+        density: SLQ nodes and weights, and the smoothed density on a grid.
+        ggn: the GGN's top eigenvalues and trace beside the Hessian's (or why not).
+        layers: the per-module table.
+        outliers: the bulk/outlier split of the top eigenvalues.
+        stability: the GD and SGD verdicts at the training learning rate.
+        notes: remarks on the run (skipped sections, caveats).
+        timings: seconds per section.
+    """
+
+    meta: dict
+    config: dict
+    problem: dict
+    eigs: dict | None = None
+    trace: dict | None = None
+    density: dict | None = None
+    ggn: dict | None = None
+    layers: tuple[LayerRow, ...] | None = None
+    outliers: Outliers | None = None
+    stability: tuple[Verdict, ...] | None = None
+    notes: tuple[str, ...] = ()
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The ``results.json`` document (absent sections are left out)."""
+        doc = {
+            "schema": _render.SCHEMA_NAME,
+            "schema_version": _render.SCHEMA_VERSION,
+            "meta": self.meta,
+            "config": self.config,
+            "problem": self.problem,
+        }
+        sections = {"eigs": self.eigs, "trace": self.trace, "density": self.density}
+        sections["ggn"] = self.ggn
+        if self.layers is not None:
+            sections["layers"] = {"by": "module", "rows": [_plain(r) for r in self.layers]}
+        if self.outliers is not None:
+            sections["outliers"] = _plain(self.outliers)
+        if self.stability:
+            lr = self.config["lr"]
+            verdicts = [_plain(v) for v in self.stability]
+            sections["stability"] = {"lr": lr, "threshold": 2.0 / lr, "verdicts": verdicts}
+        doc |= {key: value for key, value in sections.items() if value is not None}
+        return doc | {"notes": list(self.notes), "timings": self.timings}
+
+    def summary(self) -> str:
+        """The compact text table that ``hesse analyze`` prints."""
+        return _render.render_text(self.to_dict())
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write ``results.json`` (validated against the schema) atomically."""
+        return _render.write_json(self.to_dict(), path)
+
+    def to_html(self, path: str | os.PathLike) -> Path:
+        """Write the self-contained HTML report (plots inlined) atomically."""
+        return _render.write_html(self.to_dict(), path)
+
+    def save(self, folder: str | os.PathLike) -> dict[str, Path]:
+        """Write ``results.json``, the PNG plots and ``report.html`` into ``folder``."""
+        return _render.write_all(self.to_dict(), folder)
+
+
+def _plain(obj: object) -> dict:
+    """A frozen dataclass as a JSON-ready dict (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
