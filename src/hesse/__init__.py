@@ -1,6 +1,7 @@
 """hesse: the curvature of neural-network losses, measured and put to use."""
 
 from . import reference
+from .analysis import Report, analyze
 from .linalg import (
     DensityResult,
     DiagonalResult,
@@ -54,4 +55,7 @@ __all__ = [
     "SolveResult",
     # dense references
     "reference",
+    # the report of a model
+    "analyze",
+    "Report",
 ]

@@ -22,7 +22,7 @@ import torch
 
 from hesse import _cli_inputs as inputs
 from hesse._cli_inputs import UsageError
-from hesse.analysis import SECTIONS, analyze
+from hesse.analysis import SECTIONS, Options, analyze
 from hesse.demo import DEMOS, load_demo
 
 COMMANDS = {
@@ -88,6 +88,9 @@ def _add_method_options(group) -> None:
     group.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: model's)")
     group.add_argument("--device", help="compute device, e.g. cpu or cuda (default: model's)")
     group.add_argument("--checkpoint", metavar="FILE", help="record products; rerun to resume")
+    group.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: 1 for demos, else torch's)"
+    )
 
 
 def _add_output_options(group) -> None:
@@ -100,6 +103,7 @@ def _add_output_options(group) -> None:
 class Problem:
     """What to analyse, from a demo or from factories."""
 
+    name: str
     model: torch.nn.Module
     data: object
     loss: object
@@ -153,21 +157,35 @@ def run(args: argparse.Namespace):
     progress = not args.quiet and sys.stderr.isatty()
     if args.out:
         inputs.writable_folder(args.out)
+    # The demo models are tiny: intra-op threads only add spin-waits (5-10x slower products
+    # on a busy 2-core machine), so demos run on one thread unless --threads says otherwise.
+    threads = args.threads if args.threads is not None else (1 if args.demo else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
     problem = _from_demo(args, progress) if args.demo else _from_factories(args)
-    settings = {name: _setting(args, problem, name) for name in DEFAULTS}
-    _check_k(problem.model, settings["k"])
+    options = _options(args, problem)
+    _check_k(problem.model, options.k)
     return analyze(
         problem.model, problem.data, problem.loss, loss_fn=problem.loss_fn,
         lr=args.lr if args.lr is not None else problem.lr, n_classes=problem.n_classes,
         dtype=DTYPES.get(args.dtype), device=args.device, progress=progress,
-        checkpoint=args.checkpoint, description=problem.description, training=problem.training,
-        curvature=args.curvature, sections=COMMANDS[args.command][0], seed=args.seed, **settings,
+        checkpoint=args.checkpoint, name=problem.name, description=problem.description,
+        training=problem.training, **dataclasses.asdict(options),
     )  # fmt: skip
 
 
-def _setting(args: argparse.Namespace, problem: Problem, name: str) -> int:
-    value = vars(args)[name]
-    return value if value is not None else problem.defaults.get(name, DEFAULTS[name])
+def _options(args: argparse.Namespace, problem: Problem) -> Options:
+    """The analysis options: command-line values, else the demo's, else ``DEFAULTS``."""
+    given = {name: vars(args)[name] for name in DEFAULTS}
+    settings = {
+        name: value if value is not None else problem.defaults.get(name, DEFAULTS[name])
+        for name, value in given.items()
+    }
+    sections = COMMANDS[args.command][0]
+    try:
+        return Options(args.curvature, sections, seed=args.seed, **settings)
+    except ValueError as err:
+        raise UsageError(str(err).replace("analyze: ", "", 1)) from err
 
 
 def _check_k(model: torch.nn.Module, k: int) -> None:
@@ -192,7 +210,7 @@ def _from_demo(args: argparse.Namespace, progress: bool) -> Problem:
     samples = args.samples if args.samples is not None else demo.defaults.get("samples")
     data = demo.batches(samples=samples, batch_size=args.batch_size)
     return Problem(
-        demo.model, data, demo.loss, demo.loss_fn, demo.lr, demo.n_classes,
+        f"{demo.name} demo", demo.model, data, demo.loss, demo.loss_fn, demo.lr, demo.n_classes,
         demo.description, demo.training, demo.defaults,
     )  # fmt: skip
 
@@ -201,7 +219,7 @@ def _from_factories(args: argparse.Namespace) -> Problem:
     model = inputs.load_model(args.model, args.weights)
     data = inputs.load_data(args.data, args.samples, args.batch_size or 256)
     loss = inputs.load_loss(args.loss)
-    return Problem(model, data, loss, None, None, None, None, None, {})
+    return Problem(args.model, model, data, loss, None, None, None, None, None, {})
 
 
 def emit(args: argparse.Namespace, report) -> None:
@@ -214,3 +232,7 @@ def emit(args: argparse.Namespace, report) -> None:
         print(report.summary())
         if written:
             print(f"\nwrote {', '.join(str(path) for path in written.values())}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

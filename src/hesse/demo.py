@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,10 +132,26 @@ def load_demo(
         model.load_state_dict(saved["state_dict"])
         training = saved["training"]
     else:
-        training = module.train(model, config, progress=progress)
+        with _one_thread():
+            training = module.train(model, config, progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic.torch_save(path, {"state_dict": model.state_dict(), "training": training})
     return module.make_demo(model.eval(), config, {**training, "cache_file": str(path)})
+
+
+@contextmanager
+def _one_thread():
+    """Run the block on one CPU thread, then restore the thread count.
+
+    The demo models are so small that intra-op threads only add synchronisation: on a busy
+    2-core machine, two threads made training 10x slower than one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _config_hash(name: str, config: object) -> str:

@@ -67,12 +67,17 @@ class Options:
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"analyze: {name} must be at least 1, got {value}.")
-        if self.budget < max(4, 2 * self.k, 2 * self.k_smallest):
+        need = max([4] + [2 * k for k in self._lanczos_sizes()])
+        if self.budget < need:
             raise ValueError(
                 f"analyze: budget={self.budget} products is too small for k={self.k}: Lanczos "
-                f"needs about 2k products and the trace at least 4; pass budget >= "
-                f"{max(4, 2 * self.k, 2 * self.k_smallest)}."
+                f"needs about 2k products and the trace at least 4; pass budget >= {need}."
             )
+
+    def _lanczos_sizes(self) -> list[int]:
+        """Numbers of eigenvalues the chosen sections ask Lanczos for."""
+        sizes = [self.k] if {"eigs", "ggn"} & set(self.sections) else []
+        return sizes + ([self.k_smallest] if "eigs" in self.sections else [])
 
 
 def analyze(
@@ -87,6 +92,7 @@ def analyze(
     device: torch.device | str | None = None,
     progress: bool = False,
     checkpoint: str | None = None,
+    name: str | None = None,
     description: str | None = None,
     training: dict | None = None,
     **options,
@@ -111,6 +117,7 @@ def analyze(
         device: compute device; default the model's.
         progress: show tqdm bars of the data passes.
         checkpoint: file to record products in, so that a killed run resumes exactly.
+        name: a short name for the report (default: the model's class name).
         description: a paragraph about the model, for the report.
         training: how the model was trained, recorded in the report.
         **options: fields of :class:`Options` (``curvature``, ``sections``, ``k``,
@@ -137,7 +144,8 @@ def analyze(
             f"has only {objective.dim} parameters; pass k <= {objective.dim}."
         )
     problem = _problem(model, objective, loss, loss_fn, n_classes)
-    problem |= {"description": description, "training": training}
+    problem |= {"model": name or problem["model"], "description": description}
+    problem["training"] = training
     log = ProductLog(_checkpoint(checkpoint, opts, lr, objective, problem), progress=progress)
     return _Analysis(model, objective, opts, log, lr, problem).run()
 

@@ -90,8 +90,8 @@ def _describe(values, n, gaps, expected, rule, matches, loss) -> str:
         return "Fewer than two positive top eigenvalues: no bulk/outlier split to report."
     second = sorted(gaps, reverse=True)[1] if len(gaps) > 1 else 1.0
     found = (
-        f"{n} eigenvalue{'s' if n > 1 else ''} stand above the bulk: the largest relative gap "
-        f"among the top {len(values)} is after λ{n} (λ{n}/λ{n + 1} = {gaps[n - 1]:.3g}; "
+        f"{n} eigenvalue{'s stand' if n > 1 else ' stands'} above the bulk: the largest gap "
+        f"ratio among the top {len(values)} is after λ{n} (λ{n}/λ{n + 1} = {gaps[n - 1]:.3g}; "
         f"the next largest gap is {second:.3g})."
     )
     if expected is None:
@@ -121,6 +121,9 @@ def _why(n: int, expected: int, k: int, gaps: tuple[float, ...], loss: float) ->
         )
     return (
         f"The gap after λ{n} is larger than the one after λ{expected} "
-        f"({gaps[n - 1]:.3g} against {gaps[expected - 1]:.3g}): some classes are not yet (or "
-        f"no longer) separated at this loss ({loss:.3g}), so their outliers merge or split."
+        f"({gaps[n - 1]:.3g} against {gaps[expected - 1]:.3g}). The outliers come from the "
+        "class means of the gradients; they leave the bulk as training separates the classes "
+        f"and sink back as the loss goes to zero (Papyan 2020), so at this loss ({loss:.3g}) "
+        f"{abs(n - expected)} of the predicted outliers {'are' if abs(n - expected) > 1 else 'is'}"
+        f" {'inside the bulk' if n < expected else 'split off from it'}."
     )

@@ -86,7 +86,7 @@ def _problem(doc: dict) -> str:
         ["curvature", c["curvature"]],
         ["learning rate η", c["lr"] if c["lr"] is not None else "—"],
     ]
-    return "<h2>Problem</h2>" + _table(["", ""], rows)
+    return "<h2>Problem</h2>" + _table(["quantity", "value"], rows)
 
 
 def _stability(doc: dict) -> str:

@@ -1,0 +1,60 @@
+import pytest
+
+from hesse.analysis import find_outliers, gd_verdict, sgd_verdict
+
+
+def test_a_gap_after_c_minus_one_matches_cross_entropy():
+    values = [9.0, 8.5, 8.0, 7.0, 0.9, 0.8, 0.7]
+    out = find_outliers(values, n_classes=5, loss_name="cross_entropy", loss=0.3)
+    assert (out.n_outliers, out.expected, out.matches) == (4, 4, True)
+    assert out.gap_ratio == pytest.approx(7.0 / 0.9)
+    assert "outlier structure is there" in out.text
+
+
+def test_squared_loss_expects_c_outliers():
+    out = find_outliers([5.0, 4.0, 3.0, 0.5, 0.4], n_classes=3, loss_name="mse", loss=0.1)
+    assert (out.n_outliers, out.expected, out.matches) == (3, 3, True)
+
+
+@pytest.mark.parametrize(
+    ("values", "n_classes", "reason"),
+    [
+        ([9.0, 1.0, 0.9, 0.8], 10, "rerun with --k 14"),
+        ([1.2, 1.1, 1.0, 0.9, 0.85], 3, "No gap stands out"),
+        ([20.0, 2.0, 1.9, 0.2, 0.19], 4, "gap after λ1 is larger than the one after λ3"),
+        ([20.0, 2.0, 1.9, 0.2, 0.19], 4, "2 of the predicted outliers are inside the bulk"),
+    ],
+)
+def test_a_missing_structure_is_explained(values, n_classes, reason):
+    out = find_outliers(values, n_classes=n_classes, loss_name="cross_entropy", loss=0.01)
+    assert out.matches is False and reason in out.text
+
+
+def test_unknown_classes_or_loss_give_no_prediction():
+    out = find_outliers([3.0, 1.0, 0.5], n_classes=None, loss_name="cross_entropy", loss=0.1)
+    assert out.expected is None and out.matches is None and out.n_outliers == 1
+    out = find_outliers([3.0, 1.0], n_classes=4, loss_name="custom", loss=0.1)
+    assert out.expected is None and "no prediction" in out.text
+    assert find_outliers([-1.0, -2.0], n_classes=2, loss_name="mse", loss=0.1).n_outliers is None
+
+
+@pytest.mark.parametrize(
+    ("lam", "status"), [(5.0, "stable"), (19.5, "edge"), (20.5, "edge"), (40.0, "unstable")]
+)
+def test_gd_compares_the_sharpness_with_two_over_eta(lam, status):
+    v = gd_verdict(lam, 1e-6, lr=0.1)
+    assert v.status == status and v.threshold == pytest.approx(20.0)
+    assert f"{lam:.4g}" in v.text and "2/η = 20" in v.text
+
+
+@pytest.mark.parametrize(
+    ("ci", "status"),
+    [((10.0, 15.0), "stable"), ((18.0, 22.0), "inconclusive"), ((25.0, 30.0), "unstable")],
+)
+def test_sgd_compares_the_trace_and_its_interval_with_two_over_eta(ci, status):
+    v = sgd_verdict(sum(ci) / 2, ci, lr=0.1, loss=0.01)
+    assert v.status == status and "global minimum" not in v.text
+
+
+def test_sgd_verdict_warns_away_from_a_minimum():
+    assert "read it as an indication" in sgd_verdict(5.0, (4.0, 6.0), lr=0.1, loss=0.5).text
