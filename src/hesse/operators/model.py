@@ -119,6 +119,10 @@ class HessianOperator(ModelOperator):
             self._building, self._last = None, None
         return out
 
+    def clear_cache(self) -> None:
+        """Free the kept gradient graphs (the next product rebuilds them)."""
+        self.cache_bytes, self._cache, self._versions = 0, None, None
+
     def _matmat_batch(self, index: int, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
         if self.mode != "forward":
             return self._through(self._graph(batch), V)
@@ -179,7 +183,7 @@ class HessianOperator(ModelOperator):
 
     def _restrict(self, names: list[str]) -> Operator:
         block = super()._restrict(names)
-        block.cache_bytes, block._cache, block._versions = 0, None, None  # graphs of all params
+        block.clear_cache()  # the kept graphs differentiate all parameters, not the block's
         return block
 
     def _param_versions(self) -> list[int]:
