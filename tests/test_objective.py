@@ -199,3 +199,38 @@ def test_refuses_loss_and_loss_fn_both_or_neither_for_tuple_batches(both):
     kw = {"loss": F.cross_entropy, "loss_fn": seq_loss_fn}
     with pytest.raises(ValueError, match="(?i)loss"):
         hesse.Objective(model, (x, y), **(kw if both else {})).value()
+
+
+def test_allow_train_mode_leaves_the_model_buffers_alone():
+    model = SmallCNN().to(DT).train()
+    before = copy.deepcopy(model.state_dict())
+    x, y = torch.randn(6, 1, 6, 6, dtype=DT), torch.tensor([0, 1, 2, 0, 1, 2])
+    obj = hesse.Objective(model, (x, y), loss=F.cross_entropy, allow_train_mode=True)
+    obj.value()
+    obj.value()
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
+
+
+def test_refuses_attention_dropout():
+    model = nn.MultiheadAttention(4, 2, dropout=0.1).train()
+    with pytest.raises(ValueError, match="dropout"):
+        hesse.Objective(model, [(torch.randn(3, 4), torch.randn(3, 4))], loss=F.mse_loss)
+
+
+def test_tuple_batches_do_not_count_ignored_labels():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).to(DT)
+    x, y = torch.randn(6, 3, dtype=DT), torch.tensor([0, 1, -100, 3, 2, -100])
+    split = hesse.Objective(model, [(x[:2], y[:2]), (x[2:], y[2:])], loss=F.cross_entropy)
+    whole = F.cross_entropy(model(x), y)
+    assert torch.allclose(split.value(), whole, atol=1e-12, rtol=0)
+
+
+def test_ggn_refuses_nll_loss():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LogSoftmax(-1))
+    obj = hesse.Objective(
+        model, (torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0])), loss=F.nll_loss
+    )
+    with pytest.raises(ValueError, match="cross_entropy"):
+        hesse.GGNOperator(obj)

@@ -44,12 +44,12 @@ class Checkpoint:
         self.path = Path(path)
         self.parts = Path(f"{self.path}.parts")
         manifest = {"format": FORMAT, "key": key}
-        if self.path.exists():
+        resumed = self.path.exists()
+        if resumed:
             _check_manifest(self.path, manifest)
-        else:
-            self.parts.mkdir(parents=True, exist_ok=True)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        if not resumed:
             _atomic.write_text(self.path, json.dumps(manifest, indent=1, sort_keys=True))
-        self.parts.mkdir(exist_ok=True)
 
     def part(self, index: int) -> Path:
         """File of product ``index``."""

@@ -136,7 +136,10 @@ def load_data(spec: str, samples: int | None, batch_size: int) -> DataLoader:
         data, collate = data.dataset, data.collate_fn
     elif isinstance(data, (tuple, list)):
         if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
-            raise UsageError(f"--data {spec!r} returned a {type(data).__name__}; expected {label}.")
+            raise UsageError(
+                f"--data {spec!r} returned a {type(data).__name__}; expected {label}. Return "
+                f"exactly two tensors (inputs, targets), not {len(data)} items of other types."
+            )
         data = TensorDataset(*data)
     if samples is not None:
         data = Subset(data, range(min(samples, len(data))))
@@ -149,7 +152,10 @@ def load_loss(name: str) -> Callable:
         return LOSSES[name]
     loss = load_object(name, "--loss")
     if not callable(loss):
-        raise UsageError(f"--loss {name!r}: expected a function loss(outputs, targets).")
+        raise UsageError(
+            f"--loss {name!r}: expected a function loss(outputs, targets), found a "
+            f"{type(loss).__name__}; name a function, or use cross_entropy or mse."
+        )
     return loss
 
 

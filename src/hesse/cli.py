@@ -176,11 +176,8 @@ def run(args: argparse.Namespace):
 
 def _options(args: argparse.Namespace, problem: Problem) -> Options:
     """The analysis options: command-line values, else the demo's, else ``DEFAULTS``."""
-    given = {name: vars(args)[name] for name in DEFAULTS}
-    settings = {
-        name: value if value is not None else problem.defaults.get(name, DEFAULTS[name])
-        for name, value in given.items()
-    }
+    settings = {name: problem.defaults.get(name, default) for name, default in DEFAULTS.items()}
+    settings |= {name: vars(args)[name] for name in DEFAULTS if vars(args)[name] is not None}
     sections = COMMANDS[args.command][0]
     try:
         return Options(args.curvature, sections, seed=args.seed, **settings)

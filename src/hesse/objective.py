@@ -113,7 +113,13 @@ class Objective:
         self.model, self.loss, self.loss_fn, self.progress = model, loss, loss_fn, progress
         self.params = {n: self._cast(named[n].detach()) for n in chosen}
         state = dict(model.named_parameters()) | dict(model.named_buffers())
-        self.frozen = {n: self._cast(t.detach()) for n, t in state.items() if n not in self.params}
+        # train-mode batch-norm updates its running statistics in place: work on copies then
+        own = allow_train_mode
+        self.frozen = {
+            n: self._cast(t.detach().clone() if own else t.detach())
+            for n, t in state.items()
+            if n not in self.params
+        }
         self.space = ParamSpace.from_named(self.params)
         self._data = _as_batches(data, loss_fn is not None)
         self._caller = _CallLossFn(model, loss_fn) if loss_fn is not None else None
@@ -144,23 +150,34 @@ class Objective:
         Raises:
             ValueError: a batch produced non-finite values (the message names it).
         """
-        total, weight = None, 0.0
+        total, weight, bad = None, 0.0, None
         for i, batch in enumerate(self.batches() if items is None else items):
             term, w = fn(i, batch)
-            if not torch.isfinite(term).all():
-                raise ValueError(
-                    f"Objective: non-finite loss or derivative in batch {i} "
-                    f"(values {term.flatten()[:4].tolist()}); check that batch's inputs and "
-                    "targets, and the numerical range of the loss."
-                )
+            if bad is None and not torch.isfinite(term).all():
+                bad = i  # raised after the reduction, so that no other rank waits forever
             total = term if total is None else total + term
             weight += float(w)
         if total is None:
             raise ValueError("Objective: the data yielded no batches on this process.")
         if dist.is_available() and dist.is_initialized():
-            buf = torch.cat([total.reshape(-1), total.new_tensor([weight])])
+            # the weight is reduced in float64: exact counts even for a float32 model
+            buf = torch.cat(
+                [
+                    total.reshape(-1).double(),
+                    total.new_tensor([weight, bad is not None], dtype=torch.float64),
+                ]
+            )
             dist.all_reduce(buf)
-            total, weight = buf[:-1].reshape(total.shape), float(buf[-1])
+            total = buf[:-2].reshape(total.shape).to(total.dtype)
+            weight, failed = float(buf[-2]), bool(buf[-1])
+        else:
+            failed = bad is not None
+        if failed:
+            where = f"batch {bad}" if bad is not None else "a batch of another process"
+            raise ValueError(
+                f"Objective: non-finite loss or derivative in {where}; check that batch's "
+                "inputs and targets, and the numerical range of the loss."
+            )
         return total / weight
 
     # ------------------------------------------------------------------ functions of theta
@@ -187,11 +204,15 @@ class Objective:
         return batch["labels"] if isinstance(batch, Mapping) else batch[1]
 
     def batch_weight(self, batch: Batch) -> float:
-        """What a ``loss=`` batch's mean is over: its samples, or its labels that are not -100."""
+        """What a ``loss=`` batch's mean is over.
+
+        Integer targets (classes, tokens) count the labels that are not -100, the
+        ``ignore_index`` of ``cross_entropy``; floating targets count rows (samples).
+        """
         y = self.targets(batch)
-        if isinstance(batch, Mapping) and not y.is_floating_point():
-            return float((y != -100).sum())
-        return float(y.shape[0])
+        if y.is_floating_point():
+            return float(y.shape[0])
+        return float((y != -100).sum())
 
     def output_loss(self, out: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
         """Sum-form loss of outputs: ``weight * loss(out, targets)``."""
@@ -276,9 +297,10 @@ class Objective:
 def _check_deterministic(model: nn.Module, allow_train_mode: bool) -> None:
     for name, m in model.named_modules():
         where = f"module {name!r}" if name else "the model"
-        if isinstance(m, _DROPOUT) and m.training and m.p > 0:
+        p = _dropout_rate(m)
+        if m.training and p > 0:
             raise ValueError(
-                f"Objective: {where} has active dropout (p={m.p}, training mode), which makes "
+                f"Objective: {where} has active dropout (p={p}, training mode), which makes "
                 "the loss random; call model.eval() first."
             )
         if isinstance(m, _BATCHNORM) and m.training and not allow_train_mode:
@@ -287,6 +309,15 @@ def _check_deterministic(model: nn.Module, allow_train_mode: bool) -> None:
                 "averages updated on each pass); call model.eval(), or pass "
                 "allow_train_mode=True to analyse the training-mode loss."
             )
+
+
+def _dropout_rate(m: nn.Module) -> float:
+    """The dropout probability a module applies in training mode (0 for other modules)."""
+    if isinstance(m, _DROPOUT):
+        return m.p
+    if isinstance(m, nn.MultiheadAttention):
+        return m.dropout  # functional dropout on the attention weights
+    return 0.0
 
 
 def _as_batches(data: Any, custom: bool) -> Iterable[Batch]:

@@ -113,3 +113,27 @@ def test_power_iteration_top_eigenvalue_within_tol():
         assert abs(r.values[0].item() - 10.0) <= 10 * tol * 10.0
         q1 = torch.linalg.eigh(A).eigenvectors[:, -1]
         assert abs(q1 @ r.vectors[:, 0].to(DT)) >= 1 - 10 * tol
+
+
+def test_budget_and_basis_are_validated():
+    A = torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_matvecs"):
+        hesse.eigs(A, k=5, max_matvecs=2)
+    with pytest.raises(ValueError, match="ncv"):
+        hesse.eigs(A, k=6, ncv=4)
+    with pytest.raises(ValueError, match="max_matvecs"):
+        hesse.power_iteration(A, k=3, max_matvecs=4)
+
+
+def test_top_one_spends_no_verification_round():
+    A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
+    r = hesse.eigs(A, k=1)
+    assert r.converged and r.n_matvecs <= 50
+    assert abs(float(r.values[0]) - 50.0) <= 1e-9
+
+
+def test_power_iteration_residual_belongs_to_the_returned_vector():
+    A = torch.diag(torch.tensor([10.0, 5.0, 1.0, 0.5], dtype=torch.float64))
+    r = hesse.power_iteration(A, k=1, tol=1e-12, max_matvecs=200)
+    x, theta = r.vectors[:, 0], float(r.values[0])
+    assert abs(float(torch.linalg.vector_norm(A @ x - theta * x)) - float(r.residuals[0])) < 1e-12

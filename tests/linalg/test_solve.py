@@ -82,3 +82,21 @@ def test_tiny_budget_reports_not_converged():
     r = hesse.solve(spd(), rhs(), damping=1e-3, method="cg", tol=1e-12, max_matvecs=3)
     assert r.converged is False
     assert r.n_matvecs <= 3
+
+
+def test_converged_is_decided_by_the_true_residual():
+    A, b = spd().float(), rhs().float()
+    r = hesse.solve(A, b, method="cg", tol=1e-9, max_matvecs=400)  # below float32 round-off
+    true = torch.linalg.vector_norm(b - A @ r.value) / torch.linalg.vector_norm(b)
+    assert r.converged is False and float(true) > 1e-9
+    assert abs(float(r.residual_norm[0]) - float(torch.linalg.vector_norm(b - A @ r.value))) < 1e-5
+
+
+def test_negative_damping_is_refused():
+    with pytest.raises(ValueError, match="damping"):
+        hesse.solve(spd(), rhs(), damping=-1.0)
+
+
+def test_lissa_stays_within_a_small_budget():
+    r = hesse.solve(spd(), rhs(), method="lissa", max_matvecs=10)
+    assert r.n_matvecs <= 10 and r.converged is False

@@ -62,8 +62,12 @@ class Options:
         unknown = sorted(set(self.sections) - set(SECTIONS))
         if unknown:
             raise ValueError(f"analyze: unknown sections {unknown}; choose from {SECTIONS}.")
-        counts = {"k": self.k, "k_smallest": self.k_smallest, "steps": self.steps}
-        counts["probes"] = self.probes
+        counts = {
+            "k": self.k,
+            "k_smallest": self.k_smallest,
+            "steps": self.steps,
+            "probes": self.probes,
+        }
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"analyze: {name} must be at least 1, got {value}.")
@@ -144,8 +148,7 @@ def analyze(
             f"has only {objective.dim} parameters; pass k <= {objective.dim}."
         )
     problem = _problem(model, objective, loss, loss_fn, n_classes)
-    problem |= {"model": name or problem["model"], "description": description}
-    problem["training"] = training
+    problem |= {"model": name or problem["model"], "description": description, "training": training}
     log = ProductLog(_checkpoint(checkpoint, opts, lr, objective, problem), progress=progress)
     return _Analysis(model, objective, opts, log, lr, problem).run()
 
@@ -164,9 +167,13 @@ class _Analysis:
         """Compute every requested section, then the outliers and the verdicts."""
         wanted, o = self.opts.sections, self.opts
         found = {}
-        steps = {"eigs": (self.eigs, 2 * o.budget), "trace": (self.trace, o.budget)}
-        steps |= {"density": (self.density, o.steps * o.probes), "layers": (self.layers, None)}
-        steps["ggn"] = (self.ggn, 2 * o.budget)
+        steps = {
+            "eigs": (self.eigs, 2 * o.budget),
+            "trace": (self.trace, o.budget),
+            "density": (self.density, o.steps * o.probes),
+            "layers": (self.layers, None),
+            "ggn": (self.ggn, 2 * o.budget),
+        }
         for name, (step, total) in steps.items():
             if name in wanted:
                 found[name] = self.timed(name, total, step)
@@ -178,6 +185,7 @@ class _Analysis:
         )  # fmt: skip
 
     def timed(self, name: str, total: int | None, step: Callable):
+        """Run ``step`` under a progress bar of ``total`` products and record its seconds."""
         self.log.step(name, total)
         start = time.perf_counter()
         result = step()
@@ -185,6 +193,7 @@ class _Analysis:
         return result
 
     def config(self) -> dict:
+        """The ``config`` section: the options, the learning rate, dtype and device."""
         c = asdict(self.opts) | {"sections": list(self.opts.sections), "lr": self.lr}
         o = self.objective
         return c | {"dtype": str(o.dtype).removeprefix("torch."), "device": str(o.device)}

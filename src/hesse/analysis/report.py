@@ -58,8 +58,12 @@ class Report:
             "config": self.config,
             "problem": self.problem,
         }
-        sections = {"eigs": self.eigs, "trace": self.trace, "density": self.density}
-        sections["ggn"] = self.ggn
+        sections = {
+            "eigs": self.eigs,
+            "trace": self.trace,
+            "density": self.density,
+            "ggn": self.ggn,
+        }
         if self.layers is not None:
             sections["layers"] = {"by": "module", "rows": [_plain(r) for r in self.layers]}
         if self.outliers is not None:

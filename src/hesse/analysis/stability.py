@@ -85,10 +85,8 @@ def sgd_verdict(trace: float, ci95: tuple[float, float], lr: float, loss: float)
     threshold, (lo, hi) = 2.0 / lr, ci95
     numbers = f"Tr(H) = {trace:.4g} (95% CI {lo:.4g} – {hi:.4g}) against 2/η = {threshold:.4g}"
     if hi < threshold:
-        status, text = (
-            "stable",
-            f"Consistent with an SGD-stable minimum at η = {lr:.4g}: {numbers}.",
-        )
+        status = "stable"
+        text = f"Consistent with an SGD-stable minimum at η = {lr:.4g}: {numbers}."
     elif lo > threshold:
         status = "unstable"
         text = (

@@ -106,7 +106,8 @@ def density(
         closed = (b <= 1e3 * torch.finfo(op.dtype).eps * scale) & (length == steps)
         length[closed] = j + 1
         beta[:, j] = torch.where(length > j + 1, b, torch.zeros_like(b))
-        Q[j + 1] = W / b.clamp_min(1e-300).to(W) * (length > j + 1).to(W)
+        alive = (length > j + 1).to(W.device)
+        Q[j + 1] = torch.where(alive, W / torch.where(alive, b.to(W), 1.0), 0.0)
     op.close()
     nodes = torch.zeros(probes, steps, dtype=torch.float64)
     weights = torch.zeros(probes, steps, dtype=torch.float64)

@@ -88,14 +88,18 @@ def eigs(
         raise ValueError(f"eigs: which must be one of {WHICH}, got {which!r}.")
     if not 1 <= k <= d:
         raise ValueError(f"eigs: k must be between 1 and the dimension {d}, got k={k}.")
+    if ncv is not None and not k < ncv:
+        raise ValueError(f"eigs: ncv (the largest basis) must exceed k={k}, got ncv={ncv}.")
     tol = tol if tol is not None else (1e-10 if A.dtype == torch.float64 else 1e-6)
     budget = max_matvecs or max(1000, 50 * k)
+    if budget < k:
+        raise ValueError(f"eigs: max_matvecs={budget} cannot find k={k} eigenpairs; give >= k.")
     run = _Run(
         Counted(A, progress, budget, "eigs"), which, tol, budget, ncv, generator(seed), callback
     )
     try:
         vals, vecs, res, ok = run.round(None, k)
-        while ok and k < d:
+        while ok and 1 < k < d and run.op.n < budget:
             vals, vecs, res, ok, missed = run.verify(vals, vecs, res, k)
             if not missed:
                 break
@@ -153,7 +157,7 @@ class _Run:
         """Thick-restart Lanczos on the complement of ``locked``: ``nev`` wanted Ritz pairs."""
         op, d = self.op, self.op.d
         p = 0 if locked is None else locked.shape[1]
-        m = min(self.ncv or max(2 * nev + 1, 20), d - p)
+        m = min(max(self.ncv or 2 * nev + 1, 20, nev + 1), d - p)
         Q = torch.zeros(d, m + 1, dtype=op.dtype, device=op.device)
         T = torch.zeros(m + 1, m + 1, dtype=torch.float64)
         Q[:, 0] = self._fresh(Q[:, :0], locked)
@@ -162,7 +166,7 @@ class _Run:
             beta = self._expand(Q, T, j, locked)
             j += 1
             exhausted = j == m or op.n >= self.budget
-            if j < nev or not (exhausted or j % stride == 0 or beta == 0.0):
+            if not exhausted and (j < nev or not (j % stride == 0 or beta == 0.0)):
                 continue
             theta, S = torch.linalg.eigh(T[:j, :j])
             bounds = (beta * S[j - 1]).abs()
@@ -173,7 +177,7 @@ class _Run:
             want = order[:nev]
             done = bool((bounds[want] <= self.tol * self.norm).all()) or j == d - p
             if done or op.n >= self.budget:
-                X = Q[:, :j] @ S[:, want].to(op.dtype)
+                X = Q[:, :j] @ S[:, want].to(Q)
                 return theta[want], X, bounds[want], done
             if j == m:
                 j = self._restart(Q, T, theta, S, beta, order, nev, m)
@@ -214,7 +218,7 @@ class _Run:
         """Keep the ``p`` most wanted Ritz vectors and the residual direction."""
         p = min(m - 1, nev + max(1, (m - nev) // 2))
         keep = order[:p]
-        Y = Q[:, :m] @ S[:, keep].to(Q.dtype)
+        Y = Q[:, :m] @ S[:, keep].to(Q)
         q_next = Q[:, m].clone()
         Q.zero_()
         Q[:, :p], Q[:, p] = Y, q_next
@@ -247,21 +251,22 @@ def power_iteration(
     """
     op, gen = Counted(A), generator(seed)
     budget = max_matvecs or 100 * k
+    if budget < 2 * k:
+        raise ValueError(f"power_iteration: max_matvecs={budget} is below 2 per eigenpair (k={k}).")
     X = torch.zeros(op.d, 0, dtype=op.dtype, device=op.device)
     vals, res, ok = [], [], True
     for i in range(k):
-        v, theta, r, done = gaussian(gen, op.d, 1, op), None, float("inf"), False
-        while op.n < budget * (i + 1) / k and not done:
-            v = v - X @ (X.T @ v)
+        w, theta, done = gaussian(gen, op.d, 1, op), None, False
+        while op.n < budget * (i + 1) // k and not done:
+            v = w - X @ (X.T @ w)
             v = v / torch.linalg.vector_norm(v)
             Av = op(v)
             new = float((v * Av).sum())
             r = float(torch.linalg.vector_norm(Av - new * v))
             done = theta is not None and abs(theta - new) / (abs(theta) + 1e-6) < tol
-            theta, v = new, Av
+            theta, w = new, Av
         ok = ok and done
-        v = v - X @ (X.T @ v)
-        X = torch.cat([X, v / torch.linalg.vector_norm(v)], 1)
+        X = torch.cat([X, v], 1)  # the vector whose Rayleigh quotient and residual are reported
         vals.append(theta)
         res.append(r)
     f64 = torch.float64

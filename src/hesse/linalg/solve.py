@@ -10,6 +10,7 @@ import torch
 
 from ..operators.base import PSD, SYMMETRIC
 from ._util import Counted, tags_of
+from .eigs import eigs
 
 METHODS = ("cg", "minres", "lissa")
 
@@ -22,8 +23,8 @@ class SolveResult:
         value: ``x``, shaped like ``b`` (``(d,)`` or ``(d, k)``).
         converged: Whether every column reached ``||r|| <= tol ||b||``.
         n_matvecs: Matrix-vector products used.
-        residual_norm: ``(k,)`` float64 residual norms ``||b - (A + damping I) x||`` as the
-            recurrence tracks them (MINRES: its estimate ``phibar``).
+        residual_norm: ``(k,)`` float64 residual norms ``||b - (A + damping I) x||`` of the
+            returned ``x``, recomputed with one product per column.
     """
 
     value: torch.Tensor
@@ -38,7 +39,7 @@ def solve(
     *,
     damping: float = 0.0,
     method: str = "cg",
-    tol: float = 1e-8,
+    tol: float | None = None,
     max_matvecs: int | None = None,
     x0: torch.Tensor | None = None,
     scale: float | None = None,
@@ -53,16 +54,19 @@ def solve(
       returning :math:`x/s` (Agarwal, Bullins & Hazan 2017; Koh & Liang 2017 for influence
       functions), here with exact products; needs PSD and :math:`s > \lambda_{max}/2`.
 
-    Every method stops when :math:`\|b - (A+\lambda I)x\| \le \mathrm{tol}\,\|b\|` for every
-    column, or when ``max_matvecs`` is spent (then ``converged=False``).
+    Every method stops when its recurrence reports
+    :math:`\|b - (A+\lambda I)x\| \le \mathrm{tol}\,\|b\|` for every column, or when
+    ``max_matvecs`` is spent; the residual of the returned ``x`` is then recomputed with one
+    more product per column (counted within the budget), and only that decides ``converged``.
 
     Args:
         A: Operator or dense tensor ``(d, d)``.
         b: Right-hand side ``(d,)`` or ``(d, k)``.
         damping: :math:`\lambda \ge 0` added to the diagonal.
         method: ``"cg"``, ``"minres"`` or ``"lissa"``.
-        tol: Relative residual tolerance.
-        max_matvecs: Budget; default ``10 d`` per column, at most 10,000.
+        tol: Relative residual tolerance; default 1e-8 in float64, 1e-5 in float32.
+        max_matvecs: Budget (at least 2 per column); default ``10 d`` per column, at most
+            10,000.
         x0: Start, shaped like ``b`` (default zero).
         scale: LiSSA's :math:`s` (default 1.1 times an estimate of :math:`\lambda_{max}+\lambda`).
 
@@ -70,11 +74,13 @@ def solve(
         SolveResult.
 
     Raises:
-        ValueError: ``cg``/``lissa`` on an operator not declared PSD without damping, or a
-            non-symmetric operator.
+        ValueError: ``cg``/``lissa`` on an operator not declared PSD without damping, a
+            non-symmetric operator, negative damping, or a budget below 2 per column.
     """
     if method not in METHODS:
         raise ValueError(f"solve: method must be one of {METHODS}, got {method!r}.")
+    if damping < 0:
+        raise ValueError(f"solve: damping must be >= 0, got {damping}.")
     tags = tags_of(A)
     if SYMMETRIC not in tags:
         raise ValueError(f"solve(method={method!r}): the operator is not declared symmetric.")
@@ -89,23 +95,28 @@ def solve(
     B = b[:, None] if b.dim() == 1 else b
     B = B.to(device=op.device, dtype=op.dtype)
     X = torch.zeros_like(B) if x0 is None else x0.reshape(B.shape).to(B)
-    budget = max_matvecs or min(10 * op.d, 10_000) * B.shape[1]
+    k = B.shape[1]
+    budget = (max_matvecs or min(10 * op.d, 10_000) * k) - k  # k kept for the final residual
+    if budget < k:
+        raise ValueError(f"solve: max_matvecs must be at least {2 * k} ({k} right-hand sides).")
+    tol = tol if tol is not None else (1e-8 if op.dtype == torch.float64 else 1e-5)
 
     def apply(V: torch.Tensor) -> torch.Tensor:
         return op(V) + damping * V
 
     if method == "cg":
-        X, res = _cg(apply, B, X, tol, budget, op)
+        X = _cg(apply, B, X, tol, budget, op)
     elif method == "minres":
-        X, res = _columns(_minres, apply, B, X, tol, budget, op)
+        X = _columns(_minres, apply, B, X, tol, budget, op)
     else:
-        s = scale or 1.1 * (_norm_estimate(op) + damping)
-        X, res = _lissa(apply, B, X, tol, budget, op, s)
+        s = scale or 1.1 * (_norm_estimate(op, min(20, max(1, budget // 2))) + damping)
+        X = _lissa(apply, B, X, tol, budget, op, s)
+    res = torch.linalg.vector_norm((B - apply(X)).double(), dim=0).cpu()
     ok = bool((res <= tol * torch.linalg.vector_norm(B.double(), dim=0).cpu()).all())
     return SolveResult(X[:, 0] if b.dim() == 1 else X, ok, op.n, res)
 
 
-def _cg(apply: Callable, B, X, tol, budget, op) -> tuple[torch.Tensor, torch.Tensor]:
+def _cg(apply: Callable, B, X, tol, budget, op) -> torch.Tensor:
     R = B - apply(X) if X.any() else B.clone()
     P = R.clone()
     rs = (R.double() ** 2).sum(0)
@@ -124,21 +135,19 @@ def _cg(apply: Callable, B, X, tol, budget, op) -> tuple[torch.Tensor, torch.Ten
         rs_new = (R.double() ** 2).sum(0)
         P = R + (rs_new / rs.clamp_min(1e-300)).to(R) * P
         rs = rs_new
-    return X, rs.sqrt().cpu()
+    return X
 
 
-def _columns(fn: Callable, apply, B, X, tol, budget, op) -> tuple[torch.Tensor, torch.Tensor]:
+def _columns(fn: Callable, apply, B, X, tol, budget, op) -> torch.Tensor:
     """Run a single-vector solver column by column."""
-    cols, res = [], []
+    cols = []
     for i in range(B.shape[1]):
         share = op.n + (budget - op.n) // (B.shape[1] - i)
-        x, r = fn(apply, B[:, i], X[:, i], tol, share, op)
-        cols.append(x)
-        res.append(r)
-    return torch.stack(cols, 1), torch.tensor(res, dtype=torch.float64)
+        cols.append(fn(apply, B[:, i], X[:, i], tol, share, op))
+    return torch.stack(cols, 1)
 
 
-def _minres(apply: Callable, b, x, tol, budget, op) -> tuple[torch.Tensor, float]:
+def _minres(apply: Callable, b, x, tol, budget, op) -> torch.Tensor:
     """MINRES for symmetric ``apply`` (Paige & Saunders 1975), scalars in float64."""
 
     def mv(v: torch.Tensor) -> torch.Tensor:
@@ -148,7 +157,7 @@ def _minres(apply: Callable, b, x, tol, budget, op) -> tuple[torch.Tensor, float
     beta = float(torch.linalg.vector_norm(r1.double()))
     bnorm = float(torch.linalg.vector_norm(b.double()))
     if beta <= tol * bnorm:
-        return x, beta
+        return x
     y, r2 = r1.clone(), r1.clone()
     oldb, dbar, epsln, phibar, cs, sn = 0.0, 0.0, 0.0, beta, -1.0, 0.0
     w = torch.zeros_like(b)
@@ -174,27 +183,22 @@ def _minres(apply: Callable, b, x, tol, budget, op) -> tuple[torch.Tensor, float
         x = x + phi * w
         if phibar <= tol * bnorm or beta == 0.0:
             break
-    return x, phibar
+    return x
 
 
-def _lissa(apply: Callable, B, X, tol, budget, op, s) -> tuple[torch.Tensor, torch.Tensor]:
-    Y, R = X * s, None
+def _lissa(apply: Callable, B, X, tol, budget, op, s) -> torch.Tensor:
+    Y = X * s
     stop = tol * torch.linalg.vector_norm(B.double(), dim=0).cpu()
     while op.n + B.shape[1] <= budget:
         R = B - apply(Y) / s  # residual of (A + lam I)(Y / s) = B
-        res = torch.linalg.vector_norm(R.double(), dim=0).cpu()
-        if (res <= stop).all():
-            return Y / s, res
+        if (torch.linalg.vector_norm(R.double(), dim=0).cpu() <= stop).all():
+            break
         Y = Y + R
-    if R is None:
-        return Y / s, torch.full((B.shape[1],), float("inf"), dtype=torch.float64)
-    return (Y - R) / s, res
+    return Y / s
 
 
-def _norm_estimate(op: Counted, steps: int = 20) -> float:
+def _norm_estimate(op: Counted, steps: int) -> float:
     """Largest eigenvalue of a PSD operator from a short Lanczos run."""
-    from .eigs import eigs
-
     r = eigs(op.A, k=1, tol=1e-3, max_matvecs=steps)
     op.n += r.n_matvecs
     return float(r.values[0]) + float(r.residuals[0])

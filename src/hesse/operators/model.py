@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
@@ -128,8 +130,13 @@ class HessianOperator(ModelOperator):
             return self._through(self._graph(batch), V)
         try:
             return self._forward(batch, V)
-        except (RuntimeError, NotImplementedError):
-            self.mode = "reverse"  # a module without forward-mode AD: double backward from now on
+        except (RuntimeError, NotImplementedError) as err:
+            warnings.warn(
+                f"HessianOperator: forward-mode differentiation failed ({err}); using double "
+                "backward (mode='reverse') from now on.",
+                stacklevel=2,
+            )
+            self.mode = "reverse"
             return self._through(self._graph(batch), V)
 
     def _forward(self, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
@@ -187,7 +194,9 @@ class HessianOperator(ModelOperator):
         return block
 
     def _param_versions(self) -> list[int]:
-        return [p._version for p in self.objective.params.values()]
+        """In-place version counters of everything the kept graphs were built from."""
+        obj = self.objective
+        return [t._version for t in (*obj.params.values(), *obj.frozen.values())]
 
 
 class GGNOperator(ModelOperator):
@@ -196,7 +205,7 @@ class GGNOperator(ModelOperator):
     :math:`J_b` is the Jacobian of the model outputs on batch :math:`b` with respect to the
     parameters and :math:`H_b` the Hessian of the (weighted) loss with respect to the outputs
     (Schraudolph 2002, "Fast curvature matrix-vector products for second-order gradient
-    descent"). PSD when the loss is convex in the outputs (cross-entropy, MSE, NLL), which is
+    descent"). PSD when the loss is convex in the outputs (cross-entropy, MSE), which is
     then tagged; pass ``psd=True`` to declare it for another convex loss.
 
     Args:
@@ -206,6 +215,11 @@ class GGNOperator(ModelOperator):
     """
 
     def __init__(self, objective: Objective, *, psd: bool | None = None, block_size: int = 32):
+        if objective.loss is nn.functional.nll_loss or isinstance(objective.loss, nn.NLLLoss):
+            raise ValueError(
+                "GGNOperator: nll_loss is linear in its inputs (log-probabilities), so its GGN is "
+                "zero; let the model output logits and use loss=cross_entropy."
+            )
         psd = _convex_loss(objective.loss) if psd is None else psd
         super().__init__(objective, (SYMMETRIC, PSD) if psd else (SYMMETRIC,), block_size)
         _needs_outputs(objective, "GGNOperator")
@@ -270,10 +284,17 @@ class FisherOperator(ModelOperator):
         return vmap(pullback)(Z / self.mc_samples if self._sample else Z), w
 
     def _targets(self, index: int, batch: Batch, f: torch.Tensor, w: float) -> list[torch.Tensor]:
+        y = self.objective.targets(batch)
         if self._sample is None:
-            return [self.objective.targets(batch)]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        return [self._sample(f.detach(), w, gen) for _ in range(self.mc_samples)]
+            return [y]
+        # fixed draws per (seed, process, batch position): the same matrix on every product
+        # as long as the data arrive in the same order (no shuffling loader)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        gen = torch.Generator().manual_seed(hash((self.seed, rank, index)) % 2**63)
+        draws = [self._sample(f.detach(), w, gen) for _ in range(self.mc_samples)]
+        if y.is_floating_point():
+            return draws
+        return [torch.where(y == -100, y, draw) for draw in draws]  # keep ignored labels
 
 
 def _linearize(obj: Objective, batch: Batch, V: Tangents):
@@ -297,8 +318,8 @@ def _needs_outputs(objective: Objective, name: str) -> None:
 
 
 def _convex_loss(loss: Callable | None) -> bool:
-    convex = (nn.functional.cross_entropy, nn.functional.mse_loss, nn.functional.nll_loss)
-    return loss in convex or isinstance(loss, (nn.CrossEntropyLoss, nn.MSELoss, nn.NLLLoss))
+    convex = (nn.functional.cross_entropy, nn.functional.mse_loss)
+    return loss in convex or isinstance(loss, (nn.CrossEntropyLoss, nn.MSELoss))
 
 
 def _sampler(loss: Callable | None) -> Callable:

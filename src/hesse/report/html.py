@@ -109,19 +109,19 @@ def _outliers(doc: dict) -> str:
 def _spectrum(doc: dict, plots: dict[str, bytes]) -> str:
     parts = []
     if "eigs" in doc:
-        largest, smallest = doc["eigs"]["largest"], doc["eigs"]["smallest"]
-        rows = [[i + 1, v, r] for i, (v, r) in enumerate(zip(*_pairs(largest), strict=True))]
-        parts += ["<h2>Largest eigenvalues</h2>", _table(["i", "λ_i", "residual bound"], rows)]
-        rows = [[i + 1, v, r] for i, (v, r) in enumerate(zip(*_pairs(smallest), strict=True))]
-        parts += ["<h2>Most negative eigenvalues</h2>", _table(["i", "λ", "residual"], rows)]
+        largest, smallest = _eig_rows(doc["eigs"]["largest"]), _eig_rows(doc["eigs"]["smallest"])
+        parts += ["<h2>Largest eigenvalues</h2>", _table(["i", "λ_i", "residual bound"], largest)]
+        parts += ["<h2>Most negative eigenvalues</h2>", _table(["i", "λ", "residual"], smallest)]
         parts.append(_img(plots, "spectrum.png", "largest and smallest eigenvalues"))
     if "trace" in doc:
         parts += ["<h2>Trace</h2>", _trace_table(doc)]
     return "\n".join(parts)
 
 
-def _pairs(eig: dict) -> tuple[list, list]:
-    return eig["values"], eig["residuals"]
+def _eig_rows(eig: dict) -> list[list[object]]:
+    """Table rows ``[i, value, residual]`` of an ``eigs`` entry, numbered from 1."""
+    pairs = zip(eig["values"], eig["residuals"], strict=True)
+    return [[i, value, res] for i, (value, res) in enumerate(pairs, start=1)]
 
 
 def _trace_table(doc: dict) -> str:
