@@ -103,7 +103,7 @@ def trace(
 
 
 def block_traces(
-    A: Any, budget: int = 100, *, by: str = "module", seed: int = 0, block_size: int = 10
+    A: Any, budget: int = 100, *, by: str = "module", seed: int = 0, block_size: int = 32
 ) -> dict[str, TraceResult]:
     r"""Traces of every diagonal block of ``A`` from one sweep of shared probes.
 
@@ -139,7 +139,7 @@ def block_traces(
     return out
 
 
-def diagonal(A: Any, budget: int = 100, *, seed: int = 0, block_size: int = 10) -> DiagonalResult:
+def diagonal(A: Any, budget: int = 100, *, seed: int = 0, block_size: int = 32) -> DiagonalResult:
     r"""Estimate :math:`\mathrm{diag}(A)` as the mean of :math:`z \odot Az` over Rademacher probes.
 
     Unbiased (Bekas, Kokiopoulou & Saad 2007, "An estimator for the diagonal of a matrix");

@@ -176,17 +176,18 @@ class HessianOperator(ModelOperator):
         return graph
 
     def _through(self, graph, V: Tangents) -> tuple[Tangents, float]:
-        """Second backward through a kept gradient graph: ``(k, *shape)`` Hessian products."""
+        """Second backward through a kept gradient graph: ``(k, *shape)`` Hessian products.
+
+        One backward per column: measured on CPU, vectorizing the columns with
+        ``is_grads_batched`` was 1.2-1.5x slower per column than this loop.
+        """
         params, g, w = graph
         ps = list(params.values())
-        k = next(iter(V.values())).shape[0]
-        if k == 1:
-            h = torch.autograd.grad(g, ps, [V[n][0] for n in params], retain_graph=True)
-            return {n: t[None] for n, t in zip(params, h, strict=True)}, w
-        h = torch.autograd.grad(
-            g, ps, [V[n] for n in params], retain_graph=True, is_grads_batched=True
-        )
-        return dict(zip(params, h, strict=True)), w
+        cols = [
+            torch.autograd.grad(g, ps, [V[n][j] for n in params], retain_graph=True)
+            for j in range(next(iter(V.values())).shape[0])
+        ]
+        return {n: torch.stack([c[i] for c in cols]) for i, n in enumerate(params)}, w
 
     def _restrict(self, names: list[str]) -> Operator:
         block = super()._restrict(names)
