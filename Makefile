@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,7 @@ test: $(STAMP) lint
 
 clean:
 	rm -rf $(VENV) hesse-report
+
+# Side-by-side benchmarks against PyHessian, hessian-eigenthings and curvlinops (own venv).
+bench:
+	$(MAKE) -C benchmarks bench

@@ -53,7 +53,7 @@ class Workload:
         return groups
 
 
-def _digits_batches(n_batches: int = 8, image: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _digits_batches(n_batches: int = 8, image: bool = False) -> list:
     """The 1797 scikit-learn digits, standardised, in ``n_batches`` (the last one uneven)."""
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X / 16.0 - 0.5, dtype=torch.float32)
@@ -81,21 +81,39 @@ def mlp(seed: int = 0) -> Workload:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
     batches, loss = _digits_batches(), nn.CrossEntropyLoss()
-    return Workload("mlp", _fit(model, batches, loss, 30), batches, loss, True,
-                    "MLP 64-32-10 (tanh), digits 1797 samples in 8 batches")
+    return Workload(
+        "mlp",
+        _fit(model, batches, loss, 30),
+        batches,
+        loss,
+        True,
+        "MLP 64-32-10 (tanh), digits 1797 samples in 8 batches",
+    )
 
 
 def cnn(seed: int = 0) -> Workload:
     """Two conv + batch-norm (eval mode) blocks and a linear head on 8x8 digits."""
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
     )
     batches, loss = _digits_batches(image=True), nn.CrossEntropyLoss()
-    return Workload("cnn", _fit(model, batches, loss, 15), batches, loss, True,
-                    "CNN 2x(conv3x3+BN(eval)+ReLU)+linear, digits 8x8 in 8 batches")
+    return Workload(
+        "cnn",
+        _fit(model, batches, loss, 15),
+        batches,
+        loss,
+        True,
+        "CNN 2x(conv3x3+BN(eval)+ReLU)+linear, digits 8x8 in 8 batches",
+    )
 
 
 def wide_mlp(seed: int = 0) -> Workload:
@@ -105,8 +123,14 @@ def wide_mlp(seed: int = 0) -> Workload:
         nn.Linear(64, 544), nn.Tanh(), nn.Linear(544, 512), nn.Tanh(), nn.Linear(512, 10)
     )
     batches, loss = _digits_batches(), nn.CrossEntropyLoss()
-    return Workload("wide_mlp", _fit(model, batches, loss, 3, lr=1e-3), batches, loss, False,
-                    "MLP 64-544-512-10 (tanh), digits 1797 samples in 8 batches")
+    return Workload(
+        "wide_mlp",
+        _fit(model, batches, loss, 3, lr=1e-3),
+        batches,
+        loss,
+        False,
+        "MLP 64-544-512-10 (tanh), digits 1797 samples in 8 batches",
+    )
 
 
 class _Block(nn.Module):
@@ -164,9 +188,15 @@ def transformer(seed: int = 0, n_seq: int = 32, n_batches: int = 4) -> Workload:
     torch.manual_seed(seed)
     model = TinyGPT(vocab, d=128, layers=4, heads=4, context=context)
     loss = nn.CrossEntropyLoss()
-    return Workload("transformer", _fit(model, batches, loss, 10, lr=1e-3), batches, loss, False,
-                    f"TinyGPT d=128 4 layers vocab {vocab}, {n_seq}x{context} synthetic tokens, "
-                    f"{n_batches} batches")
+    return Workload(
+        "transformer",
+        _fit(model, batches, loss, 10, lr=1e-3),
+        batches,
+        loss,
+        False,
+        f"TinyGPT d=128 4 layers vocab {vocab}, {n_seq}x{context} synthetic tokens, "
+        f"{n_batches} batches",
+    )
 
 
 WORKLOADS = {"mlp": mlp, "cnn": cnn, "wide_mlp": wide_mlp, "transformer": transformer}

@@ -53,9 +53,14 @@ class ParamSpace:
         if v.dim() == 1:
             parts = torch.split(v, self.numels)
             return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+        # contiguous copies, made once per product: strided views would be gathered again by
+        # every batch's backward pass
+        parts = torch.split(v.T.contiguous(), self.numels, dim=1)
         k = v.shape[1]
-        parts = torch.split(v.T, self.numels, dim=1)
-        return {n: p.reshape(k, *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+        return {
+            n: p.reshape(k, *s).contiguous()
+            for n, p, s in zip(self.names, parts, self.shapes, strict=True)
+        }
 
     def join(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`split`: to ``(d,)`` or, from ``(k, *shape)`` tensors, ``(d, k)``."""
