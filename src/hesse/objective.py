@@ -294,6 +294,22 @@ class Objective:
             )
 
 
+_LOSS_FUNCTIONS = {
+    nn.functional.cross_entropy: "cross_entropy",
+    nn.functional.mse_loss: "mse",
+    nn.functional.nll_loss: "nll",
+}
+_LOSS_MODULES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.NLLLoss: "nll"}
+
+
+def loss_kind(loss: Callable | None) -> str | None:
+    """Which of torch's losses ``loss`` is: ``"cross_entropy"``, ``"mse"``, ``"nll"``, or None."""
+    for module, kind in _LOSS_MODULES.items():
+        if isinstance(loss, module):
+            return kind
+    return _LOSS_FUNCTIONS.get(loss)
+
+
 def _check_deterministic(model: nn.Module, allow_train_mode: bool) -> None:
     for name, m in model.named_modules():
         where = f"module {name!r}" if name else "the model"

@@ -12,7 +12,6 @@ from importlib.metadata import version
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hesse._checkpoint import Checkpoint, ProductLog, RecordingOperator
@@ -21,13 +20,11 @@ from hesse.analysis.outliers import find_outliers
 from hesse.analysis.report import Report
 from hesse.analysis.stability import gd_verdict, sgd_verdict
 from hesse.linalg import density, eigs, trace
-from hesse.objective import Objective
+from hesse.objective import Objective, loss_kind
 from hesse.operators import FisherOperator, GGNOperator, HessianOperator
 
 SECTIONS = ("eigs", "trace", "density", "layers", "ggn")
 CURVATURES = ("hessian", "ggn", "fisher")
-LOSS_NAMES = {F.cross_entropy: "cross_entropy", F.mse_loss: "mse", F.nll_loss: "nll"}
-LOSS_MODULES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.NLLLoss: "nll"}
 
 
 @dataclass(frozen=True)
@@ -320,10 +317,7 @@ def _problem(model, objective: Objective, loss, loss_fn, n_classes) -> dict:
 def _loss_name(loss, loss_fn) -> str:
     if loss_fn is not None:
         return "custom loss_fn"
-    for module, name in LOSS_MODULES.items():
-        if isinstance(loss, module):
-            return name
-    return LOSS_NAMES.get(loss, "custom")
+    return loss_kind(loss) or "custom"
 
 
 def _count_samples(objective: Objective) -> int | None:

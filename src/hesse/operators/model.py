@@ -7,10 +7,9 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
-from ..objective import Batch, Objective
+from ..objective import Batch, Objective, loss_kind
 from .base import PSD, SYMMETRIC, Operator, copy_with
 
 Tangents = dict[str, torch.Tensor]
@@ -216,12 +215,12 @@ class GGNOperator(ModelOperator):
     """
 
     def __init__(self, objective: Objective, *, psd: bool | None = None, block_size: int = 32):
-        if objective.loss is nn.functional.nll_loss or isinstance(objective.loss, nn.NLLLoss):
+        if loss_kind(objective.loss) == "nll":
             raise ValueError(
                 "GGNOperator: nll_loss is linear in its inputs (log-probabilities), so its GGN is "
                 "zero; let the model output logits and use loss=cross_entropy."
             )
-        psd = _convex_loss(objective.loss) if psd is None else psd
+        psd = loss_kind(objective.loss) in ("cross_entropy", "mse") if psd is None else psd
         super().__init__(objective, (SYMMETRIC, PSD) if psd else (SYMMETRIC,), block_size)
         _needs_outputs(objective, "GGNOperator")
 
@@ -318,21 +317,16 @@ def _needs_outputs(objective: Objective, name: str) -> None:
         )
 
 
-def _convex_loss(loss: Callable | None) -> bool:
-    convex = (nn.functional.cross_entropy, nn.functional.mse_loss)
-    return loss in convex or isinstance(loss, (nn.CrossEntropyLoss, nn.MSELoss))
-
-
 def _sampler(loss: Callable | None) -> Callable:
     """Draws targets from the predictive distribution that ``loss`` is the negative log of."""
-    if loss is nn.functional.cross_entropy or isinstance(loss, nn.CrossEntropyLoss):
-        return _sample_categorical
-    if loss is nn.functional.mse_loss or isinstance(loss, nn.MSELoss):
-        return _sample_gaussian
-    raise ValueError(
-        "FisherOperator(kind='mc'): can sample targets for cross_entropy and mse_loss only; "
-        f"got {loss!r}. Use kind='empirical' or GGNOperator for other losses."
-    )
+    samplers = {"cross_entropy": _sample_categorical, "mse": _sample_gaussian}
+    kind = loss_kind(loss)
+    if kind not in samplers:
+        raise ValueError(
+            "FisherOperator(kind='mc'): can sample targets for cross_entropy and mse_loss only; "
+            f"got {loss!r}. Use kind='empirical' or GGNOperator for other losses."
+        )
+    return samplers[kind]
 
 
 def _sample_categorical(f: torch.Tensor, w: float, gen: torch.Generator) -> torch.Tensor:
