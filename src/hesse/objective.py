@@ -247,7 +247,9 @@ class Objective:
             params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
             with torch.enable_grad():
                 value, w = self.batch_loss(params, batch)
-                g = torch.autograd.grad(value, list(params.values()))
+                g = torch.autograd.grad(
+                    value, list(params.values()), allow_unused=True, materialize_grads=True
+                )
             return torch.cat([t.reshape(-1) for t in g]), w
 
         return self.accumulate(term)

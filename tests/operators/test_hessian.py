@@ -70,3 +70,25 @@ def test_float32_objective_matches_float64_reference_to_float32_tolerance():
     assert r.values.dtype == torch.float64
     want = torch.linalg.eigvalsh(H).flip(0)[:2]
     assert (r.values - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+class _WithUnused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = torch.nn.Linear(3, 2)
+        self.unused = torch.nn.Linear(3, 2)  # e.g. a pooler a task head never reads
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_unused_parameters_have_zero_curvature(mode):
+    torch.manual_seed(0)
+    model = _WithUnused().double()
+    data = (torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))
+    obj = hesse.Objective(model, data, loss=torch.nn.functional.cross_entropy)
+    H = hesse.HessianOperator(obj, mode=mode)
+    dense = hesse.reference.dense_hessian(obj)
+    assert torch.allclose(H.to_dense(), dense, atol=1e-12)
+    assert obj.gradient()[obj.space.slices()["unused.weight"]].abs().max() == 0

@@ -163,8 +163,16 @@ class HessianOperator(ModelOperator):
         params = {n: p.detach().requires_grad_(True) for n, p in obj.params.items()}
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             value, w = obj.batch_loss(params, batch)
-            g = torch.autograd.grad(value, list(params.values()), create_graph=True)
-        graph = (params, g, w)
+            g = torch.autograd.grad(
+                value, list(params.values()), create_graph=True, allow_unused=True
+            )
+        # gradients that do not depend on the parameters (unused or linear ones) have no
+        # second derivative: leave them out of the second backward
+        graph = (
+            params,
+            {n: t for n, t in zip(params, g, strict=True) if t is not None and t.requires_grad},
+            w,
+        )
         self._last = (batch, graph)
         if self._building is not None:
             self.cache_bytes += sum(saved.values())
@@ -181,10 +189,19 @@ class HessianOperator(ModelOperator):
         ``is_grads_batched`` was 1.2-1.5x slower per column than this loop.
         """
         params, g, w = graph
-        ps = list(params.values())
+        ps, k = list(params.values()), next(iter(V.values())).shape[0]
+        if not g:
+            return {n: torch.zeros_like(V[n]) for n in params}, w
         cols = [
-            torch.autograd.grad(g, ps, [V[n][j] for n in params], retain_graph=True)
-            for j in range(next(iter(V.values())).shape[0])
+            torch.autograd.grad(
+                list(g.values()),
+                ps,
+                [V[n][j] for n in g],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            for j in range(k)
         ]
         return {n: torch.stack([c[i] for c in cols]) for i, n in enumerate(params)}, w
 
