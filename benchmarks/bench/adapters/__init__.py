@@ -48,6 +48,16 @@ class Adapter(ABC):
         self.w = w
         self.hvps = 0
 
+    def _count_calls(self, obj: object, attr: str) -> None:
+        """Wrap the method ``obj.attr`` (one HVP per call) so that each call adds to ``hvps``."""
+        inner = getattr(obj, attr)
+
+        def counted(*args, **kwargs):
+            self.hvps += 1
+            return inner(*args, **kwargs)
+
+        setattr(obj, attr, counted)
+
     @abstractmethod
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """One full-data Hessian-vector product; ``v`` and the result are flat (d,)."""

@@ -57,13 +57,7 @@ class EigenthingsAdapter(Adapter):
         op = HessianOperator(
             self.w.model, self.w.batches, self._loss_fn(), param_filter=param_filter
         )
-        inner = op.matvec
-
-        def counted(v):
-            self.hvps += 1
-            return inner(v)
-
-        op.matvec = counted
+        self._count_calls(op, "matvec")
         return op
 
     def hvp(self, v):

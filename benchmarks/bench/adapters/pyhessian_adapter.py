@@ -37,13 +37,7 @@ class PyHessianAdapter(Adapter):
 
     def _make(self) -> hessian:
         comp = hessian(self.w.model, self.w.loss, dataloader=self.w.batches, cuda=False)
-        inner = comp.dataloader_hv_product
-
-        def counted(v):
-            self.hvps += 1
-            return inner(v)
-
-        comp.dataloader_hv_product = counted
+        self._count_calls(comp, "dataloader_hv_product")
         return comp
 
     def hvp(self, v):
