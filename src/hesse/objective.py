@@ -189,7 +189,7 @@ class Objective:
                 "loss_fn= objective does not expose; build the Objective with loss= instead."
             )
         if isinstance(batch, Mapping):
-            inputs = {k: v for k, v in batch.items() if k != "labels" or self.loss is None}
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
             out = functional_call(self.model, (params, self.frozen), (), inputs)
         else:
             out = functional_call(self.model, (params, self.frozen), (batch[0],))
