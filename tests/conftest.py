@@ -70,7 +70,7 @@ def assert_operator_matches(op, dense, rtol=1e-10, count=True):
     assert tuple(sub.shape) == tuple(want.shape)
     assert list(sub.space.names) == subset
     _check(sub.to_dense(), want, norm, f"restrict({subset})", rtol)
-    for by in ("param", "module"):
+    for by in ("param", "module", "block"):
         expected = space.blocks(by=by)
         blocks = op.blocks(by=by)
         assert list(blocks) == list(expected), f"blocks(by={by!r}) keys"

@@ -1,10 +1,14 @@
 """Objective and ParamSpace: data layouts, exact weighting, casts, and refused inputs."""
 
 import copy
+import os
 import re
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -234,3 +238,240 @@ def test_ggn_refuses_nll_loss():
     )
     with pytest.raises(ValueError, match="cross_entropy"):
         hesse.GGNOperator(obj)
+
+
+# ---------------------------------------------------------------- ignored labels
+
+
+def _with_silent_batch():
+    """Three batches, the middle one with every label ignored, and the same data without it."""
+    model, x, y = _mlp_data(9)
+    silent = torch.full((3,), -100)
+    data = [(x[:3], y[:3]), (x[3:6], silent), (x[6:], y[6:])]
+    return model, data, [data[0], data[2]]
+
+
+def test_a_batch_with_every_label_ignored_adds_nothing():
+    # today: "non-finite loss in batch 1"
+    model, data, kept = _with_silent_batch()
+    obj = hesse.Objective(model, data, loss=F.cross_entropy)
+    want = hesse.Objective(model, kept, loss=F.cross_entropy)
+    assert obj.batch_weight(data[1]) == 0
+    assert obj.value().item() == pytest.approx(want.value().item(), rel=RTOL)
+    assert rel(obj.gradient(), want.gradient()) <= RTOL
+    H = hesse.reference.dense_hessian(want)
+    assert rel(hesse.HessianOperator(obj).to_dense(), H) <= RTOL
+    assert rel(hesse.reference.dense_hessian(obj), H) <= RTOL
+
+
+def test_loss_fn_reporting_weight_zero_adds_nothing():
+    model, data, kept = _with_silent_batch()
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return F.cross_entropy(m(x), y), (y != -100).sum()  # nan mean, weight 0
+
+    obj = hesse.Objective(model, data, loss_fn=loss_fn)
+    want = hesse.Objective(model, kept, loss=F.cross_entropy)
+    assert obj.value().item() == pytest.approx(want.value().item(), rel=RTOL)
+    assert rel(obj.gradient(), want.gradient()) <= RTOL
+
+
+def test_data_with_every_label_ignored_is_refused():
+    model, x, _ = _mlp_data(6)
+    silent = torch.full((3,), -100)
+    obj = hesse.Objective(model, [(x[:3], silent), (x[3:], silent)], loss=F.cross_entropy)
+    with pytest.raises(ValueError, match="(?i)total weight 0.*ignored"):
+        obj.value()
+
+
+# ---------------------------------------------------------------- batch layouts
+
+
+class KwargNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, scale):
+        return self.fc(x) * scale[:, None]
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, x, s, y):
+        self.x, self.s, self.y = x, s, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "scale": self.s[i]}, self.y[i]
+
+
+def test_dict_inputs_with_tensor_targets():
+    # today: KeyError 'labels' for a single (dict, targets) batch
+    torch.manual_seed(0)
+    model = KwargNet().to(DT).eval()
+    x, s, y = torch.randn(7, 4, dtype=DT), 0.5 + torch.rand(7, dtype=DT), torch.randint(0, 3, (7,))
+    want = F.cross_entropy(model(x, s), y).item()
+    layouts = {
+        "one batch": ({"x": x, "scale": s}, y),
+        "list": [({"x": x[:4], "scale": s[:4]}, y[:4]), ({"x": x[4:], "scale": s[4:]}, y[4:])],
+        "loader": DataLoader(_Pairs(x, s, y), batch_size=3),
+    }
+    for what, data in layouts.items():
+        obj = hesse.Objective(model, data, loss=F.cross_entropy)
+        assert obj.value().item() == pytest.approx(want, rel=RTOL), what
+
+
+class TupleLossNet(nn.Module):
+    """Returns ``(loss, logits)`` when given labels, like ``return_dict=False`` models."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, labels=None):
+        logits = self.fc(x)
+        return (logits,) if labels is None else (F.cross_entropy(logits, labels), logits)
+
+
+def test_own_loss_as_first_element_of_a_tuple():
+    model, x, y = _mlp_data(7)
+    model = TupleLossNet().to(DT).eval()
+    data = [{"x": x[:4], "labels": y[:4]}, {"x": x[4:], "labels": y[4:]}]
+    obj = hesse.Objective(model, data)
+    assert obj.loss is None and obj.loss_source == "model(**batch).loss"
+    assert obj.value().item() == pytest.approx(F.cross_entropy(model.fc(x), y).item(), rel=RTOL)
+
+
+def test_dict_batch_without_labels_or_loss_is_refused():
+    model = TupleLossNet().to(DT).eval()
+    with pytest.raises(ValueError, match="(?i)'labels'"):
+        hesse.Objective(model, {"x": torch.randn(3, 4, dtype=DT)})
+
+
+# ---------------------------------------------------------------- sample positions
+
+
+def test_sample_positions_of_lists_and_loaders():
+    model, x, y = _mlp_data(10)
+    obj = hesse.Objective(
+        model, [(x[:4], y[:4]), (x[4:7], y[4:7]), (x[7:], y[7:])], loss=F.mse_loss
+    )
+    assert [obj.sample_positions(i).tolist() for i in range(3)] == [
+        [0, 1, 2, 3],
+        [4, 5, 6],
+        [7, 8, 9],
+    ]
+    assert obj.sample_positions(1).dtype == torch.long
+    with pytest.raises(IndexError):
+        obj.sample_positions(3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    obj = hesse.Objective(model, loader, loss=F.cross_entropy)
+    assert obj.restrict("2").sample_positions(2).tolist() == [8, 9]
+    sampler = torch.utils.data.DistributedSampler(
+        TensorDataset(x, y), num_replicas=2, rank=1, shuffle=False
+    )
+    obj = hesse.Objective(
+        model, DataLoader(TensorDataset(x, y), batch_size=2, sampler=sampler), loss=F.cross_entropy
+    )
+    assert [obj.sample_positions(i).tolist() for i in range(3)] == [[1, 3], [5, 7], [9]]
+
+
+class _Reshuffled(torch.utils.data.Sampler):
+    """A sampler whose order changes on every pass (without being a RandomSampler)."""
+
+    def __init__(self, n):
+        self.n, self.passes = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(torch.arange(self.n).roll(self.passes).tolist())
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        lambda ds: DataLoader(ds, batch_size=4, shuffle=True),
+        lambda ds: DataLoader(
+            ds,
+            batch_size=4,
+            sampler=torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True),
+        ),
+        lambda ds: DataLoader(ds, batch_size=4, sampler=_Reshuffled(len(ds))),
+    ],
+    ids=["shuffle", "distributed-shuffle", "changing-order"],
+)
+def test_sample_positions_refuse_a_shuffling_loader(loader):
+    model, x, y = _mlp_data(10)
+    obj = hesse.Objective(model, loader(TensorDataset(x, y)), loss=F.cross_entropy)
+    obj.value()  # the objective itself does not depend on the order
+    with pytest.raises(ValueError, match="shuffle=False"):
+        obj.sample_positions(0)
+
+
+# ---------------------------------------------------------------- two processes
+
+WORLD, TIMEOUT_S = 2, 120
+
+
+def _shards():
+    """12 samples: rank 0 holds batches of 4 and 3, rank 1 batches of 2 and 3."""
+    model, x, y = _mlp_data(12, seed=3)
+    cuts = [(0, 4), (4, 7), (7, 9), (9, 12)]
+    batches = [(x[a:b], y[a:b]) for a, b in cuts]
+    return model, x, y, [batches[:2], batches[2:]]
+
+
+def _positions_all(obj, n):
+    return [obj.sample_positions(i).tolist() for i in range(n)]
+
+
+def _distributed_worker(rank, folder):
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD
+    )
+    out = {}
+    try:
+        model, x, y, shards = _shards()
+        try:  # rank 1 has no data: both ranks must raise, neither may wait forever
+            hesse.Objective(model, shards[0] if rank == 0 else [], loss=F.cross_entropy)
+        except ValueError as err:
+            out["empty"] = str(err)
+        obj = hesse.Objective(model, shards[rank], loss=F.cross_entropy)
+        out["list"] = _positions_all(obj, 2)
+        out["value"] = obj.value().item()
+        sampler = torch.utils.data.DistributedSampler(TensorDataset(x, y), shuffle=False)
+        loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=sampler)
+        out["loader"] = _positions_all(hesse.Objective(model, loader, loss=F.cross_entropy), 2)
+    finally:
+        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_empty_shard_and_sample_positions(tmp_path):
+    ctx = mp.spawn(_distributed_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s (deadlock?)")
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert got[0]["empty"] == got[1]["empty"]
+    assert re.search(r"(?i)process\(es\) \[1\].*empty", got[0]["empty"]), got[0]["empty"]
+    model, x, y, shards = _shards()
+    one = hesse.Objective(model, shards[0] + shards[1], loss=F.cross_entropy)
+    assert got[0]["list"] + got[1]["list"] == _positions_all(one, 4)
+    assert got[0]["value"] == pytest.approx(one.value().item(), rel=RTOL)
+    # a non-shuffling DistributedSampler deals samples out in turn; positions stay global
+    assert got[0]["loader"] == [[0, 2, 4, 6], [8, 10]]
+    assert got[1]["loader"] == [[1, 3, 5, 7], [9, 11]]

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from ._hf_losses import TASKS, hf_tasks, match_task, task_outputs, task_spec, task_targets, upcast
+from ._losses import (
+    LOSS_BY_KIND,
+    LossSpec,
+    check_own_loss_batch,
+    known_loss,
+    logits_of,
+    loss_kind,
+    own_loss,
+    target_weight,
+)
+from ._positions import all_reduce, check_shards, positions
+from ._selection import Selection, aliases, choose, names_of
 from .params import ParamSpace
+
+__all__ = ["Batch", "LossFn", "LossSpec", "Objective", "loss_kind"]
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, Any]]
@@ -46,36 +60,60 @@ class Objective:
     .. math::
         L(\theta) = \frac{\sum_b w_b\, \ell_b(\theta)}{\sum_b w_b}
 
-    where :math:`\ell_b` is the mean loss of batch :math:`b` and :math:`w_b` the number of
-    samples (or tokens) that mean was over, so uneven batches are weighted exactly. Under
-    ``torch.distributed`` both sums are all-reduced: each rank passes its own shard of the data
-    and every rank gets the full-data value.
+    where :math:`\ell_b` is the mean loss of batch :math:`b` and :math:`w_b` what that mean
+    was over (samples, counted tokens, or class weights: see :class:`LossSpec`), so uneven
+    batches are weighted exactly; a batch with :math:`w_b = 0` (every label ignored) adds
+    nothing. Under ``torch.distributed`` both sums are all-reduced: each rank passes its own
+    shard of the data and every rank gets the full-data value.
+
+    A Hugging Face model that computes its own loss (dict batches with ``labels``, no ``loss=``)
+    gets that loss inferred from its class and config: token cross-entropy for causal LMs
+    (shifted: the logits at position ``t`` predict label ``t + 1``), masked LMs and token
+    classifiers, cross-entropy or MSE (``problem_type="regression"``) for sequence classifiers.
+    The inferred loss is checked against ``model(**batch).loss`` on the first batch and named in
+    :attr:`loss_source`; :meth:`outputs` and :meth:`targets` then give logits and labels in the
+    layout it reads (one row per token, shifted for causal LMs). Other models' own losses are
+    used as they are (no GGN or Fisher then).
 
     Args:
         model: The network. It is not modified: parameters are cast copies (or views, when
             ``dtype`` and ``device`` already match).
         data: A ``DataLoader``, a list of batches, or one batch. A batch is ``(inputs, targets)``
-            or a dict (``model(**batch)``, Hugging Face style), or anything ``loss_fn`` accepts.
-        loss: ``loss(outputs, targets) -> mean loss`` (e.g. ``F.cross_entropy``). For dict batches
-            without ``loss``, ``model(**batch).loss`` is used.
+            with ``inputs`` a tensor or a dict of keyword arguments, a dict (``model(**batch)``,
+            Hugging Face style), or anything ``loss_fn`` accepts.
+        loss: ``loss(outputs, targets) -> mean loss`` (e.g. ``F.cross_entropy``,
+            ``nn.CrossEntropyLoss(weight=...)``, ``functools.partial(F.cross_entropy, ...)``).
+            torch's cross-entropy, NLL and MSE are read with their settings (see
+            :class:`LossSpec`); other callables must return a mean over the targets that are not
+            -100. For dict batches without ``loss``, the model's own loss is used.
         loss_fn: Alternative to ``loss``: ``loss_fn(model, batch) -> (mean_loss, weight)``, where
             ``weight`` is what the mean was over (e.g. the number of non-padding tokens).
-        params: Names of the parameters to analyse (default: all with ``requires_grad``).
+        params: What to analyse (default: all parameters with ``requires_grad``): parameter
+            names, module prefixes, glob patterns (``"encoder.layer.5.*"``), ``Parameter`` or
+            ``Module`` objects, or a list of them; kept in the model's order.
         device: Where to compute (default: the model's).
         dtype: Floating dtype of parameters and inputs (default: the model's).
         allow_train_mode: Accept batch-norm layers in training mode (batch statistics).
         progress: Show a progress bar over batches on each data pass.
 
+    Attributes:
+        loss: The loss of the outputs (None for ``loss_fn=`` and unrecognised own losses).
+        loss_spec: The recognised loss (:class:`LossSpec`), or None.
+        loss_source: Where the loss comes from: ``"loss="``, ``"loss_fn="``,
+            ``"model(**batch).loss"`` (a model's own loss, used as it is), or an inferred loss
+            such as ``"inferred from GPT2LMHeadModel: token cross-entropy, shifted"``.
+
     Raises:
-        ValueError: active dropout, batch-norm in training mode, empty data, a one-shot
-            iterator as data, no trainable parameters, or a missing loss.
+        ValueError: active dropout, batch-norm in training mode, empty data (on any process),
+            a one-shot iterator as data, no trainable or a complex parameter, a selection that
+            matches nothing, a missing loss, or a loss setting that is not a mean.
 
     Example:
         >>> model = nn.Linear(3, 2)
         >>> data = [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))]
-        >>> obj = Objective(model, data, loss=nn.functional.cross_entropy)
-        >>> obj.dim
-        8
+        >>> obj = Objective(model, data, loss=nn.CrossEntropyLoss(label_smoothing=0.1))
+        >>> obj.dim, obj.loss_spec.kind, obj.loss_spec.label_smoothing
+        (8, 'cross_entropy', 0.1)
     """
 
     def __init__(
@@ -85,7 +123,7 @@ class Objective:
         loss: Callable | None = None,
         *,
         loss_fn: LossFn | None = None,
-        params: Sequence[str] | None = None,
+        params: Selection | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         allow_train_mode: bool = False,
@@ -93,24 +131,14 @@ class Objective:
     ):
         if loss is not None and loss_fn is not None:
             raise ValueError("Objective: pass either loss= or loss_fn=, not both.")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"Objective: dtype must be a real floating dtype, got {dtype}.")
         _check_deterministic(model, allow_train_mode)
-        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        chosen = list(named) if params is None else list(params)
-        unknown = [n for n in chosen if n not in named]
-        if unknown:
-            raise ValueError(
-                f"Objective: unknown or frozen parameters {unknown}; "
-                f"trainable parameters are: {', '.join(named)}."
-            )
-        if not chosen:
-            raise ValueError(
-                "Objective: the model has no trainable parameters (none with requires_grad); "
-                "unfreeze some with p.requires_grad_(True) or name them with params=."
-            )
+        self.model, self.loss_fn, self.progress = model, loss_fn, progress
+        chosen, named = choose(model, params)
         first = named[chosen[0]]
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype or first.dtype
-        self.model, self.loss, self.loss_fn, self.progress = model, loss, loss_fn, progress
         self.params = {n: self._cast(named[n].detach()) for n in chosen}
         state = dict(model.named_parameters()) | dict(model.named_buffers())
         # train-mode batch-norm updates its running statistics in place: work on copies then
@@ -120,10 +148,17 @@ class Objective:
             for n, t in state.items()
             if n not in self.params
         }
-        self.space = ParamSpace.from_named(self.params)
+        self.space = ParamSpace.from_named(self.params, aliases(model))
         self._data = _as_batches(data, loss_fn is not None)
         self._caller = _CallLossFn(model, loss_fn) if loss_fn is not None else None
-        self._check_first_batch()
+        self._positions: list[torch.Tensor] | None = None
+        first_batch = next(iter(self._data), None)
+        self._offset = check_shards(first_batch is None, self._data, self.device)
+        self._task: str | None = None
+        self.loss, self.loss_spec, self._loss_call, self._class_weights = loss, None, loss, None
+        self.loss_source = "loss_fn=" if loss_fn is not None else "loss="
+        if loss_fn is None:
+            self._set_loss(loss, self._move(first_batch))
 
     @property
     def dim(self) -> int:
@@ -148,7 +183,8 @@ class Objective:
             items: What to pass to ``fn`` instead of the batches (e.g. cached per-batch state).
 
         Raises:
-            ValueError: a batch produced non-finite values (the message names it).
+            ValueError: a batch produced non-finite values (the message names it), or the
+                total weight is 0 (every label ignored).
         """
         total, weight, bad = None, 0.0, None
         for i, batch in enumerate(self.batches() if items is None else items):
@@ -159,64 +195,120 @@ class Objective:
             weight += float(w)
         if total is None:
             raise ValueError("Objective: the data yielded no batches on this process.")
-        if dist.is_available() and dist.is_initialized():
-            # the weight is reduced in float64: exact counts even for a float32 model
-            buf = torch.cat(
-                [
-                    total.reshape(-1).double(),
-                    total.new_tensor([weight, bad is not None], dtype=torch.float64),
-                ]
-            )
-            dist.all_reduce(buf)
-            total = buf[:-2].reshape(total.shape).to(total.dtype)
-            weight, failed = float(buf[-2]), bool(buf[-1])
-        else:
-            failed = bad is not None
+        total, weight, failed = all_reduce(total, weight, bad is not None)
         if failed:
             where = f"batch {bad}" if bad is not None else "a batch of another process"
             raise ValueError(
                 f"Objective: non-finite loss or derivative in {where}; check that batch's "
                 "inputs and targets, and the numerical range of the loss."
             )
+        if weight == 0:
+            raise ValueError(
+                "Objective: the data has total weight 0: every label is ignored (equal to the "
+                "loss's ignore_index, -100 by default) or has class weight 0, so the mean loss is "
+                "over no sample; check the labels (is everything marked as padding?)."
+            )
         return total / weight
+
+    def sample_positions(self, index: int) -> torch.Tensor:
+        """Global positions of the samples of this process's batch number ``index``.
+
+        A sample keeps its position whatever the batching and the number of processes, so
+        draws keyed on it (the Monte-Carlo Fisher) are the same on every pass and on 1 or N
+        processes. For a ``DataLoader`` the positions are the dataset indices that its batch
+        sampler yields (the same on one process and on N processes with a non-shuffling
+        ``DistributedSampler``; without one, a process's dataset follows those of lower ranks).
+        For a list of batches they are running sample counts (along dim 0), the lists of the
+        processes following each other in rank order. :meth:`outputs` rows are sample-major:
+        for token losses, sample ``j``'s tokens are consecutive rows.
+
+        Args:
+            index: Batch number on this process, as passed to :meth:`accumulate`'s ``fn``.
+
+        Returns:
+            ``(n_b,)`` int64 tensor on the CPU.
+
+        Raises:
+            ValueError: the loader shuffles (its order changes between passes) or the sample
+                count of a batch cannot be told; IndexError for an index past the data.
+
+        Example:
+            >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+            >>> obj = Objective(nn.Linear(3, 2), [(x[:3], y[:3]), (x[3:], y[3:])],
+            ...                 loss=nn.functional.cross_entropy)
+            >>> obj.sample_positions(1)
+            tensor([3, 4])
+        """
+        if self._positions is None:
+            self._positions = positions(self._data, self._offset)
+        if not 0 <= index < len(self._positions):
+            raise IndexError(
+                f"Objective.sample_positions: batch {index} does not exist; this process has "
+                f"{len(self._positions)} batches."
+            )
+        return self._positions[index]
 
     # ------------------------------------------------------------------ functions of theta
     def outputs(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        """Model outputs (logits) on ``batch`` at ``params``; needs ``loss=`` batches."""
+        r"""Model outputs (logits) on ``batch`` at ``params``, in the layout the loss reads.
+
+        Dim 0 indexes the terms of the loss: curvature built from per-term gradients sums over
+        its rows :math:`n`, such as the empirical Fisher
+        :math:`\frac1W \sum_n J_n^\top r_n r_n^\top J_n` (:class:`~hesse.FisherOperator`),
+        where :math:`r_n` is the gradient of the batch's :meth:`output_loss` with respect to
+        row :math:`n` and :math:`J_n` the Jacobian of that row.
+
+        - With ``loss=``, the model's outputs as they are (the tensor, ``["logits"]``,
+          ``.logits`` or the first of a tuple): dim 0 holds the batch's samples, whatever the
+          other dims hold (``(n_b, C, T)`` logits of a token loss make one term per sample).
+        - With a loss inferred for a Hugging Face model, sequence classifiers give
+          ``(n_b, C)`` (``(n_b, K)`` for regression) and token losses one row per token:
+          ``(n_b T, C)`` for masked LMs and token classifiers, ``(n_b (T - 1), C)`` for causal
+          LMs (the last position predicts no label). Rows are sample-major (sample ``j``'s
+          tokens are consecutive), so each token whose label is kept is one term of the
+          empirical Fisher; rows of ignored labels (-100) are there too, with :math:`r_n = 0`.
+
+        Args:
+            params: ``{name: tensor}`` of the analysed parameters (e.g. :attr:`params`).
+            batch: A batch as :meth:`batches` yields it.
+
+        Raises:
+            ValueError: the objective was built with ``loss_fn=`` (no outputs apart from it).
+        """
         if self._caller is not None:
             raise ValueError(
                 "Objective: this curvature needs the model outputs apart from the loss, which a "
                 "loss_fn= objective does not expose; build the Objective with loss= instead."
             )
-        if isinstance(batch, Mapping):
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            out = functional_call(self.model, (params, self.frozen), (), inputs)
-        else:
-            out = functional_call(self.model, (params, self.frozen), (batch[0],))
-        if isinstance(out, torch.Tensor):
-            return out
-        if isinstance(out, Mapping):
-            return out["logits"]
-        return out[0] if isinstance(out, (tuple, list)) else out.logits
+        out = logits_of(self._forward(params, _inputs(batch)))
+        return out if self._task is None else task_outputs(self._task, out)
 
     def targets(self, batch: Batch) -> torch.Tensor:
-        """The targets of a ``loss=`` batch."""
-        return batch["labels"] if isinstance(batch, Mapping) else batch[1]
+        """The targets of a batch, row for row with :meth:`outputs`.
+
+        ``batch[1]`` of an ``(inputs, targets)`` batch and ``batch["labels"]`` of a dict batch,
+        as they are; for a loss inferred for a Hugging Face model with token rows, the labels
+        flattened to ``(n_b T,)``, or for a causal LM shifted and flattened to
+        ``(n_b (T - 1),)``: output row ``(j, t)`` predicts label ``t + 1`` of sample ``j``.
+        """
+        y = batch["labels"] if isinstance(batch, Mapping) else batch[1]
+        return y if self._task is None else task_targets(self._task, y)
 
     def batch_weight(self, batch: Batch) -> float:
-        """What a ``loss=`` batch's mean is over.
+        """What a batch's mean loss is over (:class:`LossSpec`); 0 when every label is ignored.
 
-        Integer targets (classes, tokens) count the labels that are not -100, the
-        ``ignore_index`` of ``cross_entropy``; floating targets count rows (samples).
+        For an unrecognised loss, integer targets count the labels that are not -100 and
+        floating targets count rows (samples).
         """
-        y = self.targets(batch)
-        if y.is_floating_point():
-            return float(y.shape[0])
-        return float((y != -100).sum())
+        return target_weight(self.targets(batch), self.loss_spec, self._class_weights)
 
     def output_loss(self, out: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
-        """Sum-form loss of outputs: ``weight * loss(out, targets)``."""
-        return weight * self.loss(out, targets)
+        """Sum-form loss of outputs: ``weight * loss(out, targets)`` (0 when ``weight`` is 0)."""
+        if weight == 0:
+            return out.sum() * 0.0  # the mean over no target is 0/0; the batch adds nothing
+        if self._task is not None:
+            out = upcast(out)
+        return weight * self._loss_call(out, targets)
 
     def batch_loss(
         self, params: dict[str, torch.Tensor], batch: Batch
@@ -226,13 +318,12 @@ class Objective:
             prefixed = {"model." + n: t for n, t in params.items()}
             frozen = {"model." + n: t for n, t in self.frozen.items()}
             mean, w = functional_call(self._caller, (prefixed, frozen), (batch,))
-            return mean * w, float(w)
-        if self.loss is None:
-            out = functional_call(self.model, (params, self.frozen), (), dict(batch))
-            w = self.batch_weight(batch)
-            value = out["loss"] if isinstance(out, Mapping) else out.loss
-            return value * w, w
+            return (mean * w if float(w) else _zero(params)), float(w)
         w = self.batch_weight(batch)
+        if w == 0:
+            return _zero(params), 0.0
+        if self.loss is None:
+            return own_loss(self._forward(params, batch)) * w, w
         return self.output_loss(self.outputs(params, batch), self.targets(batch), w), w
 
     def value(self) -> torch.Tensor:
@@ -254,13 +345,19 @@ class Objective:
 
         return self.accumulate(term)
 
-    def restrict(self, names: Sequence[str]) -> Objective:
+    def restrict(self, names: Selection) -> Objective:
         """The same objective as a function of a subset of the parameters (others fixed).
 
         Args:
-            names: Parameter names or module prefixes.
+            names: What ``params=`` takes (names, module prefixes, glob patterns, ``Parameter``
+                or ``Module`` objects), among the analysed parameters.
         """
-        chosen = self.space.select(names)
+        others = [n for n, _ in self.model.named_parameters() if n not in self.params]
+        wanted = names_of(self.model, names, self.params)
+        try:
+            chosen = self.space.select(wanted, others=others)
+        except ValueError as err:
+            raise ValueError(f"Objective.restrict: {err}") from None
         sub = copy.copy(self)
         sub.params = {n: self.params[n] for n in chosen}
         sub.frozen = self.frozen | {n: t for n, t in self.params.items() if n not in sub.params}
@@ -268,6 +365,11 @@ class Objective:
         return sub
 
     # ------------------------------------------------------------------ helpers
+    def _forward(self, params: dict[str, torch.Tensor], inputs: Any) -> Any:
+        if isinstance(inputs, Mapping):
+            return functional_call(self.model, (params, self.frozen), (), dict(inputs))
+        return functional_call(self.model, (params, self.frozen), (inputs,))
+
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype if t.is_floating_point() else t.dtype
         return t.to(device=self.device, dtype=dtype)
@@ -281,35 +383,44 @@ class Objective:
             return type(batch)(self._move(v) for v in batch)
         return batch
 
-    def _check_first_batch(self) -> None:
-        first = next(iter(self._data), None)
-        if first is None:
-            raise ValueError(
-                "Objective: the data is empty (it yielded no batch); pass a DataLoader or a "
-                "non-empty list of batches."
-            )
-        if self.loss_fn is None and self.loss is None and not isinstance(first, Mapping):
-            raise ValueError(
-                "Objective: no loss given for (inputs, targets) batches; pass loss= "
-                "(e.g. torch.nn.functional.cross_entropy) or loss_fn=(model, batch) -> "
-                "(mean_loss, weight)."
-            )
+    def _set_loss(self, loss: Callable | None, first: Batch) -> None:
+        """Recognise ``loss`` (or infer a Hugging Face model's own loss) from the first batch."""
+        if loss is not None:
+            known = known_loss(loss, self.dtype, self.device)
+            if known is not None:
+                self.loss_spec, self._loss_call = known
+                self._class_weights = self._loss_call.keywords.get("weight")
+            return
+        check_own_loss_batch(first)
+        self.loss_source = "model(**batch).loss"
+        tasks = hf_tasks(self.model, first["labels"])
+        if not tasks:
+            return
+        with torch.no_grad():
+            own = own_loss(self._forward(self.params, first))
+            logits = logits_of(self._forward(self.params, _inputs(first)))
+        task = match_task(tasks, logits, first["labels"], own)
+        # another loss than the class computes (a subclass) is kept, weighted as for the class
+        self._task = task or tasks[0]
+        if task is not None:
+            self.loss_spec = task_spec(task)
+            self.loss = self._loss_call = LOSS_BY_KIND[self.loss_spec.kind]
+            self.loss_source = f"inferred from {type(self.model).__name__}: {TASKS[task]}"
 
 
-_LOSS_FUNCTIONS = {
-    nn.functional.cross_entropy: "cross_entropy",
-    nn.functional.mse_loss: "mse",
-    nn.functional.nll_loss: "nll",
-}
-_LOSS_MODULES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.NLLLoss: "nll"}
+def _zero(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A zero that depends on the parameters: its derivatives exist and are all zero."""
+    return sum(p.sum() for p in params.values()) * 0.0
 
 
-def loss_kind(loss: Callable | None) -> str | None:
-    """Which of torch's losses ``loss`` is: ``"cross_entropy"``, ``"mse"``, ``"nll"``, or None."""
-    for module, kind in _LOSS_MODULES.items():
-        if isinstance(loss, module):
-            return kind
-    return _LOSS_FUNCTIONS.get(loss)
+def _inputs(batch: Batch) -> Any:
+    """What the model is called with: a dict batch less its ``labels``, or ``batch[0]``."""
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k != "labels"}
+    return batch[0]
+
+
+# ---------------------------------------------------------------------- checks
 
 
 def _check_deterministic(model: nn.Module, allow_train_mode: bool) -> None:
@@ -343,7 +454,8 @@ def _as_batches(data: Any, custom: bool) -> Iterable[Batch]:
     single_pair = (
         isinstance(data, (tuple, list))
         and len(data) == 2
-        and all(isinstance(t, torch.Tensor) for t in data)
+        and isinstance(data[0], (torch.Tensor, Mapping))
+        and isinstance(data[1], torch.Tensor)
         and not custom
     )
     if single_pair or isinstance(data, (Mapping, torch.Tensor)):

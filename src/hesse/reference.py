@@ -1,14 +1,17 @@
 """Dense curvature matrices of small objectives, computed directly: references for tests.
 
-Each function forms the full ``(d, d)`` matrix with ``torch.func`` (``hessian``, ``jacrev``),
-batch by batch, weighting batches exactly; memory is ``O(d^2)`` and time ``O(d)`` backward
-passes per batch, so use them on models with at most a few thousand parameters.
+Each function forms the full ``(d, d)`` matrix with ``torch.func`` (``jacrev``, ``hessian``),
+batch by batch, weighting batches exactly, with attention on the math kernel of
+``scaled_dot_product_attention`` (the fused kernels have no second derivative). Memory is
+``O(d^2)`` and time ``O(d)`` backward passes per batch, so use them on models with at most a
+few thousand parameters.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.func import hessian, jacrev
+from torch.func import grad, hessian, jacrev
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .objective import Objective
 
@@ -24,10 +27,13 @@ def dense_hessian(obj: Objective) -> torch.Tensor:
             value, w["w"] = obj.batch_loss(obj.space.split(t), batch)
             return value
 
-        H = hessian(loss)(theta)
+        # reverse over grad, not torch.func.hessian (forward over jacrev): in torch 2.13 the
+        # latter gets the cross terms of LayerNorm weights wrong (9.7% off on a GPT-2 block),
+        # and forward mode fails through mse_loss's backward (an immutable ZeroTensor tangent)
+        H = jacrev(grad(loss))(theta)
         return H, w["w"]
 
-    return obj.accumulate(term)
+    return _math_attention(obj, term)
 
 
 def dense_ggn(obj: Objective) -> torch.Tensor:
@@ -38,14 +44,15 @@ def dense_ggn(obj: Objective) -> torch.Tensor:
         Hf = hessian(lambda out: obj.output_loss(out.reshape(f.shape), y, w))(f.reshape(-1))
         return J.T @ Hf @ J, w
 
-    return obj.accumulate(term)
+    return _math_attention(obj, term)
 
 
 def dense_fisher(obj: Objective) -> torch.Tensor:
-    r"""The empirical Fisher :math:`\frac1W\sum_n g_n g_n^\top` of per-sample gradients, ``(d, d)``.
+    r"""The empirical Fisher :math:`\frac1W\sum_n g_n g_n^\top` of the loss's terms, ``(d, d)``.
 
-    Samples lie along dim 0 of the model outputs; :math:`g_n` is the gradient of sample
-    :math:`n`'s term of the weighted batch loss.
+    The terms are the rows (dim 0) of ``Objective.outputs``: samples, or tokens for a loss
+    inferred for a Hugging Face token model; :math:`g_n` is the gradient of term :math:`n` of
+    the weighted batch loss (zero for an ignored label).
     """
 
     def term(i: int, batch) -> tuple[torch.Tensor, float]:
@@ -55,7 +62,13 @@ def dense_fisher(obj: Objective) -> torch.Tensor:
         G = torch.einsum("nq,nqd->nd", r.reshape(n, -1), J.reshape(n, -1, J.shape[-1]))
         return G.T @ G, w
 
-    return obj.accumulate(term)
+    return _math_attention(obj, term)
+
+
+def _math_attention(obj: Objective, term) -> torch.Tensor:
+    """``obj.accumulate(term)`` with attention on SDPA's math kernel."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return obj.accumulate(term)
 
 
 def _jacobian(obj: Objective, batch):

@@ -100,3 +100,31 @@ def test_negative_damping_is_refused():
 def test_lissa_stays_within_a_small_budget():
     r = hesse.solve(spd(), rhs(), method="lissa", max_matvecs=10)
     assert r.n_matvecs <= 10 and r.converged is False
+
+
+def test_cg_stops_multiplying_converged_columns():
+    A = spd()
+    B = rhs(3)
+    B[:, 0] = torch.linalg.eigh(A).eigenvectors[:, 5]  # CG solves an eigenvector in one step
+    B[:, 1] = 0.0  # converged before the first product
+    x0 = torch.zeros_like(B)
+    r = hesse.solve(A, B, method="cg", tol=1e-10, x0=x0)
+    assert r.converged is True and torch.equal(x0, torch.zeros_like(B))
+    assert rel(r.value, torch.linalg.solve(A, B)) <= 1e-8
+    singles = [hesse.solve(A, B[:, i], method="cg", tol=1e-10).n_matvecs for i in range(3)]
+    assert singles[:2] == [2, 1]  # one CG product + the final residual; the final residual only
+    # Columns apart cost what they cost together (up to a round-off step at the threshold);
+    # multiplying every column until the slowest converged cost 3 x 73 + 3 = 222.
+    assert sum(singles) <= r.n_matvecs <= sum(singles) + 2
+    assert r.n_matvecs < 80
+
+
+def test_cg_column_with_negative_curvature_stops_alone():
+    evals = torch.cat([-torch.linspace(0.5, 3, D // 2, dtype=DT), torch.linspace(0.5, 3, D // 2)])
+    A = sym_matrix(evals, seed=22)
+    V = torch.linalg.eigh(A).eigenvectors
+    B = torch.stack([V[:, 0], V[:, -1]], 1)  # eigenvalues -3 and 3; damping 1 leaves -2 and 4
+    r = hesse.solve(A, B, damping=1.0, method="cg", tol=1e-10, max_matvecs=200)
+    assert r.converged is False
+    assert float(r.residual_norm[1]) <= 1e-10  # the positive-definite column still converged
+    assert r.n_matvecs <= 4

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..operators.base import PSD, SYMMETRIC
+from ..operators.base import PSD, SYMMETRIC, Operator
 from ._util import Counted, tags_of
 from .eigs import eigs
 
@@ -46,8 +46,9 @@ def solve(
 ) -> SolveResult:
     r"""Solve :math:`(A + \lambda I)\,x = b` from matrix-vector products.
 
-    - ``"cg"``: conjugate gradients (Hestenes & Stiefel 1952), all columns of ``b`` at once;
-      needs :math:`A + \lambda I` positive definite.
+    - ``"cg"``: conjugate gradients (Hestenes & Stiefel 1952), all columns of ``b`` in one
+      product, each column dropped from the products once it converges (or meets non-positive
+      curvature); needs :math:`A + \lambda I` positive definite.
     - ``"minres"``: MINRES (Paige & Saunders 1975), for symmetric indefinite systems such as an
       undamped Hessian away from a minimum.
     - ``"lissa"``: the LiSSA recursion :math:`x_{j} = b + (I - (A+\lambda I)/s)\,x_{j-1}`,
@@ -77,29 +78,16 @@ def solve(
         ValueError: ``cg``/``lissa`` on an operator not declared PSD without damping, a
             non-symmetric operator, negative damping, or a budget below 2 per column.
     """
-    if method not in METHODS:
-        raise ValueError(f"solve: method must be one of {METHODS}, got {method!r}.")
-    if damping < 0:
-        raise ValueError(f"solve: damping must be >= 0, got {damping}.")
-    tags = tags_of(A)
-    if SYMMETRIC not in tags:
-        raise ValueError(f"solve(method={method!r}): the operator is not declared symmetric.")
-    if method != "minres" and PSD not in tags and damping <= 0:
-        raise ValueError(
-            f"solve(method={method!r}) needs a positive-definite operator, but this one is not "
-            "declared PSD (a Hessian is indefinite away from a minimum). Pass damping=lam > 0 "
-            "larger than minus its most negative eigenvalue, use method='minres', or solve with "
-            "a GGNOperator / FisherOperator."
-        )
+    _check(A, method, damping, "solve")
     op = Counted(A)
     B = b[:, None] if b.dim() == 1 else b
     B = B.to(device=op.device, dtype=op.dtype)
-    X = torch.zeros_like(B) if x0 is None else x0.reshape(B.shape).to(B)
+    X = torch.zeros_like(B) if x0 is None else x0.reshape(B.shape).to(B).clone()
     k = B.shape[1]
     budget = (max_matvecs or min(10 * op.d, 10_000) * k) - k  # k kept for the final residual
     if budget < k:
         raise ValueError(f"solve: max_matvecs must be at least {2 * k} ({k} right-hand sides).")
-    tol = tol if tol is not None else (1e-8 if op.dtype == torch.float64 else 1e-5)
+    tol = tol if tol is not None else default_tol(op.dtype)
 
     def apply(V: torch.Tensor) -> torch.Tensor:
         return op(V) + damping * V
@@ -117,25 +105,51 @@ def solve(
 
 
 def _cg(apply: Callable, B, X, tol, budget, op) -> torch.Tensor:
+    """CG on every column at once, multiplying only the columns still running."""
     R = B - apply(X) if X.any() else B.clone()
     P = R.clone()
     rs = (R.double() ** 2).sum(0)
     stop = tol**2 * (B.double() ** 2).sum(0)
-    while op.n + B.shape[1] <= budget:
-        active = rs > stop
-        if not active.any():
+    live = rs > stop
+    while live.any():
+        idx = live.nonzero()[:, 0]
+        if op.n + idx.numel() > budget:
             break
-        AP = apply(P)
-        pap = (P.double() * AP.double()).sum(0)
-        if (pap[active] <= 0).any():
-            break  # a direction of non-positive curvature: not positive definite
-        alpha = torch.where(active, rs / pap.clamp_min(1e-300), 0.0)
-        X = X + alpha.to(X) * P
-        R = R - alpha.to(R) * AP
-        rs_new = (R.double() ** 2).sum(0)
-        P = R + (rs_new / rs.clamp_min(1e-300)).to(R) * P
-        rs = rs_new
+        Pa = P[:, idx]
+        APa = apply(Pa)
+        pap = (Pa.double() * APa.double()).sum(0)
+        ok = pap > 0  # non-positive curvature: not positive definite, this column stops here
+        alpha = torch.where(ok, rs[idx] / pap.clamp_min(1e-300), 0.0)
+        X[:, idx] += alpha.to(X) * Pa
+        R[:, idx] -= alpha.to(R) * APa
+        rs_new = (R[:, idx].double() ** 2).sum(0)
+        P[:, idx] = R[:, idx] + (rs_new / rs[idx].clamp_min(1e-300)).to(R) * Pa
+        rs[idx] = rs_new
+        live[idx] = ok & (rs_new > stop[idx])
     return X
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """``solve``'s default relative tolerance: 1e-8 in float64, 1e-5 otherwise."""
+    return 1e-8 if dtype == torch.float64 else 1e-5
+
+
+def _check(A: Any, method: str, damping: float, who: str) -> None:
+    """Refuse a method the operator's declared structure does not allow (see ``solve``)."""
+    if method not in METHODS:
+        raise ValueError(f"{who}: method must be one of {METHODS}, got {method!r}.")
+    if damping < 0:
+        raise ValueError(f"{who}: damping must be >= 0, got {damping}.")
+    tags = tags_of(A)
+    if SYMMETRIC not in tags:
+        raise ValueError(f"{who}(method={method!r}): the operator is not declared symmetric.")
+    if method != "minres" and PSD not in tags and damping <= 0:
+        raise ValueError(
+            f"{who}(method={method!r}) needs a positive-definite operator, but this one is not "
+            "declared PSD (a Hessian is indefinite away from a minimum). Pass damping=lam > 0 "
+            "larger than minus its most negative eigenvalue, use method='minres', or solve with "
+            "a GGNOperator / FisherOperator."
+        )
 
 
 def _columns(fn: Callable, apply, B, X, tol, budget, op) -> torch.Tensor:
@@ -202,3 +216,98 @@ def _norm_estimate(op: Counted, steps: int) -> float:
     r = eigs(op.A, k=1, tol=1e-3, max_matvecs=steps)
     op.n += r.n_matvecs
     return float(r.values[0]) + float(r.residuals[0])
+
+
+class NotConvergedError(RuntimeError):
+    """A solve behind an ``InverseOperator`` product did not converge; ``result`` holds it."""
+
+    def __init__(self, message: str, result: SolveResult):
+        super().__init__(message)
+        self.result = result
+
+
+class InverseOperator(Operator):
+    r"""The operator :math:`(A + \lambda I)^{-1}`: each product solves a system with ``solve``.
+
+    Built by ``A.inverse(damping, method=..., tol=..., max_matvecs=...)``. A product
+    ``inv @ V`` returns ``solve(A, V, damping=..., method=..., ...).value``, so it is exact
+    only up to ``tol``; the ``SolveResult`` of the latest product is kept in ``last``. A solve
+    that does not converge raises ``NotConvergedError`` rather than returning an inaccurate
+    product, unless ``allow_unconverged=True``.
+
+    The inverse of a symmetric operator is symmetric (``.T`` is the operator itself), and PSD
+    when ``A`` is declared PSD. ``n_matvecs`` counts products with the inverse; the products
+    with ``A`` they cost are in ``op.n_matvecs`` (and ``last.n_matvecs``).
+
+    Args:
+        op: The symmetric operator ``A``.
+        damping: :math:`\lambda \ge 0`.
+        method: ``"cg"`` and ``"lissa"`` need ``A`` declared PSD or ``damping > 0``;
+            ``"minres"`` takes any symmetric ``A`` (a Hessian away from a minimum).
+        tol: Relative residual tolerance of each solve (default: ``solve``'s).
+        max_matvecs: Products of ``A`` allowed per solve (default: ``solve``'s).
+        allow_unconverged: Return unconverged solves (check ``last.converged``) instead of
+            raising.
+
+    Raises:
+        ValueError: at construction, as ``solve`` would (a method the structure does not allow,
+            negative damping, a non-symmetric operator).
+
+    Example:
+        >>> from hesse.operators import DenseOperator
+        >>> A = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)))
+        >>> inv = A.inverse(damping=1.0)
+        >>> inv @ torch.tensor([2.0, 3.0, 5.0], dtype=torch.float64)
+        tensor([1., 1., 1.], dtype=torch.float64)
+        >>> inv.last.converged, inv.T is inv
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        op: Any,
+        damping: float = 0.0,
+        *,
+        method: str = "cg",
+        tol: float | None = None,
+        max_matvecs: int | None = None,
+        allow_unconverged: bool = False,
+    ):
+        _check(op, method, damping, "inverse")
+        tags = (SYMMETRIC, PSD) if PSD in tags_of(op) else (SYMMETRIC,)
+        space = getattr(op, "space", None)
+        super().__init__(op.shape[0], op.dtype, op.device, tags, space)
+        self.op, self.damping, self.method = op, float(damping), method
+        self.tol = tol if tol is not None else default_tol(op.dtype)
+        self.max_matvecs, self.allow_unconverged = max_matvecs, allow_unconverged
+        self.last: SolveResult | None = None
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        r = solve(
+            self.op,
+            V,
+            damping=self.damping,
+            method=self.method,
+            tol=self.tol,
+            max_matvecs=self.max_matvecs,
+        )
+        self.last = r
+        if not r.converged and not self.allow_unconverged:
+            rel = r.residual_norm / torch.linalg.vector_norm(V.double(), dim=0).cpu().clamp_min(
+                1e-300
+            )
+            raise NotConvergedError(
+                f"InverseOperator: solve(method={self.method!r}, damping={self.damping}) did not "
+                f"converge: relative residual {float(rel.max()):.2e} > tol {self.tol:.1e} after "
+                f"{r.n_matvecs} products. Pass a larger max_matvecs (now {self.max_matvecs}), "
+                "more damping, or allow_unconverged=True to accept it; the SolveResult is in "
+                ".last (and in this error's .result).",
+                r,
+            )
+        return r.value
+
+    def _restrict(self, names: list[str]) -> Operator:
+        raise NotImplementedError(
+            "InverseOperator: a diagonal block of an inverse is not the inverse of the block; "
+            "restrict first, then invert: A.restrict(names).inverse(...)."
+        )

@@ -6,6 +6,7 @@ from .base import (
     DenseOperator,
     IdentityOperator,
     Operator,
+    ProductOperator,
     ScaledOperator,
     SumOperator,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "IdentityOperator",
     "ModelOperator",
     "Operator",
+    "ProductOperator",
     "ScaledOperator",
     "SumOperator",
 ]

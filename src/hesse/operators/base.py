@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,8 +20,10 @@ class Operator:
     """A square linear operator ``A`` of shape ``(d, d)`` seen through products ``A @ V``.
 
     Subclasses implement ``_matmat(V)`` for ``V`` of shape ``(d, k)``; this class gives
-    ``@``, ``matvec``, ``matmat``, sums, scaling, damping, restriction to parameter blocks,
-    product counting (``n_matvecs`` counts columns) and conversion to SciPy and dense.
+    ``@``, ``matvec``, ``matmat``, sums, scaling by a scalar (a number, a numpy scalar or a 0-d
+    tensor) and division by one, products ``A @ B`` of operators, the transpose ``.T``,
+    damping, the inverse ``inverse()``, restriction to parameter blocks, product counting
+    (``n_matvecs`` counts columns) and conversion to SciPy and dense.
 
     Attributes:
         shape: ``(d, d)``.
@@ -28,6 +33,8 @@ class Operator:
         space: The parameter layout of the rows, or None for an unstructured operator.
         n_matvecs: Matrix-vector products computed so far (a ``(d, k)`` product counts ``k``).
     """
+
+    __array_ufunc__ = None  # numpy scalars defer to Operator.__rmul__ instead of broadcasting
 
     def __init__(
         self,
@@ -64,7 +71,9 @@ class Operator:
             )
         return self.matmat(v[:, None])[:, 0]
 
-    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+    def __matmul__(self, x: torch.Tensor | Operator) -> torch.Tensor | Operator:
+        if isinstance(x, Operator):
+            return ProductOperator([self, x])
         return self.matvec(x) if x.dim() == 1 else self.matmat(x)
 
     def __add__(self, other: Operator) -> Operator:
@@ -77,15 +86,79 @@ class Operator:
             return NotImplemented
         return SumOperator([self, ScaledOperator(other, -1.0)])
 
-    def __mul__(self, c: float) -> Operator:
-        if not isinstance(c, (int, float)):
-            return NotImplemented
-        return ScaledOperator(self, float(c))
+    def __mul__(self, c: Any) -> Operator:
+        c = _scalar(c)
+        return NotImplemented if c is None else ScaledOperator(self, c)
 
     __rmul__ = __mul__
 
+    def __truediv__(self, c: Any) -> Operator:
+        c = _scalar(c)
+        if c is None:
+            return NotImplemented
+        if c == 0:
+            raise ZeroDivisionError(f"{type(self).__name__} / 0: the scalar is zero.")
+        return ScaledOperator(self, 1.0 / c)
+
     def __neg__(self) -> Operator:
         return ScaledOperator(self, -1.0)
+
+    @property
+    def T(self) -> Operator:  # noqa: N802 (the name of the transpose in torch and numpy)
+        r"""The transpose: the operator itself when it is declared symmetric.
+
+        Sums, scalings and products of operators with a transpose have one
+        (:math:`(AB)^\top = B^\top A^\top`); a ``DenseOperator`` transposes its matrix.
+
+        Raises:
+            ValueError: the operator is not declared symmetric and its transpose is unknown.
+        """
+        return self if SYMMETRIC in self.tags else self._transpose()
+
+    def _transpose(self) -> Operator:
+        raise ValueError(
+            f"{type(self).__name__}.T: the operator is not declared symmetric and has no known "
+            "transpose. Declare tags=('symmetric',) if it is symmetric, or build it from "
+            "operators that have one (symmetric ones, DenseOperator, their sums and products)."
+        )
+
+    def inverse(
+        self,
+        damping: float = 0.0,
+        *,
+        method: str = "cg",
+        tol: float | None = None,
+        max_matvecs: int | None = None,
+        allow_unconverged: bool = False,
+    ) -> Operator:
+        r"""The operator :math:`x \mapsto (A + \lambda I)^{-1} x`, each product a ``hesse.solve``.
+
+        ``method="cg"`` (or ``"lissa"``) needs an operator declared PSD or ``damping > 0``;
+        ``"minres"`` takes any symmetric one. A product whose solve does not converge raises
+        ``NotConvergedError`` unless ``allow_unconverged=True``; the latest ``SolveResult`` is
+        in ``.last``. See ``hesse.linalg.solve.InverseOperator``.
+
+        Args:
+            damping: :math:`\lambda \ge 0`.
+            method: ``"cg"``, ``"minres"`` or ``"lissa"``.
+            tol: Relative residual tolerance of each solve (``solve``'s default if None).
+            max_matvecs: Products of ``A`` allowed per solve (``solve``'s default if None).
+            allow_unconverged: Return unconverged solves instead of raising.
+
+        Returns:
+            An ``InverseOperator``.
+        """
+        # Lazy import: operators/ must not import linalg/ at module level (the layering of DESIGN).
+        from ..linalg.solve import InverseOperator
+
+        return InverseOperator(
+            self,
+            damping,
+            method=method,
+            tol=tol,
+            max_matvecs=max_matvecs,
+            allow_unconverged=allow_unconverged,
+        )
 
     def damped(self, lam: float) -> Operator:
         """``A + lam * I`` (Tikhonov damping)."""
@@ -106,11 +179,20 @@ class Operator:
     def _restrict(self, names: list[str]) -> Operator:
         raise NotImplementedError(f"{type(self).__name__} cannot be restricted to a block.")
 
-    def blocks(self, by: str = "param") -> dict[str, Operator]:
-        """Diagonal blocks, one per parameter (``by="param"``) or per module (``by="module"``)."""
+    def blocks(
+        self, by: str = "param", groups: Mapping[str, str | Sequence[str]] | None = None
+    ) -> dict[str, Operator]:
+        """Diagonal blocks, as :meth:`ParamSpace.blocks` groups the parameters.
+
+        Args:
+            by: ``"param"`` (one block per parameter), ``"module"`` (per module) or ``"block"``
+                (attention and MLP of each transformer layer).
+            groups: User groups ``{name: names, prefixes or globs}`` instead of ``by``.
+        """
         if self.space is None:
             raise ValueError(f"{type(self).__name__}.blocks: this operator has no parameter names.")
-        return {name: self._restrict(names) for name, names in self.space.blocks(by).items()}
+        blocks = self.space.blocks(by, groups)
+        return {name: self._restrict(names) for name, names in blocks.items()}
 
     def to_dense(self, block_size: int = 256) -> torch.Tensor:
         """The ``(d, d)`` matrix, built from products with identity columns (``d`` matvecs)."""
@@ -174,6 +256,9 @@ class DenseOperator(Operator):
             self.matrix[idx][:, idx], tags=self.tags, space=self.space.subspace(names)
         )
 
+    def _transpose(self) -> Operator:
+        return DenseOperator(self.matrix.T, tags=self.tags, space=self.space)
+
 
 class IdentityOperator(Operator):
     """The identity ``I`` of size ``d``."""
@@ -193,6 +278,9 @@ class ScaledOperator(Operator):
     """``c * A``; stays PSD for ``c >= 0``."""
 
     def __init__(self, op: Operator, c: float):
+        c = float(c)
+        if not math.isfinite(c):
+            raise ValueError(f"ScaledOperator: the scale must be finite, got {c}.")
         tags = set(op.tags) if c >= 0 else set(op.tags) - {PSD}
         super().__init__(op.shape[0], op.dtype, op.device, tags, op.space)
         self.op, self.c = op, c
@@ -202,6 +290,9 @@ class ScaledOperator(Operator):
 
     def _restrict(self, names: list[str]) -> Operator:
         return ScaledOperator(self.op._restrict(names), self.c)
+
+    def _transpose(self) -> Operator:
+        return ScaledOperator(self.op.T, self.c)
 
 
 class SumOperator(Operator):
@@ -222,6 +313,60 @@ class SumOperator(Operator):
 
     def _restrict(self, names: list[str]) -> Operator:
         return SumOperator([op._restrict(names) for op in self.ops])
+
+    def _transpose(self) -> Operator:
+        return SumOperator([op.T for op in self.ops])
+
+
+class ProductOperator(Operator):
+    """``A_1 A_2 ... A_n``, applied right to left; built by ``A @ B`` of two operators.
+
+    A product of symmetric matrices is not symmetric in general, so it carries no tags, except
+    ``A @ A`` for one symmetric ``A`` (the same object), which is symmetric and PSD. Its
+    transpose is ``A_n^T ... A_1^T`` when every factor has one. Each factor counts its own
+    products; the product counts its own applications.
+    """
+
+    def __init__(self, ops: Sequence[Operator]):
+        first = ops[0]
+        for op in ops[1:]:
+            if op.shape != first.shape:
+                raise ValueError(
+                    f"ProductOperator: shapes {first.shape} and {op.shape} do not chain; the "
+                    "factors must be square operators of the same size."
+                )
+        tags = (SYMMETRIC, PSD) if _is_square_of_symmetric(ops) else ()
+        space = next((op.space for op in ops if op.space is not None), None)
+        super().__init__(first.shape[0], first.dtype, first.device, tags, space)
+        self.ops = list(ops)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        for op in reversed(self.ops):
+            V = op.matmat(V)
+        return V
+
+    def _restrict(self, names: list[str]) -> Operator:
+        raise NotImplementedError(
+            "ProductOperator: a diagonal block of a product is not the product of the blocks; "
+            "restrict the factors first, then multiply them."
+        )
+
+    def _transpose(self) -> Operator:
+        return ProductOperator([op.T for op in reversed(self.ops)])
+
+
+def _is_square_of_symmetric(ops: Sequence[Operator]) -> bool:
+    """``A @ A`` for one symmetric ``A``: then ``A A = A^T A`` is symmetric PSD."""
+    return len(ops) == 2 and ops[0] is ops[1] and SYMMETRIC in ops[0].tags
+
+
+def _scalar(c: Any) -> float | None:
+    """``c`` as a float if it is a real number, a numpy scalar or a 0-d real tensor; else None."""
+    if isinstance(c, (torch.Tensor, np.ndarray)):
+        if c.ndim != 0:
+            return None
+        c = c.item()
+    return float(c) if isinstance(c, numbers.Real) and not isinstance(c, bool) else None
 
 
 def infer_tags(matrix: torch.Tensor) -> frozenset[str]:

@@ -1,0 +1,185 @@
+"""Losses of the model outputs that hesse recognises: torch's losses and their settings."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IGNORE_INDEX = -100  # torch's and transformers' default label for "not counted"
+
+_LOSS_FUNCTIONS = {F.cross_entropy: "cross_entropy", F.mse_loss: "mse", F.nll_loss: "nll"}
+LOSS_BY_KIND = {kind: fn for fn, kind in _LOSS_FUNCTIONS.items()}
+_LOSS_MODULES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.NLLLoss: "nll"}
+_SETTINGS = {
+    "cross_entropy": ("weight", "ignore_index", "reduction", "label_smoothing"),
+    "nll": ("weight", "ignore_index", "reduction"),
+    "mse": ("reduction",),
+}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    r"""A loss of the model outputs that hesse recognises, and the settings that change it.
+
+    Only mean-reduced losses are accepted. With per-class weights :math:`c` (``weight=``, else
+    :math:`c \equiv 1`) and the targets :math:`y_i \ne` ``ignore_index`` of a batch, torch's
+    mean and hence the batch weight are
+
+    .. math::
+        \ell_b = \frac{\sum_i c_{y_i} \ell_i}{\sum_i c_{y_i}}, \qquad w_b = \sum_i c_{y_i},
+
+    so :math:`\sum_b w_b \ell_b / \sum_b w_b` is the loss of all data in one batch. Label
+    smoothing changes :math:`\ell_i`, not :math:`w_b`. Class probabilities as targets count
+    ``numel / C`` (samples times positions); ``mse`` counts rows.
+
+    Attributes:
+        kind: ``"cross_entropy"``, ``"mse"`` or ``"nll"``.
+        ignore_index: Target value left out of the loss and of the weight (None for ``mse``).
+        class_weighted: Per-class weights are set. The loss is then no negative
+            log-likelihood, so there is no predictive distribution to sample a "true" Fisher from.
+        label_smoothing: Cross-entropy smoothing (again no likelihood to sample from when > 0).
+    """
+
+    kind: str
+    ignore_index: int | None = None
+    class_weighted: bool = False
+    label_smoothing: float = 0.0
+
+
+def loss_kind(loss: Callable | None) -> str | None:
+    """Which of torch's losses ``loss`` is: ``"cross_entropy"``, ``"mse"``, ``"nll"``, or None.
+
+    Modules, the functions of ``torch.nn.functional`` and ``functools.partial`` of them are
+    recognised; their settings are read by :class:`~hesse.Objective` (``objective.loss_spec``).
+
+    Example:
+        >>> loss_kind(nn.MSELoss()), loss_kind(functools.partial(F.nll_loss)), loss_kind(abs)
+        ('mse', 'nll', None)
+    """
+    if isinstance(loss, functools.partial):
+        loss = loss.func
+    for module, kind in _LOSS_MODULES.items():
+        if isinstance(loss, module):
+            return kind
+    return _LOSS_FUNCTIONS.get(loss)
+
+
+def known_loss(
+    loss: Callable, dtype: torch.dtype, device: torch.device
+) -> tuple[LossSpec, functools.partial] | None:
+    """The spec of a recognised loss and the mean loss it computes (class weights cast).
+
+    Raises:
+        ValueError: a partial that binds what hesse does not read, or a reduction that is not
+            the mean.
+    """
+    kind = loss_kind(loss)
+    if kind is None:
+        return None
+    settings = _settings(loss, kind)
+    reduction = settings.pop("reduction", "mean")
+    if reduction != "mean":
+        raise ValueError(
+            f"Objective: the {kind} loss has reduction={reduction!r}, but the objective is a "
+            "mean over all samples, built from batch means weighted exactly; pass the loss with "
+            "reduction='mean' (the default). The sum over N samples is N times that mean, with "
+            "N times its curvature."
+        )
+    if settings.get("weight") is not None:
+        settings["weight"] = settings["weight"].to(device=device, dtype=dtype)
+    spec = LossSpec(
+        kind,
+        ignore_index=None if kind == "mse" else settings.get("ignore_index", IGNORE_INDEX),
+        class_weighted=settings.get("weight") is not None,
+        label_smoothing=float(settings.get("label_smoothing", 0.0)),
+    )
+    return spec, functools.partial(LOSS_BY_KIND[kind], **settings)
+
+
+def _settings(loss: Callable, kind: str) -> dict[str, Any]:
+    """The settings a loss module or partial holds, among those that hesse reads."""
+    if isinstance(loss, nn.Module):
+        return {k: getattr(loss, k) for k in _SETTINGS[kind]}
+    if not isinstance(loss, functools.partial):
+        return {}
+    extra = set(loss.keywords) - set(_SETTINGS[kind])
+    if loss.args or extra:
+        raise ValueError(
+            f"Objective: loss=functools.partial({loss.func.__name__}, ...) binds "
+            f"{'positional arguments' if loss.args else sorted(extra)}; hesse reads only the "
+            f"keywords {', '.join(_SETTINGS[kind])}. Bind only those, or pass loss_fn=."
+        )
+    return dict(loss.keywords)
+
+
+def target_weight(
+    y: torch.Tensor, spec: LossSpec | None, class_weights: torch.Tensor | None = None
+) -> float:
+    """What a batch's mean loss is over (:class:`LossSpec`); 0 when every label is ignored.
+
+    For an unrecognised loss (``spec`` None), integer targets count the labels that are not
+    -100 and floating targets count rows (samples).
+
+    Example:
+        >>> target_weight(torch.tensor([2, -100, 0]), LossSpec("cross_entropy", -100))
+        2.0
+    """
+    if y.is_floating_point():
+        if spec is not None and spec.kind == "cross_entropy":  # class probabilities
+            return float(y.numel() // y.shape[min(1, y.dim() - 1)])
+        return float(y.shape[0]) if y.dim() else 1.0
+    counted = y != (IGNORE_INDEX if spec is None else spec.ignore_index)
+    if class_weights is not None:
+        return float(class_weights[y[counted]].sum())
+    return float(counted.sum())
+
+
+def check_own_loss_batch(batch: Any) -> None:
+    """Refuse a first batch whose model cannot compute its own loss (no ``loss=`` given).
+
+    Raises:
+        ValueError: ``batch`` is not a dict, or has no ``labels``.
+    """
+    if not isinstance(batch, Mapping):
+        raise ValueError(
+            "Objective: no loss given for (inputs, targets) batches; pass loss= "
+            "(e.g. torch.nn.functional.cross_entropy) or loss_fn=(model, batch) -> "
+            "(mean_loss, weight)."
+        )
+    if "labels" not in batch:
+        raise ValueError(
+            f"Objective: a dict batch without loss= needs 'labels' (the model then computes "
+            f"its own loss); got the keys {sorted(batch)}. Add the labels, or pass loss= "
+            "with (inputs, targets) batches."
+        )
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model output: the tensor, ``["logits"]``, first of a tuple, ``.logits``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return out["logits"]
+    return out[0] if isinstance(out, (tuple, list)) else out.logits
+
+
+def own_loss(out: Any) -> torch.Tensor:
+    """The loss a model returned: ``.loss``, ``["loss"]``, or first of a tuple."""
+    if isinstance(out, Mapping):
+        loss = out.get("loss")
+    elif isinstance(out, (tuple, list)):
+        loss = out[0]
+    else:
+        loss = getattr(out, "loss", None)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(
+            f"Objective: the model returned no scalar loss for a dict batch with 'labels' (got "
+            f"{type(out).__name__}); pass loss= (a function of the outputs) or loss_fn=."
+        )
+    return loss

@@ -1,0 +1,166 @@
+"""Shards of the data across processes, and the global position of every sample.
+
+Under ``torch.distributed`` each process passes its own shard; a sample's global position is
+where it stands in the data of all processes taken in rank order, so that draws keyed on it
+(the Monte-Carlo Fisher) are the same on 1 and on N processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
+
+_SHUFFLING = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+
+def distributed() -> bool:
+    """Whether sums must be all-reduced across processes (``torch.distributed`` is running)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce(
+    total: torch.Tensor, weight: float, failed: bool
+) -> tuple[torch.Tensor, float, bool]:
+    """A sum, its weight and a failure flag over all processes (as they are on one process).
+
+    The failure flag travels with the sums so that every rank learns of a failure elsewhere
+    and raises, instead of waiting forever in the next collective.
+    """
+    if not distributed():
+        return total, weight, failed
+    # the weight is reduced in float64: exact counts even for a float32 model
+    flags = total.new_tensor([weight, failed], dtype=torch.float64)
+    buf = torch.cat([total.reshape(-1).double(), flags])
+    dist.all_reduce(buf)
+    return buf[:-2].reshape(total.shape).to(total.dtype), float(buf[-2]), bool(buf[-1])
+
+
+def check_shards(empty: bool, data: Iterable, device: torch.device) -> int | None:
+    """Refuse empty data on any process (all ranks alike); return the samples of lower ranks.
+
+    Args:
+        empty: This process's data yielded no batch.
+        data: This process's data (to count its samples).
+        device: Where the collective runs.
+
+    Returns:
+        The number of samples that processes of lower rank hold (0 on one process), or None
+        when one of them cannot count its samples.
+
+    Raises:
+        ValueError: the data of some process is empty; raised on every process.
+    """
+    if not distributed():
+        if empty:
+            raise ValueError(
+                "Objective: the data is empty (it yielded no batch); pass a DataLoader or a "
+                "non-empty list of batches."
+            )
+        return 0
+    rank, world = dist.get_rank(), dist.get_world_size()
+    buf = torch.zeros(2 * world, dtype=torch.int64, device=device)
+    buf[2 * rank], buf[2 * rank + 1] = int(empty), _local_count(data)
+    dist.all_reduce(buf)  # every rank learns every shard's state, so all raise alike
+    flags, counts = buf[0::2].tolist(), buf[1::2].tolist()
+    if any(flags):
+        empties = [r for r, f in enumerate(flags) if f]
+        raise ValueError(
+            f"Objective: the data shard of process(es) {empties} of {world} is empty (no "
+            "batch); under torch.distributed every process needs at least one batch. Split the "
+            "data so that every rank gets some (e.g. DistributedSampler)."
+        )
+    return None if min(counts[:rank], default=0) < 0 else sum(counts[:rank])
+
+
+def positions(data: Iterable, offset: int | None) -> list[torch.Tensor]:
+    """Global sample positions of every batch of this process (``Objective.sample_positions``).
+
+    Args:
+        data: This process's data: a ``DataLoader`` or a list of batches.
+        offset: The samples of lower ranks, from :func:`check_shards`.
+
+    Raises:
+        ValueError: a batch holds no tensor to count, the loader shuffles or has no batch
+            sampler, or a lower rank's sample count is unknown.
+    """
+    if isinstance(data, DataLoader):
+        batches = _loader_indices(data)
+    else:
+        batches, start = [], 0
+        for i, batch in enumerate(data):
+            n = _sample_count(batch)
+            if n is None:
+                raise ValueError(
+                    f"Objective.sample_positions: batch {i} holds no tensor to count its samples "
+                    "by (dim 0); pass tensors, or a DataLoader over a map-style dataset."
+                )
+            batches.append(torch.arange(start, start + n))
+            start += n
+    if offset is None:
+        raise ValueError(
+            "Objective.sample_positions: a lower-ranked process's sample count is unknown (its "
+            "data is not a list of batches or a DataLoader over a sized dataset), so this "
+            "process cannot place its samples; pass lists or DataLoaders on every process."
+        )
+    return [b + offset for b in batches]
+
+
+def _sample_count(batch) -> int | None:
+    """Samples in a batch: dim 0 of its first tensor (None when it holds none)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    if not isinstance(batch, (Mapping, list, tuple)):
+        return None
+    return next((n for n in map(_sample_count, items) if n is not None), None)
+
+
+def _local_count(data: Iterable) -> int:
+    """Samples this process holds, by which higher ranks' positions are offset (-1: unknown)."""
+    if isinstance(data, DataLoader):
+        if isinstance(data.sampler, DistributedSampler):
+            return 0  # its dataset indices are global already
+        try:
+            return len(data.dataset)
+        except TypeError:  # an iterable dataset, or one without __len__
+            return -1
+    if not isinstance(data, (list, tuple)):
+        return -1
+    counts = [_sample_count(b) for b in data]
+    return -1 if None in counts else sum(counts)
+
+
+def _loader_indices(loader: DataLoader) -> list[torch.Tensor]:
+    """The dataset indices of each batch of a loader whose order is the same on every pass."""
+    sampler = loader.batch_sampler
+    if sampler is None or isinstance(loader.dataset, IterableDataset):
+        raise ValueError(
+            "Objective.sample_positions: the DataLoader has no batch sampler (an iterable "
+            "dataset, or batch_size=None), so its samples have no positions; use a map-style "
+            "dataset with batch_size set, or a list of batches."
+        )
+    inner = sampler.sampler if isinstance(sampler, BatchSampler) else sampler
+    shuffles = isinstance(inner, _SHUFFLING) or (
+        isinstance(inner, DistributedSampler) and inner.shuffle
+    )
+    first = None if shuffles else [list(b) for b in sampler]
+    if shuffles or first != [list(b) for b in sampler]:
+        raise ValueError(
+            f"Objective.sample_positions: the DataLoader's sampler ({type(inner).__name__}) "
+            "shuffles, so the samples of a batch change from pass to pass and draws keyed on "
+            "them would change the matrix on every product; build the loader with "
+            "shuffle=False (DistributedSampler(..., shuffle=False) under torch.distributed). "
+            "The mean loss and its curvature do not depend on the order."
+        )
+    return [torch.as_tensor(b, dtype=torch.long) for b in first]

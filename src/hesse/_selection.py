@@ -1,0 +1,101 @@
+"""Which parameters of a model a ``params=`` selection names.
+
+A selection holds parameter names, module prefixes and glob patterns (resolved by
+:meth:`hesse.params.ParamSpace.select`), and ``Parameter`` or ``Module`` objects of the model,
+which stand for their names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .params import ParamSpace
+
+Selection = str | torch.Tensor | nn.Module | Sequence[str | torch.Tensor | nn.Module]
+
+
+def choose(model: nn.Module, selection: Selection | None) -> tuple[list[str], dict[str, Any]]:
+    """Names of the analysed parameters in the model's order, and the trainable ones by name.
+
+    Raises:
+        ValueError: no trainable parameter, a selection that matches none, or a complex one.
+    """
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError(
+            "Objective: the model has no trainable parameters (none with requires_grad); "
+            "unfreeze some with p.requires_grad_(True) or name them with params=."
+        )
+    chosen = list(named)
+    if selection is not None:
+        space = ParamSpace.from_named(named, aliases(model))
+        frozen = [n for n, _ in model.named_parameters() if n not in named]
+        try:
+            chosen = space.select(names_of(model, selection, named), others=frozen)
+        except ValueError as err:
+            raise ValueError(f"Objective: params= {err}") from None
+    for n in chosen:
+        if named[n].is_complex():
+            raise ValueError(
+                f"Objective: parameter {n!r} is complex ({named[n].dtype}); the curvature "
+                "is defined for real parameters (the imaginary part would be dropped). Leave "
+                "it out with params=, or store it as two real parameters."
+            )
+    return chosen, named
+
+
+def names_of(model: nn.Module, selection: Selection, candidates: Mapping[str, Any]) -> list[str]:
+    """Names and patterns of a selection, with ``Parameter``/``Module`` objects resolved.
+
+    A module stands for its parameters among ``candidates`` (trainable, or analysed).
+    """
+    if isinstance(selection, (str, torch.Tensor, nn.Module)):
+        selection = [selection]
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names: list[str] = []
+    for item in selection:
+        if isinstance(item, str):
+            names.append(item)
+        elif isinstance(item, torch.Tensor):
+            if id(item) not in by_id:
+                raise ValueError(
+                    f"Objective: a tensor of shape {tuple(item.shape)} in params= is not a "
+                    "parameter of this model; pass the model's own parameters or names."
+                )
+            names.append(by_id[id(item)])
+        elif isinstance(item, nn.Module):
+            names.extend(_module_names(model, item, by_id, candidates))
+        else:
+            raise ValueError(
+                f"Objective: params= takes names, patterns, Parameters and Modules; got "
+                f"{type(item).__name__}."
+            )
+    return names
+
+
+def aliases(model: nn.Module) -> dict[str, str]:
+    """Other names of shared parameters (tied weights), ``{alias: name}``."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    pairs = model.named_parameters(remove_duplicate=False)
+    return {a: by_id[id(p)] for a, p in pairs if by_id[id(p)] != a}
+
+
+def _module_names(
+    model: nn.Module, module: nn.Module, by_id: dict[int, str], candidates: Mapping[str, Any]
+) -> list[str]:
+    if not any(module is m for m in model.modules()):
+        raise ValueError(
+            f"Objective: the {type(module).__name__} in params= is not a submodule of the "
+            "model; pass the model's own modules or their names."
+        )
+    names = [by_id[id(p)] for p in module.parameters() if by_id[id(p)] in candidates]
+    if not names:
+        raise ValueError(
+            f"Objective: the {type(module).__name__} selected has no trainable (or, for "
+            "restrict, analysed) parameters."
+        )
+    return names
