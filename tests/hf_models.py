@@ -6,13 +6,14 @@ implementation unless ``attn=`` names another: in ``transformers`` 5 that is
 mode. Code that differentiates twice through such a model needs the math backend of SDPA
 (:func:`math_attention`); the hand-written losses here are what tests compare ``hesse`` with.
 
-Builders are cached: every caller gets the same model object, so callers must not modify it
-(``hesse.Objective`` does not). Random numbers come from private generators, so building a
-model or a batch leaves the global RNG untouched.
+Builds are cached and every caller gets its own copy, so a test may modify its model (train
+mode, frozen parameters, new weights) without changing the next test's. Random numbers come
+from private generators, so building a model or a batch leaves the global RNG untouched.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Sequence
 
@@ -20,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+)
 
 IGNORE = -100
 Batch = dict[str, torch.Tensor]
@@ -37,11 +44,23 @@ def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return build()
 
 
-@functools.cache
+def _copied(build: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
+    """Cache ``build``'s models by arguments and hand every caller a deep copy of its own."""
+    cached = functools.cache(build)
+
+    @functools.wraps(build)
+    def copy_of(*args, **kwargs) -> torch.nn.Module:
+        return copy.deepcopy(cached(*args, **kwargs))
+
+    return copy_of
+
+
+@_copied
 def bert_classifier(
     dtype: torch.dtype = torch.float64,
     attn: str | None = None,
     *,
+    cls: type[PreTrainedModel] = BertForSequenceClassification,
     hidden: int = 32,
     layers: int = 2,
     heads: int = 2,
@@ -51,15 +70,18 @@ def bert_classifier(
     num_labels: int = 3,
     init_range: float = 0.2,
     seed: int = 0,
-) -> BertForSequenceClassification:
-    """A BERT-style encoder with a classification head, in eval mode and ``dtype``.
+    **config,
+) -> PreTrainedModel:
+    """A BERT-style encoder with a classification head (or ``cls``'s), in eval mode and ``dtype``.
 
     ``init_range`` is the standard deviation of the initial weights: larger than the Hugging
     Face default (0.02) so that losses and curvature differ visibly between samples and batches.
     The weights are drawn in float32 and then cast, so the same ``seed`` gives the same numbers
-    in every dtype (a float64 model is the exact float64 twin of the float32 one).
+    in every dtype (a float64 model is the exact float64 twin of the float32 one). ``config``
+    holds further ``BertConfig`` settings (``problem_type=``, ``return_dict=``).
     """
-    kwargs = {} if attn is None else {"attn_implementation": attn}
+    if attn is not None:
+        config["attn_implementation"] = attn
     config = BertConfig(
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -69,13 +91,13 @@ def bert_classifier(
         max_position_embeddings=max_positions,
         num_labels=num_labels,
         initializer_range=init_range,
-        **kwargs,
+        **config,
     )
-    model = _seeded(seed, lambda: BertForSequenceClassification(config))
+    model = _seeded(seed, lambda: cls(config))
     return model.to(dtype).eval()
 
 
-@functools.cache
+@_copied
 def gpt2_lm(
     dtype: torch.dtype = torch.float64,
     attn: str | None = None,

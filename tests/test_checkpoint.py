@@ -14,12 +14,13 @@ def test_replay_returns_stored_products_without_recomputing(tmp_path):
     first = dense()
     recorded = RecordingOperator(first, ProductLog(Checkpoint(tmp_path / "ck", {"run": 1})))
     expected = hesse.eigs(recorded, 2, seed=3)
-    assert len(Checkpoint(tmp_path / "ck", {"run": 1})) == first.n_matvecs > 0
+    stored = len(Checkpoint(tmp_path / "ck", {"run": 1}))  # one per product (a block is one)
+    assert stored > 0 and first.n_matvecs >= stored
 
     second = dense()
     log = ProductLog(Checkpoint(tmp_path / "ck", {"run": 1}))
     again = hesse.eigs(RecordingOperator(second, log), 2, seed=3)
-    assert second.n_matvecs == 0 and log.replayed == first.n_matvecs
+    assert second.n_matvecs == 0 and log.replayed == stored
     assert torch.equal(again.values, expected.values)
 
 

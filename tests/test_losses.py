@@ -52,7 +52,7 @@ def _flat(model, x, y, loss):
 def _assert_matches_full_batch(loss, y_edit=None, log_probs=False):
     model, x, y = _problem()
     if log_probs:
-        model.append(nn.LogSoftmax(-1))
+        model.append(nn.LogSoftmax(-1)).eval()
     if y_edit is not None:
         y = y_edit(y)
     obj = hesse.Objective(model, _split(x, y), loss=loss)
@@ -181,31 +181,33 @@ def test_loss_spec_and_kind():
         spec.kind = "mse"  # frozen
 
 
+class Focal(nn.CrossEntropyLoss):
+    """A focal loss (Lin et al. 2017) derived from nn.CrossEntropyLoss, with its own forward."""
+
+    def forward(self, x, y):
+        ce = F.cross_entropy(x, y, reduction="none")
+        return ((1 - torch.exp(-ce)) ** 2 * ce).mean()
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [Focal(), functools.partial(nn.CrossEntropyLoss(label_smoothing=0.3))],
+    ids=["subclass", "partial-of-module"],
+)
+def test_losses_of_other_classes_are_used_as_given(loss):
+    # today: the focal loss was taken for plain cross-entropy (1.1518 for a focal loss of
+    # 0.5656), and the module's settings under a partial were dropped
+    obj = _assert_matches_full_batch(loss)
+    assert loss_kind(loss) is None and obj.loss_spec is None and obj.loss is loss
+    assert PSD not in hesse.GGNOperator(obj).tags  # the focal loss is not convex in the logits
+    with pytest.raises(ValueError, match="kind='empirical'"):
+        hesse.FisherOperator(obj, kind="mc")
+
+
 # ---------------------------------------------------------------- Hugging Face models
 
 transformers = pytest.importorskip("transformers")
-
-
-def _bert(cls, **config):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=20,
-        vocab_size=30,
-        max_position_embeddings=16,
-        **config,
-    )
-    return cls(cfg).to(DT).eval()
-
-
-def _gpt2(**config):
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16, **config
-    )
-    return transformers.GPT2LMHeadModel(cfg).to(DT).eval()
+from hf_models import bert_classifier, gpt2_lm  # noqa: E402 (needs transformers)
 
 
 def _text_batches(labels, sizes=((3, 7), (2, 5), (1, 6)), seed=1):
@@ -249,7 +251,7 @@ def _token_mean_by_hand(model, data):
 
 def test_causal_lm_is_weighted_by_shifted_labels():
     # today: weights count the unshifted labels (3.92804 for a token mean of 3.92749)
-    model = _gpt2()
+    model = gpt2_lm()
     data = _text_batches(_lm_labels)
     obj = hesse.Objective(model, data)
     want = _token_mean_by_hand(model, data)
@@ -262,7 +264,7 @@ def test_causal_lm_is_weighted_by_shifted_labels():
 
 def test_inferred_causal_lm_loss_feeds_outputs_targets_and_output_loss():
     # the interface of the GGN and Fisher operators gives the same mean loss
-    model = _gpt2()
+    model = gpt2_lm()
     obj = hesse.Objective(model, _text_batches(_lm_labels))
     total, weight = 0.0, 0.0
     for b in obj.batches():
@@ -275,7 +277,7 @@ def test_inferred_causal_lm_loss_feeds_outputs_targets_and_output_loss():
 
 
 def test_all_ignored_batch_of_a_causal_lm_adds_nothing():
-    model = _gpt2()
+    model = gpt2_lm()
     data = _text_batches(_lm_labels)
     silent = dict(data[1], labels=torch.full_like(data[1]["labels"], -100))
     obj = hesse.Objective(model, [data[0], silent, data[2]])
@@ -284,8 +286,41 @@ def test_all_ignored_batch_of_a_causal_lm_adds_nothing():
     assert torch.allclose(obj.gradient(), want.gradient(), rtol=RTOL, atol=1e-14)
 
 
+class ScaledLM(transformers.GPT2LMHeadModel):
+    """A GPT-2 subclass whose own loss is twice the token cross-entropy."""
+
+    def forward(self, labels=None, **inputs):
+        out = super().forward(labels=labels, **inputs)
+        if labels is not None:
+            out["loss"] = 2 * out["loss"]
+        return out
+
+
+def _unlabelled_after_shift(batch):
+    """The batch with only the first token of each row labelled: no label after the shift."""
+    labels = torch.full_like(batch["labels"], -100)
+    labels[:, 0] = batch["input_ids"][:, 0]
+    return dict(batch, labels=labels)
+
+
+def test_a_first_batch_without_counted_labels_confirms_nothing():
+    # today: such a batch adopted the class's loss unconfirmed, so a subclass computing another
+    # loss was taken for the plain token cross-entropy (half its value here)
+    plain = gpt2_lm()
+    model = ScaledLM(plain.config).to(DT).eval()
+    model.load_state_dict(plain.state_dict())
+    data = _text_batches(_lm_labels)
+    silent = _unlabelled_after_shift(data[0])
+    obj = hesse.Objective(model, [silent, *data])
+    assert obj.loss is None and obj.loss_source == "model(**batch).loss"
+    assert obj.value().item() == pytest.approx(_own_mean(model, data, _shifted_count), rel=1e-6)
+    inferred = hesse.Objective(plain, [silent, *data])  # confirmed on the second batch
+    assert inferred.loss_source == "inferred from GPT2LMHeadModel: token cross-entropy, shifted"
+    assert inferred.value().item() == pytest.approx(obj.value().item() / 2, rel=1e-6)
+
+
 def test_causal_lm_with_tuple_outputs():
-    model = _gpt2()
+    model = gpt2_lm()
     data = _text_batches(_lm_labels)
     # GPT-2 rejects return_dict=False in its config, so pass it with the batch
     obj = hesse.Objective(model, [dict(b, return_dict=False) for b in data])
@@ -308,35 +343,37 @@ def _count_tokens(b):
     "build, labels, weight, source",
     [
         (
-            lambda: _bert(transformers.BertForSequenceClassification, num_labels=3),
+            lambda: bert_classifier(cls=transformers.BertForSequenceClassification, num_labels=3),
             _class_labels(3),
             _count_rows,
             "cross-entropy",
         ),
         (
-            lambda: _bert(
-                transformers.BertForSequenceClassification, num_labels=3, return_dict=False
+            lambda: bert_classifier(
+                cls=transformers.BertForSequenceClassification, num_labels=3, return_dict=False
             ),
             _class_labels(3),
             _count_rows,
             "cross-entropy",
         ),
         (
-            lambda: _bert(transformers.BertForSequenceClassification, num_labels=1),
+            lambda: bert_classifier(cls=transformers.BertForSequenceClassification, num_labels=1),
             lambda ids, mask, gen: torch.randn(ids.shape[0], generator=gen, dtype=DT),
             _count_rows,
             "mean squared error",
         ),
         (
-            lambda: _bert(
-                transformers.BertForSequenceClassification, num_labels=2, problem_type="regression"
+            lambda: bert_classifier(
+                cls=transformers.BertForSequenceClassification,
+                num_labels=2,
+                problem_type="regression",
             ),
             lambda ids, mask, gen: torch.randn(ids.shape[0], 2, generator=gen, dtype=DT),
             _count_rows,
             "mean squared error",
         ),
         (
-            lambda: _bert(transformers.BertForTokenClassification, num_labels=4),
+            lambda: bert_classifier(cls=transformers.BertForTokenClassification, num_labels=4),
             lambda ids, mask, gen: torch.randint(0, 4, ids.shape, generator=gen).masked_fill(
                 mask == 0, -100
             ),
@@ -344,7 +381,7 @@ def _count_tokens(b):
             "token cross-entropy",
         ),
         (
-            lambda: _bert(transformers.BertForMaskedLM),
+            lambda: bert_classifier(cls=transformers.BertForMaskedLM),
             lambda ids, mask, gen: ids.masked_fill(
                 torch.rand(ids.shape, generator=gen) < 0.5, -100
             ),
@@ -365,7 +402,7 @@ def test_hugging_face_losses_are_inferred(build, labels, weight, source):
 
 
 def test_multi_label_classifier_keeps_its_own_loss():
-    model = _bert(transformers.BertForSequenceClassification, num_labels=3)
+    model = bert_classifier(cls=transformers.BertForSequenceClassification, num_labels=3)
     data = _text_batches(lambda ids, m, g: torch.randint(0, 2, (ids.shape[0], 3)).to(DT))
     obj = hesse.Objective(model, data)
     assert obj.loss is None and obj.loss_spec is None
@@ -384,8 +421,21 @@ def test_a_subclass_with_another_loss_is_not_mistaken():
             return out
 
     torch.manual_seed(0)
-    model = _bert(Scaled, num_labels=3)
+    model = bert_classifier(cls=Scaled, num_labels=3)
     data = _text_batches(_class_labels(3))
     obj = hesse.Objective(model, data)
     assert obj.loss is None and obj.loss_source == "model(**batch).loss"
     assert obj.value().item() == pytest.approx(_own_mean(model, data, _count_rows))
+
+
+def test_test_models_are_copies_that_tests_may_change():
+    # the builders were cached: every test got the same model object, changes included
+    a = bert_classifier()
+    a.train()
+    with torch.no_grad():
+        a.classifier.weight.add_(1.0)
+    b = bert_classifier()
+    assert a is not b and not b.training
+    assert not torch.equal(a.classifier.weight, b.classifier.weight)
+    lm = gpt2_lm()
+    assert lm.lm_head.weight is lm.transformer.wte.weight  # ties survive the copy

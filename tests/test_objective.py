@@ -165,6 +165,77 @@ def test_refuses_batch_norm_in_train_mode_unless_allowed():
     assert torch.isfinite(obj.value())
 
 
+class FunctionalDropout(nn.Module):
+    """Dropout applied without a dropout module, as Hugging Face attention applies it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.dropout(self.fc(x), p=0.5, training=self.training)
+
+
+def test_refuses_a_training_mode_model_whose_loss_is_random():
+    # today: accepted, and value() changes from call to call
+    _, x, y = _mlp_data()
+    model = FunctionalDropout().to(DT)
+    with pytest.raises(ValueError, match=r"training mode \(the model\) and its loss is random"):
+        hesse.Objective(model, (x, y), loss=F.cross_entropy)
+    model.eval()
+    obj = hesse.Objective(model, (x, y), loss=F.cross_entropy)
+    assert obj.value().item() == obj.value().item()
+    model.train()
+    with pytest.raises(ValueError, match="loss is random"):  # allowing batch-norm is not this
+        hesse.Objective(model, (x, y), loss=F.cross_entropy, allow_train_mode=True)
+
+
+def test_a_training_mode_model_with_a_fixed_loss_is_accepted():
+    # a fresh nn.Module is in training mode; without dropout or batch-norm its loss is fixed
+    _, x, y = _mlp_data()
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    assert model.training
+    obj = hesse.Objective(model, (x, y), loss=F.cross_entropy)
+    assert obj.value().item() == obj.value().item()
+    model = FixedLoss().to(DT)
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    hesse.Objective(model, (x, y), loss=F.cross_entropy)  # checked twice
+    assert torch.equal(torch.random.get_rng_state(), state)  # the user's RNG is left alone
+
+
+class FixedLoss(nn.Module):
+    """A custom module (so its loss is evaluated twice) without randomness."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_refuses_functional_attention_dropout_of_a_hugging_face_model():
+    # LLaMA attention has no dropout module: attention_dropout is applied functionally
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=30,
+        attention_dropout=0.5,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(DT).train()
+    ids = torch.randint(0, 30, (2, 6))
+    with pytest.raises(ValueError, match="training mode.*model.eval()"):
+        hesse.Objective(model, [{"input_ids": ids, "labels": ids}])
+    obj = hesse.Objective(model.eval(), [{"input_ids": ids, "labels": ids}])
+    assert obj.value().item() == obj.value().item()
+
+
 def test_refuses_non_finite_loss_and_names_the_batch():
     model, x, y = _mlp_data(16)
     batches = [(x[i : i + 4].clone(), y[i : i + 4]) for i in range(0, 16, 4)]
@@ -224,7 +295,7 @@ def test_refuses_attention_dropout():
 
 def test_tuple_batches_do_not_count_ignored_labels():
     torch.manual_seed(0)
-    model = nn.Linear(3, 4).to(DT)
+    model = nn.Linear(3, 4).to(DT).eval()
     x, y = torch.randn(6, 3, dtype=DT), torch.tensor([0, 1, -100, 3, 2, -100])
     split = hesse.Objective(model, [(x[:2], y[:2]), (x[2:], y[2:])], loss=F.cross_entropy)
     whole = F.cross_entropy(model(x), y)
@@ -232,7 +303,7 @@ def test_tuple_batches_do_not_count_ignored_labels():
 
 
 def test_ggn_refuses_nll_loss():
-    model = nn.Sequential(nn.Linear(3, 4), nn.LogSoftmax(-1))
+    model = nn.Sequential(nn.Linear(3, 4), nn.LogSoftmax(-1)).eval()
     obj = hesse.Objective(
         model, (torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0])), loss=F.nll_loss
     )
@@ -345,6 +416,15 @@ def test_own_loss_as_first_element_of_a_tuple():
     assert obj.value().item() == pytest.approx(F.cross_entropy(model.fc(x), y).item(), rel=RTOL)
 
 
+@pytest.mark.parametrize("keys", [("x",), ("x", "target")])
+def test_dict_batches_without_labels_are_refused_when_built_with_loss(keys):
+    # today: built, then value() raises a bare KeyError('labels')
+    model = TupleLossNet().to(DT).eval()
+    batch = {k: torch.randn(3, 4, dtype=DT) for k in keys}
+    with pytest.raises(ValueError, match=r"batch\['labels'\].*loss_fn="):
+        hesse.Objective(model, [batch], loss=F.cross_entropy)
+
+
 def test_dict_batch_without_labels_or_loss_is_refused():
     model = TupleLossNet().to(DT).eval()
     with pytest.raises(ValueError, match="(?i)'labels'"):
@@ -377,6 +457,24 @@ def test_sample_positions_of_lists_and_loaders():
         model, DataLoader(TensorDataset(x, y), batch_size=2, sampler=sampler), loss=F.cross_entropy
     )
     assert [obj.sample_positions(i).tolist() for i in range(3)] == [[1, 3], [5, 7], [9]]
+
+
+def test_refuses_a_distributed_sampler_that_pads_the_data():
+    # DistributedSampler(shuffle=False) deals 5 samples to 2 ranks as [0, 2, 4] and [1, 3, 0]:
+    # sample 0 twice; today: accepted, and its loss counted twice
+    model, x, y = _mlp_data(5)
+    data = TensorDataset(x, y)
+
+    def loader(**kw):
+        sampler = torch.utils.data.DistributedSampler(data, 2, 1, shuffle=False, **kw)
+        return DataLoader(data, batch_size=2, sampler=sampler)
+
+    with pytest.raises(ValueError, match="pads 5 samples to 6.*drop_last=True"):
+        hesse.Objective(model, loader(), loss=F.cross_entropy)
+    obj = hesse.Objective(model, loader(drop_last=True), loss=F.cross_entropy)
+    assert [obj.sample_positions(i).tolist() for i in range(1)] == [[1, 3]]
+    want = F.cross_entropy(model(x[[1, 3]]), y[[1, 3]]).item()
+    assert obj.value().item() == pytest.approx(want, rel=RTOL)
 
 
 class _Reshuffled(torch.utils.data.Sampler):

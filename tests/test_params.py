@@ -114,7 +114,7 @@ def test_frozen_and_foreign_selections_are_refused():
     data = (torch.randn(4, 3, dtype=DT), torch.tensor([0, 1, 1, 0]))
     with pytest.raises(ValueError, match="(?i)frozen.*classifier.weight"):
         hesse.Objective(model, data, loss=F.cross_entropy, params="classifier")
-    with pytest.raises(ValueError, match="(?i)no trainable"):
+    with pytest.raises(ValueError, match="(?i)no parameter that may be analysed.*frozen"):
         hesse.Objective(model, data, loss=F.cross_entropy, params=[model.classifier])
     with pytest.raises(ValueError, match="not a parameter of this model"):
         hesse.Objective(model, data, loss=F.cross_entropy, params=[nn.Parameter(torch.ones(2))])
@@ -123,6 +123,29 @@ def test_frozen_and_foreign_selections_are_refused():
     obj = hesse.Objective(model, data, loss=F.cross_entropy, params="layer.0")
     with pytest.raises(ValueError, match="(?i)not analysed.*layer.1.attention.weight"):
         obj.restrict("layer.1.attention")
+
+
+def test_selection_errors_name_their_caller_once():
+    # a foreign tensor in params= was reported as "Objective: params= Objective: a tensor ...",
+    # and from restrict as "Objective: ..."
+    torch.manual_seed(0)
+    model = Encoder().to(DT).eval()
+    data = (torch.randn(4, 3, dtype=DT), torch.tensor([0, 1, 1, 0]))
+    foreign = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError) as err:
+        hesse.Objective(model, data, loss=F.cross_entropy, params=[foreign])
+    assert str(err.value).startswith("Objective(params=): a tensor of shape (2,)"), err.value
+    assert str(err.value).count("Objective") == 1
+    obj = hesse.Objective(model, data, loss=F.cross_entropy, params="layer.0")
+    for selection in ([foreign], [nn.Linear(2, 2)], [model.layer[1]], [3]):
+        with pytest.raises(ValueError) as err:
+            obj.restrict(selection)
+        assert str(err.value).startswith("Objective.restrict(names=): "), err.value
+
+
+def test_module_blocks_of_top_level_parameters_are_the_root():
+    space = ParamSpace(["scale", "enc.w", "enc.b"], [(1,), (2,), (2,)])
+    assert space.blocks(by="module") == {"(root)": ["scale"], "enc": ["enc.w", "enc.b"]}
 
 
 class Tied(nn.Module):
@@ -163,7 +186,7 @@ def test_complex_parameters_are_refused_by_name():
         def forward(self, x):
             return self.out((x.to(self.w.dtype) @ self.w).abs()[:, None])
 
-    model = Phase()
+    model = Phase().eval()
     data = (torch.randn(4, 3, dtype=DT), torch.randn(4, 1, dtype=DT))
     with pytest.raises(ValueError, match="(?i)'w' is complex"):
         hesse.Objective(model, data, loss=F.mse_loss)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hesse
 from cases import ALL, CASES, CE_TUPLE, dense, flat_loss, objective
 
 RTOL = 1e-10
@@ -87,3 +88,15 @@ def test_dense_empirical_fisher_is_mean_outer_product_of_per_sample_gradients(na
     g = torch.einsum("ncd,nc->nd", J, g_logits)  # per-sample gradients of per-sample CE
     want = g.T @ g / g.shape[0]
     assert rel(dense("fisher", name), want) <= RTOL
+
+
+@pytest.mark.parametrize("reference", ["dense_ggn", "dense_fisher"])
+def test_output_references_run_the_model_once_per_batch(reference):
+    # the outputs came from a forward pass of their own, besides the Jacobian's
+    model, data, kwargs = CASES["mlp_ce"].build()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    obj = hesse.Objective(model, data, **kwargs)
+    dense = getattr(hesse.reference, reference)(obj)
+    assert len(calls) == len(data)
+    assert rel(dense, getattr(hesse.reference, reference)(objective("mlp_ce"))) <= RTOL

@@ -1,22 +1,26 @@
 """hesse: the curvature of neural-network losses, measured and put to use."""
 
-from . import reference
-from .analysis import Report, analyze
+from . import hf, reference
+from .analysis import Analysis, Report, analyze, prepare
 from .linalg import (
     DensityResult,
     DiagonalResult,
     EigResult,
+    FrobeniusResult,
+    InverseOperator,
+    NotConvergedError,
     SolveResult,
     TraceResult,
     block_traces,
     density,
     diagonal,
     eigs,
+    frobenius_norm,
     power_iteration,
     solve,
     trace,
 )
-from .objective import Objective
+from .objective import LossSpec, Objective
 from .operators import (
     DenseOperator,
     FisherOperator,
@@ -24,14 +28,17 @@ from .operators import (
     HessianOperator,
     IdentityOperator,
     Operator,
+    ProductOperator,
 )
 from .params import ParamSpace
+from .plan import MemoryPlan, MemoryPlanError, plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     # the function of the parameters
     "Objective",
+    "LossSpec",
     "ParamSpace",
     # curvature operators
     "Operator",
@@ -40,6 +47,11 @@ __all__ = [
     "FisherOperator",
     "DenseOperator",
     "IdentityOperator",
+    "ProductOperator",
+    # memory before a run
+    "plan",
+    "MemoryPlan",
+    "MemoryPlanError",
     # algorithms and their results
     "eigs",
     "power_iteration",
@@ -47,15 +59,23 @@ __all__ = [
     "block_traces",
     "diagonal",
     "density",
+    "frobenius_norm",
     "solve",
+    "InverseOperator",
+    "NotConvergedError",
     "EigResult",
     "TraceResult",
     "DiagonalResult",
     "DensityResult",
+    "FrobeniusResult",
     "SolveResult",
     # dense references
     "reference",
     # the report of a model
     "analyze",
+    "prepare",
+    "Analysis",
     "Report",
+    # Hugging Face folders and text files
+    "hf",
 ]

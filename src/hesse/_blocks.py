@@ -72,7 +72,7 @@ def transformer_blocks(names: list[str]) -> dict[str, list[str]]:
     kinds = {n: _kind(spans[0][1]) for n, spans in layers.items() if spans}
     _gemma_norms(layers, kinds)
     siblings = _sub_module_kinds(layers, kinds)
-    containers = {p for spans in layers.values() if spans for p in _prefixes(spans[0][0])}
+    containers = {p for spans in layers.values() if spans for p in module_prefixes(spans[0][0])}
     out: dict[str, list[str]] = {}
     for name in names:
         spans = layers[name]
@@ -112,7 +112,7 @@ def _sub_module_kinds(
         if kind is None:
             continue
         layer, rest = layers[name][0]
-        for module in _prefixes(rest):
+        for module in module_prefixes(rest):
             key = f"{layer}.{module}"
             out[key] = kind if out.get(key, kind) == kind else None
     return out
@@ -135,13 +135,13 @@ def _layer_block(
 
 
 def _outside_block(name: str, containers: set[str]) -> str:
-    for module in _prefixes(name):
+    for module in module_prefixes(name):
         if module not in containers:
             return module
     return name
 
 
-def _prefixes(name: str) -> list[str]:
+def module_prefixes(name: str) -> list[str]:
     """The module prefixes of a dotted name, shortest first (``"a.b.c"``: ``"a"``, ``"a.b"``)."""
     parts = name.split(".")
     return [".".join(parts[:k]) for k in range(1, len(parts))]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,17 +97,34 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         )
 
 
+class TimeUp(Exception):
+    """The run's time budget is spent; raised before a product that would start after it."""
+
+
 class ProductLog:
     """Numbers the products of a run, replays stored ones and shows progress.
 
     Args:
         checkpoint: where products are stored, or None to only count them.
         progress: show a tqdm bar of products (data passes) for each step (see :meth:`step`).
+        max_time: seconds from now after which no new product starts (:class:`TimeUp` is
+            raised instead); stored products still replay. None: no limit.
+        on_first: called with the seconds of the first computed product (e.g. to estimate
+            the time of the run).
     """
 
-    def __init__(self, checkpoint: Checkpoint | None = None, *, progress: bool = False):
+    def __init__(
+        self,
+        checkpoint: Checkpoint | None = None,
+        *,
+        progress: bool = False,
+        max_time: float | None = None,
+        on_first: Callable[[float], None] | None = None,
+    ):
         self.checkpoint, self.progress = checkpoint, progress
-        self.index, self.replayed = 0, 0
+        self.index, self.replayed, self.computed = 0, 0, 0
+        self.deadline = None if max_time is None else time.monotonic() + max_time
+        self.on_first = on_first
         self._bar = None
 
     def step(self, description: str, total: int | None = None) -> None:
@@ -124,15 +143,24 @@ class ProductLog:
         index, self.index = self.index, self.index + 1
         if self._bar is not None:
             self._bar.update(V.shape[1])
-        if self.checkpoint is None:
-            return op.matmat(V)
-        digest = _digest(V)
-        stored = self.checkpoint.get(index, digest)
+        digest = None if self.checkpoint is None else _digest(V)
+        stored = None if digest is None else self.checkpoint.get(index, digest)
         if stored is not None:
             self.replayed += 1
             return stored.to(device=V.device, dtype=op.dtype)
+        output = self._compute(op, V)
+        if digest is not None:
+            self.checkpoint.put(index, digest, output)
+        return output
+
+    def _compute(self, op: Operator, V: torch.Tensor) -> torch.Tensor:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise TimeUp
+        start = time.perf_counter()
         output = op.matmat(V)
-        self.checkpoint.put(index, digest, output)
+        self.computed += 1
+        if self.computed == 1 and self.on_first is not None:
+            self.on_first(time.perf_counter() - start)
         return output
 
 

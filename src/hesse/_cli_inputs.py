@@ -6,9 +6,12 @@ what arrived and how to fix it; the CLI prints it and exits with status 2.
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import importlib
 import os
 import pickle
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -17,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 
@@ -127,23 +130,123 @@ def _check_keys(path: str, state: Mapping, expected: Mapping) -> None:
         )
 
 
-def load_data(spec: str, samples: int | None, batch_size: int) -> DataLoader:
-    """A loader over the first ``samples`` samples of the data factory's result."""
-    label = "a torch Dataset, a DataLoader, or a tuple (inputs, targets) of tensors"
-    data = call_factory(spec, "--data", (Dataset, DataLoader, tuple, list), label)
-    collate = None
+DATA_KINDS = (
+    "a DataLoader, a Dataset, a list of batches, or one batch (an (inputs, targets) tuple or "
+    "a dict of tensors)"
+)
+"""What ``--data`` factories may return: what ``hesse.Objective`` takes."""
+
+
+def load_data(spec: str, samples: int | None, batch_size: int | None) -> object:
+    """The data of the factory ``spec``, cut to ``samples`` samples, in batches of ``batch_size``.
+
+    A ``Dataset`` (or a ``DataLoader``'s dataset) is batched in its order, ``batch_size`` or
+    the loader's batch size or 256 samples per batch. A list of batches keeps its batches,
+    split when they exceed ``batch_size``; one batch is split into batches of ``batch_size``
+    (default 256). Batches are ``(inputs, targets)`` tuples (inputs a tensor or a dict) or
+    dicts of tensors (Hugging Face style).
+
+    Returns:
+        A ``DataLoader`` or a list of batches, as ``hesse.Objective`` takes them.
+    """
+    data = call_factory(spec, "--data", (Dataset, DataLoader, tuple, list, Mapping), DATA_KINDS)
     if isinstance(data, DataLoader):
-        data, collate = data.dataset, data.collate_fn
-    elif isinstance(data, (tuple, list)):
-        if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
+        return _loader(spec, data.dataset, samples, batch_size or data.batch_size, data)
+    if isinstance(data, Dataset):
+        return _loader(spec, data, samples, batch_size, None)
+    if is_batch(data):
+        return split_batches([data], samples, batch_size or 256)
+    for i, batch in enumerate(data):
+        if not is_batch(batch):
             raise UsageError(
-                f"--data {spec!r} returned a {type(data).__name__}; expected {label}. Return "
-                f"exactly two tensors (inputs, targets), not {len(data)} items of other types."
+                f"--data {spec!r} returned a {type(data).__name__} whose item {i} "
+                f"({_kind(batch)}) is not a batch; expected {DATA_KINDS}."
             )
-        data = TensorDataset(*data)
+    if not data:
+        raise UsageError(f"--data {spec!r} returned an empty {type(data).__name__}; expected "
+                         f"{DATA_KINDS}.")  # fmt: skip
+    return split_batches(list(data), samples, batch_size)
+
+
+def _loader(spec, dataset, samples, batch_size, loader: DataLoader | None):
+    """A loader over the first ``samples`` samples of ``dataset``, in order (never shuffled)."""
+    if isinstance(dataset, IterableDataset):
+        if samples is not None or batch_size is not None:
+            raise UsageError(
+                f"--data {spec!r}: --samples and --batch-size need a map-style dataset (with "
+                "len and indexing); this one is an IterableDataset. Cut and batch it in the "
+                "factory, or return a list of batches."
+            )
+        return loader if loader is not None else DataLoader(dataset, batch_size=None)
     if samples is not None:
-        data = Subset(data, range(min(samples, len(data))))
-    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
+        dataset = Subset(dataset, range(min(samples, len(dataset))))
+    collate = loader.collate_fn if loader is not None else None
+    return DataLoader(dataset, batch_size=batch_size or 256, shuffle=False, collate_fn=collate)
+
+
+def is_batch(obj: object) -> bool:
+    """Whether ``obj`` is one batch: a dict, or ``(inputs, targets)`` with tensor targets.
+
+    Example:
+        >>> x, y = torch.zeros(4, 3), torch.zeros(4)
+        >>> is_batch((x, y)), is_batch([(x, y), (x, y)]), is_batch({"input_ids": x})
+        (True, False, True)
+    """
+    if isinstance(obj, Mapping):
+        return True
+    return (
+        isinstance(obj, (tuple, list))
+        and len(obj) == 2
+        and isinstance(obj[0], (torch.Tensor, Mapping))
+        and isinstance(obj[1], torch.Tensor)
+    )
+
+
+def split_batches(batches: list, samples: int | None, batch_size: int | None) -> list:
+    """The first ``samples`` samples of ``batches``, no batch longer than ``batch_size``.
+
+    Example:
+        >>> x = torch.arange(10.0)
+        >>> [len(b[0]) for b in split_batches([(x, x)], samples=7, batch_size=3)]
+        [3, 3, 1]
+    """
+    out, left = [], samples
+    for batch in batches:
+        n = batch_length(batch)
+        if left is not None:
+            if left <= 0:
+                break
+            batch, n = (slice_batch(batch, 0, left), min(n, left)) if n > left else (batch, n)
+            left -= n
+        size = batch_size or n
+        out += [slice_batch(batch, a, a + size) for a in range(0, n, size)] if n > size else [batch]
+    return out
+
+
+def batch_length(batch) -> int:
+    """Samples in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    return next(batch_length(item) for item in items if isinstance(item, (torch.Tensor, Mapping)))
+
+
+def slice_batch(batch, start: int, stop: int):
+    """Samples ``start:stop`` of a batch (tensors sliced on their first dimension)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() else batch
+    if isinstance(batch, Mapping):
+        return {key: slice_batch(value, start, stop) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(slice_batch(item, start, stop) for item in batch)
+    return batch
+
+
+def _kind(obj: object) -> str:
+    if isinstance(obj, (tuple, list)):
+        inner = ", ".join(type(item).__name__ for item in obj[:3])
+        return f"{type(obj).__name__} of {len(obj)} ({inner}{', ...' if len(obj) > 3 else ''})"
+    return type(obj).__name__
 
 
 def load_loss(name: str) -> Callable:
@@ -172,3 +275,104 @@ def writable_folder(path: str) -> Path:
             "can write to, e.g. --out ./hesse-report."
         ) from err
     return folder
+
+
+def parse_params(text: str | None) -> list[str] | None:
+    """``--params 'a.*,b'`` as ``["a.*", "b"]`` (None when the option is absent)."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UsageError(
+            f"--params {text!r}: no names; give parameter names, module prefixes or glob "
+            "patterns separated by commas, e.g. --params 'encoder.layer.5.*,classifier'."
+        )
+    return names
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Whether parameter ``name`` is selected by ``pattern``: equal, module prefix, or glob.
+
+    Example:
+        >>> [matches("enc.layer.5.fc.weight", p) for p in ("enc.layer.5", "enc.*.fc.*", "enc.l")]
+        [True, True, False]
+    """
+    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
+
+
+def check_params(model: nn.Module, patterns: list[str]) -> None:
+    """Refuse ``--params`` patterns that select no trainable parameter of ``model``."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    missing = [pattern for pattern in patterns if not any(matches(n, pattern) for n in names)]
+    if not missing:
+        return
+    modules = module_names(names)
+    close = difflib.get_close_matches(missing[0], names + modules, n=3, cutoff=0.6)
+    hint = f" Close: {', '.join(close)}." if close else ""
+    raise UsageError(
+        f"--params {','.join(missing)}: matches no trainable parameter.{hint} The model's "
+        f"modules: {shorten(modules)}. Give names, module prefixes or globs, comma-separated, "
+        "e.g. --params 'encoder.layer.5.*,classifier'."
+    )
+
+
+def module_names(names: list[str]) -> list[str]:
+    """The modules that own the parameters ``names``, in order (``"(root)"`` for the model)."""
+    return list(dict.fromkeys(name.rpartition(".")[0] or "(root)" for name in names))
+
+
+def shorten(modules: list[str], depth: int = 3, limit: int = 16) -> str:
+    """Module names, numbered children collapsed and deep names cut, for a one-line message.
+
+    Example:
+        >>> shorten(["emb", "enc.layer.0.attn.q", "enc.layer.0.mlp", "enc.layer.1.attn.q", "head"])
+        'emb, enc.layer.{0..1}, head'
+    """
+    heads: dict[str, list[int]] = {}
+    for module in modules:
+        parts = module.split(".")
+        numbered = next((i for i, p in enumerate(parts) if p.isdigit() and i > 0), None)
+        if numbered is None:
+            heads.setdefault(".".join(parts[:depth]), [])
+        else:
+            heads.setdefault(".".join(parts[:numbered]), []).append(int(parts[numbered]))
+    shown = [head + _numbers(ids) for head, ids in heads.items()]
+    more = f", ... ({len(shown) - limit} more)" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more
+
+
+def _numbers(ids: list[int]) -> str:
+    """``".{0..11}"`` for contiguous children, ``".{0,2,5}"`` otherwise, ``""`` for none."""
+    ids = sorted(set(ids))
+    if not ids:
+        return ""
+    if len(ids) == 1:
+        return f".{ids[0]}"
+    if ids == list(range(ids[0], ids[-1] + 1)):
+        return f".{{{ids[0]}..{ids[-1]}}}"
+    return ".{" + ",".join(map(str, ids)) + "}"
+
+
+SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+"""Decimal units, as the memory plan prints them; ``Ki``, ``Mi``, ``Gi``, ``Ti`` are binary."""
+
+
+def parse_size(text: str, option: str = "--max-memory") -> int:
+    """Bytes from ``"8G"``, ``"500MB"``, ``"1.5GiB"`` or ``"1024"``.
+
+    ``K``, ``M``, ``G``, ``T`` are powers of 1000 (as the plan prints sizes), ``Ki``, ``Mi``,
+    ``Gi``, ``Ti`` powers of 1024; a trailing ``B`` is optional.
+
+    Example:
+        >>> parse_size("8G"), parse_size("500mb"), parse_size("1.5GiB"), parse_size("100")
+        (8000000000, 500000000, 1610612736, 100)
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", text, re.IGNORECASE)
+    if match is None or float(match[1]) <= 0 or (match[3] and not match[2]):
+        raise UsageError(
+            f"{option} {text!r}: expected a positive size such as 8G, 500M or 1.5GiB "
+            "(K, M, G, T: powers of 1000; Ki, Mi, Gi, Ti: powers of 1024)."
+        )
+    unit = match[2].lower()
+    scale = 1024 ** " kmgt".index(unit) if match[3] else SIZE_UNITS[unit]
+    return int(float(match[1]) * scale)

@@ -52,36 +52,81 @@ class LossSpec:
     label_smoothing: float = 0.0
 
 
+@dataclass(frozen=True)
+class ResolvedLoss:
+    """How an :class:`~hesse.Objective` computes its loss, as resolved when it is built.
+
+    Attributes:
+        call: ``call(outputs, targets) -> mean loss`` as computed (a recognised loss with its
+            settings bound and class weights cast, a loss inferred for a Hugging Face model, or
+            an unrecognised ``loss=`` as given); None when the model's own loss or
+            ``loss_fn=`` is used.
+        spec: The recognised loss, or None.
+        source: Where the loss comes from (``Objective.loss_source``).
+        task: The Hugging Face task whose layout ``Objective.outputs`` and ``Objective.targets``
+            follow, or None (outputs and targets as they are).
+        class_weights: The per-class weights of a recognised loss, cast, or None.
+    """
+
+    call: Callable | None
+    spec: LossSpec | None
+    source: str
+    task: str | None = None
+    class_weights: torch.Tensor | None = None
+
+
 def loss_kind(loss: Callable | None) -> str | None:
     """Which of torch's losses ``loss`` is: ``"cross_entropy"``, ``"mse"``, ``"nll"``, or None.
 
-    Modules, the functions of ``torch.nn.functional`` and ``functools.partial`` of them are
-    recognised; their settings are read by :class:`~hesse.Objective` (``objective.loss_spec``).
+    Instances of the exact module classes, the functions of ``torch.nn.functional`` and
+    ``functools.partial`` of those functions are recognised; their settings are read by
+    :class:`~hesse.Objective` (``objective.loss_spec``). A subclass may compute another loss in
+    its ``forward`` (a focal loss derived from ``nn.CrossEntropyLoss``), so it is not
+    recognised: it is used as given, like any other callable.
 
     Example:
-        >>> loss_kind(nn.MSELoss()), loss_kind(functools.partial(F.nll_loss)), loss_kind(abs)
+        >>> class Focal(nn.CrossEntropyLoss):
+        ...     def forward(self, x, y):
+        ...         ce = F.cross_entropy(x, y, reduction="none")
+        ...         return ((1 - torch.exp(-ce)) ** 2 * ce).mean()
+        >>> loss_kind(nn.MSELoss()), loss_kind(functools.partial(F.nll_loss)), loss_kind(Focal())
         ('mse', 'nll', None)
     """
     if isinstance(loss, functools.partial):
         loss = loss.func
-    for module, kind in _LOSS_MODULES.items():
-        if isinstance(loss, module):
-            return kind
-    return _LOSS_FUNCTIONS.get(loss)
+    elif isinstance(loss, nn.Module):
+        return _LOSS_MODULES.get(type(loss))
+    # by identity: an arbitrary callable need not be hashable
+    return next((kind for fn, kind in _LOSS_FUNCTIONS.items() if fn is loss), None)
 
 
-def known_loss(
-    loss: Callable, dtype: torch.dtype, device: torch.device
-) -> tuple[LossSpec, functools.partial] | None:
-    """The spec of a recognised loss and the mean loss it computes (class weights cast).
+def given_loss(
+    loss: Callable, first: Any, dtype: torch.dtype, device: torch.device
+) -> ResolvedLoss:
+    """The loss passed as ``loss=``: recognised with its settings (class weights cast), or as is.
+
+    Args:
+        loss: ``loss(outputs, targets) -> mean loss``.
+        first: The first batch (a dict batch must hold the targets as ``labels``).
+        dtype: The objective's floating dtype (for class weights).
+        device: The objective's device (for class weights).
+
+    Returns:
+        The resolved loss; ``spec`` is None for an unrecognised loss.
 
     Raises:
-        ValueError: a partial that binds what hesse does not read, or a reduction that is not
-            the mean.
+        ValueError: dict batches without ``labels``, a partial that binds what hesse does not
+            read, or a reduction that is not the mean.
     """
+    if isinstance(first, Mapping) and "labels" not in first:
+        raise ValueError(
+            "Objective: with loss= the targets of a dict batch are batch['labels'], but the "
+            f"first batch has the keys {sorted(first)}. Name the targets 'labels', pass "
+            "(inputs, targets) batches (inputs may be a dict), or pass loss_fn=."
+        )
     kind = loss_kind(loss)
     if kind is None:
-        return None
+        return ResolvedLoss(loss, None, "loss=")
     settings = _settings(loss, kind)
     reduction = settings.pop("reduction", "mean")
     if reduction != "mean":
@@ -99,7 +144,8 @@ def known_loss(
         class_weighted=settings.get("weight") is not None,
         label_smoothing=float(settings.get("label_smoothing", 0.0)),
     )
-    return spec, functools.partial(LOSS_BY_KIND[kind], **settings)
+    call = functools.partial(LOSS_BY_KIND[kind], **settings)
+    return ResolvedLoss(call, spec, "loss=", class_weights=settings.get("weight"))
 
 
 def _settings(loss: Callable, kind: str) -> dict[str, Any]:

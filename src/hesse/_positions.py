@@ -1,4 +1,4 @@
-"""Shards of the data across processes, and the global position of every sample.
+"""The data of an objective: its batches, their shards across processes, and sample positions.
 
 Under ``torch.distributed`` each process passes its own shard; a sample's global position is
 where it stands in the data of all processes taken in rank order, so that draws keyed on it
@@ -7,7 +7,8 @@ where it stands in the data of all processes taken in rank order, so that draws 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,34 @@ from torch.utils.data import (
 )
 
 _SHUFFLING = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+
+def as_batches(data: Any, *, has_loss_fn: bool) -> Iterable[Any]:
+    """A re-iterable collection of batches from a loader, a list of batches, or one batch.
+
+    A pair ``(inputs, targets)`` is one batch, except with ``loss_fn=``, whose batches may
+    be anything: the pair is then a list of two batches.
+    """
+    single_pair = (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], (torch.Tensor, Mapping))
+        and isinstance(data[1], torch.Tensor)
+        and not has_loss_fn
+    )
+    if single_pair or isinstance(data, (Mapping, torch.Tensor)):
+        return [data]
+    if isinstance(data, Iterator):
+        raise ValueError(
+            "Objective: data is a one-shot iterator (e.g. a generator), but every analysis "
+            "passes over the data many times; pass a list of batches or a DataLoader."
+        )
+    if not isinstance(data, Iterable):
+        raise ValueError(
+            f"Objective: data must be a DataLoader, a list of batches or one batch; "
+            f"got {type(data).__name__}."
+        )
+    return data
 
 
 def distributed() -> bool:
@@ -47,7 +76,7 @@ def all_reduce(
 
 
 def check_shards(empty: bool, data: Iterable, device: torch.device) -> int | None:
-    """Refuse empty data on any process (all ranks alike); return the samples of lower ranks.
+    """Refuse empty or padded data on any process (all ranks alike); return the shard's offset.
 
     Args:
         empty: This process's data yielded no batch.
@@ -55,12 +84,14 @@ def check_shards(empty: bool, data: Iterable, device: torch.device) -> int | Non
         device: Where the collective runs.
 
     Returns:
-        The number of samples that processes of lower rank hold (0 on one process), or None
-        when one of them cannot count its samples.
+        The shard offset: the number of samples that processes of lower rank hold (0 on one
+        process), or None when one of them cannot count its samples.
 
     Raises:
-        ValueError: the data of some process is empty; raised on every process.
+        ValueError: the data of some process is empty, raised on every process; or this
+            process's loader has a ``DistributedSampler`` that pads the data.
     """
+    _check_padding(data)
     if not distributed():
         if empty:
             raise ValueError(
@@ -88,12 +119,21 @@ def positions(data: Iterable, offset: int | None) -> list[torch.Tensor]:
 
     Args:
         data: This process's data: a ``DataLoader`` or a list of batches.
-        offset: The samples of lower ranks, from :func:`check_shards`.
+        offset: The shard offset (samples of lower ranks) from :func:`check_shards`.
+
+    Returns:
+        One ``(n_b,)`` int64 tensor per batch.
 
     Raises:
         ValueError: a batch holds no tensor to count, the loader shuffles or has no batch
             sampler, or a lower rank's sample count is unknown.
     """
+    if offset is None:
+        raise ValueError(
+            "Objective.sample_positions: a lower-ranked process's sample count is unknown (its "
+            "data is not a list of batches or a DataLoader over a sized dataset), so this "
+            "process cannot place its samples; pass lists or DataLoaders on every process."
+        )
     if isinstance(data, DataLoader):
         batches = _loader_indices(data)
     else:
@@ -107,13 +147,23 @@ def positions(data: Iterable, offset: int | None) -> list[torch.Tensor]:
                 )
             batches.append(torch.arange(start, start + n))
             start += n
-    if offset is None:
-        raise ValueError(
-            "Objective.sample_positions: a lower-ranked process's sample count is unknown (its "
-            "data is not a list of batches or a DataLoader over a sized dataset), so this "
-            "process cannot place its samples; pass lists or DataLoaders on every process."
-        )
     return [b + offset for b in batches]
+
+
+def _check_padding(data: Iterable) -> None:
+    """Refuse a ``DistributedSampler`` that repeats samples to fill its last round."""
+    sampler = data.sampler if isinstance(data, DataLoader) else None
+    if not isinstance(sampler, DistributedSampler):
+        return
+    n = len(sampler.dataset)
+    if sampler.total_size > n:
+        raise ValueError(
+            f"Objective: the DistributedSampler pads {n} samples to {sampler.total_size} "
+            f"({sampler.num_replicas} processes of {sampler.num_samples}) by repeating the first "
+            f"{sampler.total_size - n}, which the mean loss would count twice; make the number "
+            "of samples divisible by the world size, or pass drop_last=True to the "
+            "DistributedSampler."
+        )
 
 
 def _sample_count(batch) -> int | None:

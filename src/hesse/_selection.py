@@ -19,7 +19,16 @@ Selection = str | torch.Tensor | nn.Module | Sequence[str | torch.Tensor | nn.Mo
 
 
 def choose(model: nn.Module, selection: Selection | None) -> tuple[list[str], dict[str, Any]]:
-    """Names of the analysed parameters in the model's order, and the trainable ones by name.
+    """The parameters an ``Objective`` analyses: those of ``params=``, else all trainable ones.
+
+    Args:
+        model: The network.
+        selection: What ``params=`` takes (see :func:`names_of`), or None for every parameter
+            with ``requires_grad``.
+
+    Returns:
+        ``(chosen, named)``: the names of the analysed parameters in the model's order, and
+        ``{name: parameter}`` of every trainable parameter.
 
     Raises:
         ValueError: no trainable parameter, a selection that matches none, or a complex one.
@@ -34,8 +43,9 @@ def choose(model: nn.Module, selection: Selection | None) -> tuple[list[str], di
     if selection is not None:
         space = ParamSpace.from_named(named, aliases(model))
         frozen = [n for n, _ in model.named_parameters() if n not in named]
+        wanted = names_of(model, selection, named, caller="Objective(params=)")
         try:
-            chosen = space.select(names_of(model, selection, named), others=frozen)
+            chosen = space.select(wanted, others=frozen)
         except ValueError as err:
             raise ValueError(f"Objective: params= {err}") from None
     for n in chosen:
@@ -48,10 +58,26 @@ def choose(model: nn.Module, selection: Selection | None) -> tuple[list[str], di
     return chosen, named
 
 
-def names_of(model: nn.Module, selection: Selection, candidates: Mapping[str, Any]) -> list[str]:
+def names_of(
+    model: nn.Module, selection: Selection, candidates: Mapping[str, Any], *, caller: str
+) -> list[str]:
     """Names and patterns of a selection, with ``Parameter``/``Module`` objects resolved.
 
-    A module stands for its parameters among ``candidates`` (trainable, or analysed).
+    Args:
+        model: The network whose parameters and modules the selection may hold.
+        selection: Parameter names, module prefixes or glob patterns (kept as they are, for
+            :meth:`~hesse.params.ParamSpace.select`), ``Parameter`` or ``Module`` objects of
+            ``model``, or a list of them.
+        candidates: The parameters a module may stand for (trainable, or analysed), by name.
+        caller: The call and argument the errors name (``"Objective(params=)"``).
+
+    Returns:
+        The names and patterns, in the selection's order; a module gives its parameters among
+        ``candidates``.
+
+    Raises:
+        ValueError: a tensor or a module that is not the model's, a module without candidate
+            parameters, or an item of another type.
     """
     if isinstance(selection, (str, torch.Tensor, nn.Module)):
         selection = [selection]
@@ -63,15 +89,15 @@ def names_of(model: nn.Module, selection: Selection, candidates: Mapping[str, An
         elif isinstance(item, torch.Tensor):
             if id(item) not in by_id:
                 raise ValueError(
-                    f"Objective: a tensor of shape {tuple(item.shape)} in params= is not a "
-                    "parameter of this model; pass the model's own parameters or names."
+                    f"{caller}: a tensor of shape {tuple(item.shape)} is not a parameter of this "
+                    "model; pass the model's own parameters or names."
                 )
             names.append(by_id[id(item)])
         elif isinstance(item, nn.Module):
-            names.extend(_module_names(model, item, by_id, candidates))
+            names.extend(_module_names(model, item, by_id, candidates, caller))
         else:
             raise ValueError(
-                f"Objective: params= takes names, patterns, Parameters and Modules; got "
+                f"{caller}: takes names, patterns, Parameters and Modules; got "
                 f"{type(item).__name__}."
             )
     return names
@@ -85,17 +111,21 @@ def aliases(model: nn.Module) -> dict[str, str]:
 
 
 def _module_names(
-    model: nn.Module, module: nn.Module, by_id: dict[int, str], candidates: Mapping[str, Any]
+    model: nn.Module,
+    module: nn.Module,
+    by_id: dict[int, str],
+    candidates: Mapping[str, Any],
+    caller: str,
 ) -> list[str]:
     if not any(module is m for m in model.modules()):
         raise ValueError(
-            f"Objective: the {type(module).__name__} in params= is not a submodule of the "
-            "model; pass the model's own modules or their names."
+            f"{caller}: the {type(module).__name__} is not a submodule of the model; pass the "
+            "model's own modules or their names."
         )
     names = [by_id[id(p)] for p in module.parameters() if by_id[id(p)] in candidates]
     if not names:
         raise ValueError(
-            f"Objective: the {type(module).__name__} selected has no trainable (or, for "
-            "restrict, analysed) parameters."
+            f"{caller}: the {type(module).__name__} selected has no parameter that may be "
+            "analysed here (its parameters are frozen, or not analysed by this objective)."
         )
     return names

@@ -1,12 +1,16 @@
 """The ``hesse`` command: ``hesse analyze | eigs | trace | density``.
 
-A thin layer over :func:`hesse.analysis.analyze`: it builds the model, data and loss from a
-built-in demo or from ``package.module:factory`` names, runs the requested sections, prints
-a compact table (or JSON) and writes ``results.json``, PNG plots and ``report.html``.
+A thin layer over :func:`hesse.analysis.prepare`: it builds the model, data and loss from a
+built-in demo, a local Hugging Face folder with a text file (``--hf DIR --data FILE``), or
+``package.module:factory`` names, the ``Objective`` of the chosen
+``--params``, prints one line with the parameters, samples and memory plan (stderr), runs
+the requested sections with progress bars on a terminal, prints a compact table (or JSON)
+and writes ``results.json``, PNG plots and ``report.html``.
 
 Exit status: 0 on success, 2 when the request is wrong (unknown module, factory of the wrong
-type, weights that do not fit, unwritable output folder, ``--k`` too large, bad options),
-1 when the computation fails (e.g. a non-finite loss).
+type, weights that do not fit, unwritable output folder, ``--k`` too large, ``--params`` that
+match nothing, a plan over ``--max-memory``, bad options), 1 when the computation fails
+(e.g. a non-finite loss).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -21,9 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from hesse import _cli_inputs as inputs
+from hesse import hf
 from hesse._cli_inputs import UsageError
-from hesse.analysis import SECTIONS, Options, analyze
+from hesse.analysis import SECTIONS, Options, prepare
 from hesse.demo import DEMOS, load_demo
+from hesse.objective import Objective
 
 COMMANDS = {
     "analyze": (SECTIONS, "The full report: spectrum, trace, density, GGN, layers, stability."),
@@ -35,9 +43,14 @@ DEFAULTS = {"k": 20, "budget": 100, "steps": 80, "probes": 4}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EXAMPLES = """examples:
   hesse {cmd} --demo digits
+  hesse {cmd} --hf ./my-bert --data reviews.csv --text-column sentence --label-column label \
+              --params 'bert.encoder.layer.5.*,classifier' --samples 256 --k 5
+  hesse {cmd} --hf ./my-gpt2 --data corpus.txt --max-length 64 --max-time 600
   hesse {cmd} --demo tiny-lm --k 5 --quiet --json
   hesse {cmd} --model mymodels:make_net --data mymodels:make_data --weights net.pt \\
               --loss cross_entropy --lr 0.1 --out report
+  hesse {cmd} --model mymodels:make_net --data mymodels:make_data \\
+              --params 'encoder.layer.5.*,classifier' --max-memory 8G
   hesse {cmd} --demo digits --checkpoint run.ckpt   # rerun the same line to resume
 """
 
@@ -70,11 +83,38 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_source_options(group) -> None:
     group.add_argument("--demo", choices=list(DEMOS), help="a built-in demo (trained on first use)")
     group.add_argument("--model", metavar="PKG.MOD:FACTORY", help="function returning the model")
-    group.add_argument("--data", metavar="PKG.MOD:FACTORY", help="function returning the data")
+    group.add_argument(
+        "--hf", metavar="DIR",
+        help="a local Hugging Face model folder (config, weights, tokenizer), loaded offline",
+    )  # fmt: skip
+    group.add_argument(
+        "--hf-task", choices=list(hf.TASKS),
+        help="Auto class of --hf (default: from the config's architectures)",
+    )  # fmt: skip
+    group.add_argument(
+        "--data", metavar="FILE|PKG.MOD:FACTORY",
+        help="with --hf: a .txt (one example per line), .csv or .jsonl file; or a function "
+        "returning the data: a DataLoader, a Dataset, a list of batches, or one batch "
+        "((inputs, targets) or a dict of tensors)",
+    )  # fmt: skip
+    group.add_argument("--text-column", default="text", help="text column of .csv/.jsonl data")
+    group.add_argument("--label-column", default="label", help="label column (classification)")
+    group.add_argument(
+        "--max-length", type=int, default=128, help="tokens per example with --hf (default 128)"
+    )
     group.add_argument("--weights", metavar="FILE", help="state dict (torch.load weights_only)")
-    group.add_argument("--loss", default="cross_entropy", help="cross_entropy | mse | PKG.MOD:FN")
+    group.add_argument(
+        "--loss",
+        help="cross_entropy | mse | PKG.MOD:FN (default cross_entropy; with --hf the model's "
+        "own loss)",
+    )
     group.add_argument("--samples", type=int, metavar="N", help="use the first N samples")
     group.add_argument("--batch-size", type=int, metavar="B", help="samples per data-pass batch")
+    group.add_argument(
+        "--params", metavar="NAMES",
+        help="parameters to analyse, comma-separated: names, module prefixes or glob patterns, "
+        "e.g. 'encoder.layer.5.*,classifier' (default: all trainable)",
+    )  # fmt: skip
 
 
 def _add_method_options(group) -> None:
@@ -84,10 +124,25 @@ def _add_method_options(group) -> None:
     group.add_argument("--steps", type=int, help="Lanczos steps of the density (default 80)")
     group.add_argument("--probes", type=int, help="probes of the density (default 4)")
     group.add_argument("--lr", type=float, help="training learning rate (stability verdicts)")
+    group.add_argument(
+        "--optimizer", choices=["sgd", "momentum", "adam"], default="sgd",
+        help="how the model was trained, for the stability threshold (adam: no verdict)",
+    )  # fmt: skip
+    group.add_argument("--momentum", type=float, default=0.9, help="with --optimizer momentum")
     group.add_argument("--seed", type=int, default=0, help="seed of the random probes")
     group.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: model's)")
     group.add_argument("--device", help="compute device, e.g. cpu or cuda (default: model's)")
     group.add_argument("--checkpoint", metavar="FILE", help="record products; rerun to resume")
+    group.add_argument(
+        "--max-memory", metavar="SIZE",
+        help="memory the run may hold, e.g. 8G or 500M: probe groups and blocks are chosen to "
+        "fit, or the run is refused with its plan",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-time", type=float, metavar="SECONDS",
+        help="stop cleanly after this long: the sections done are reported, the others are "
+        "listed as partial (with --checkpoint, rerun to resume)",
+    )  # fmt: skip
     group.add_argument(
         "--threads", type=int, help="torch CPU threads (default: 1 for demos, else torch's)"
     )
@@ -96,7 +151,11 @@ def _add_method_options(group) -> None:
 def _add_output_options(group) -> None:
     group.add_argument("--out", metavar="DIR", help="write results.json, plots, report.html")
     group.add_argument("--json", action="store_true", help="print results.json to stdout")
-    group.add_argument("--quiet", action="store_true", help="no progress bars, no table")
+    group.add_argument("--quiet", action="store_true", help="no plan line, no progress, no table")
+    group.add_argument(
+        "--progress", action="store_true",
+        help="progress bars even when stderr is not a terminal (they are on in a terminal)",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -133,12 +192,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_source(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if bool(args.demo) == bool(args.model):
-        parser.error("give either --demo NAME or --model PKG.MOD:FACTORY with --data.")
-    if args.model and not args.data:
-        parser.error("--model needs --data PKG.MOD:FACTORY (the samples to analyse).")
+    if sum(map(bool, (args.demo, args.model, args.hf))) != 1:
+        parser.error(
+            "give one of --demo NAME, --hf DIR with --data FILE, or --model PKG.MOD:FACTORY "
+            "with --data."
+        )
+    if (args.model or args.hf) and not args.data:
+        parser.error("--model and --hf need --data (the samples to analyse).")
     if args.demo and (args.data or args.weights):
-        parser.error("--data and --weights go with --model, not with --demo.")
+        parser.error("--data and --weights go with --model or --hf, not with --demo.")
+    if args.hf_task and not args.hf:
+        parser.error("--hf-task goes with --hf.")
     if args.out is None and args.command == "analyze":
         args.out = "hesse-report"
 
@@ -154,7 +218,9 @@ def _command(argv: list[str]) -> str:
 
 def run(args: argparse.Namespace):
     """Load the problem and analyse it as ``args`` ask; returns the ``Report``."""
-    progress = not args.quiet and sys.stderr.isatty()
+    progress = not args.quiet and (args.progress or sys.stderr.isatty())
+    max_memory = None if args.max_memory is None else inputs.parse_size(args.max_memory)
+    selection = inputs.parse_params(args.params)
     if args.out:
         inputs.writable_folder(args.out)
     # The demo models are tiny: intra-op threads only add spin-waits (5-10x slower products
@@ -162,16 +228,62 @@ def run(args: argparse.Namespace):
     threads = args.threads if args.threads is not None else (1 if args.demo else None)
     if threads is not None:
         torch.set_num_threads(threads)
-    problem = _from_demo(args, progress) if args.demo else _from_factories(args)
+    if args.demo:
+        problem = _from_demo(args, progress)
+    else:
+        problem = _from_hf(args) if args.hf else _from_factories(args)
+    if selection is not None:
+        inputs.check_params(problem.model, selection)
+    objective = _objective(args, problem, selection)
     options = _options(args, problem)
-    _check_k(problem.model, options.k)
-    return analyze(
-        problem.model, problem.data, problem.loss, loss_fn=problem.loss_fn,
-        lr=args.lr if args.lr is not None else problem.lr, n_classes=problem.n_classes,
-        dtype=DTYPES.get(args.dtype), device=args.device, progress=progress,
-        checkpoint=args.checkpoint, name=problem.name, description=problem.description,
-        training=problem.training, **dataclasses.asdict(options),
-    )  # fmt: skip
+    _check_k(objective, options, selection)
+    try:
+        job = prepare(
+            objective, selection=selection, lr=args.lr if args.lr is not None else problem.lr,
+            optimizer=args.optimizer, momentum=args.momentum,
+            n_classes=problem.n_classes, max_memory=max_memory, name=problem.name,
+            description=problem.description, training=problem.training,
+            **dataclasses.asdict(options),
+        )  # fmt: skip
+    except ValueError as err:
+        raise UsageError(_cli_words(str(err))) from err
+    if not args.quiet:
+        print(f"hesse {args.command}: {job.describe()}", file=sys.stderr)
+    first = None if args.quiet else _estimate(args.command, job)
+    return job.run(
+        progress=progress, checkpoint=args.checkpoint, max_time=args.max_time, on_first=first
+    )
+
+
+def _estimate(command: str, job):
+    """A callback that prints, after the first product, the time the run may take."""
+
+    def say(seconds: float) -> None:
+        most = job.max_products()
+        print(
+            f"hesse {command}: first product took {seconds:.2g} s; at most {most} products "
+            f"planned, so at most ~{_duration(seconds * most)} (Lanczos often stops earlier)",
+            file=sys.stderr,
+        )
+
+    return say
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _objective(args: argparse.Namespace, problem: Problem, selection: list[str] | None):
+    """The ``Objective``; what it refuses (model state, data, parameters) is a usage error."""
+    try:
+        return Objective(
+            problem.model, problem.data, problem.loss, loss_fn=problem.loss_fn,
+            params=selection, dtype=DTYPES.get(args.dtype), device=args.device,
+        )  # fmt: skip
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def _options(args: argparse.Namespace, problem: Problem) -> Options:
@@ -182,19 +294,47 @@ def _options(args: argparse.Namespace, problem: Problem) -> Options:
     try:
         return Options(args.curvature, sections, seed=args.seed, **settings)
     except ValueError as err:
-        raise UsageError(str(err).replace("analyze: ", "", 1)) from err
+        raise UsageError(_cli_words(str(err))) from err
 
 
-def _check_k(model: torch.nn.Module, k: int) -> None:
-    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if k > d:
+CLI_WORDS = (
+    ("analyze: ", ""),
+    ("max_memory=", "--max-memory "),
+    ("raise max_memory", "raise --max-memory"),
+    ("(params=)", "(--params)"),
+)
+"""API words in ``analyze``/``plan`` messages and the command-line options they mean."""
+
+
+def _hf_words(message: str) -> str:
+    """A ``hesse.hf`` error in the words of the command line (``task='x'`` is ``--hf-task x``)."""
+    message = re.sub(r"path=('[^']*')", r"\1", message)
+    message = re.sub(r"task='([^']*)'", r"--hf-task \1", message)
+    for api, option in (("task=", "--hf-task"), ("text_column=", "--text-column"),
+                        ("label_column=", "--label-column"), ("label2id=", "the config's labels")):
+        message = message.replace(api, option)  # fmt: skip
+    return message
+
+
+def _cli_words(message: str) -> str:
+    """An ``analyze`` or ``plan`` error in the words of the command line."""
+    for api, option in CLI_WORDS:
+        message = message.replace(api, option)
+    return message
+
+
+def _check_k(objective: Objective, options: Options, selection: list[str] | None) -> None:
+    d, k = objective.dim, options.k
+    if k > d and {"eigs", "ggn"} & set(options.sections):
+        chosen = f" selected by --params {','.join(selection)}" if selection else ""
         raise UsageError(
-            f"--k {k} is larger than the number of parameters ({d}); a {d}x{d} curvature "
-            f"matrix has only {d} eigenvalues. Pass --k {min(d, DEFAULTS['k'])} or less."
+            f"--k {k} is larger than the number of parameters ({d}{chosen}); a {d}x{d} "
+            f"curvature matrix has only {d} eigenvalues. Pass --k {min(d, DEFAULTS['k'])} or less."
         )
 
 
 def _from_demo(args: argparse.Namespace, progress: bool) -> Problem:
+    args.loss = args.loss or "cross_entropy"
     if args.loss not in inputs.LOSSES:
         raise UsageError(
             f"--loss {args.loss!r} with --demo: the demos train with cross_entropy or mse; "
@@ -214,9 +354,41 @@ def _from_demo(args: argparse.Namespace, progress: bool) -> Problem:
 
 def _from_factories(args: argparse.Namespace) -> Problem:
     model = inputs.load_model(args.model, args.weights)
-    data = inputs.load_data(args.data, args.samples, args.batch_size or 256)
-    loss = inputs.load_loss(args.loss)
+    data = inputs.load_data(args.data, args.samples, args.batch_size)
+    loss = inputs.load_loss(args.loss or "cross_entropy")
     return Problem(args.model, model, data, loss, None, None, None, None, None, {})
+
+
+def _from_hf(args: argparse.Namespace) -> Problem:
+    """A Hugging Face folder, with a text file (or a factory) as data; the model's own loss."""
+    _quiet_transformers()
+    try:
+        model, tokenizer, task = hf.load_model(args.hf, args.hf_task)
+        if args.weights:
+            model.load_state_dict(inputs.load_weights(args.weights, model))
+        if ":" in args.data and not os.path.isfile(args.data):
+            data = inputs.load_data(args.data, args.samples, args.batch_size)
+        else:
+            data = hf.text_batches(
+                args.data, tokenizer, task, text_column=args.text_column,
+                label_column=args.label_column, label2id=model.config.label2id,
+                max_length=args.max_length, batch_size=args.batch_size or 16,
+                limit=args.samples, seed=args.seed,
+            )  # fmt: skip
+    except (ValueError, OSError) as err:
+        raise UsageError(_hf_words(str(err))) from err
+    loss = inputs.load_loss(args.loss) if args.loss else None
+    classes = model.config.num_labels if task == "sequence-classification" else None
+    name = f"{type(model).__name__} ({args.hf})"
+    return Problem(name, model, data, loss, None, None, classes, None, None, {})
+
+
+def _quiet_transformers() -> None:
+    """Keep transformers' loading bars and notices off the command's stderr (one plan line)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def emit(args: argparse.Namespace, report) -> None:

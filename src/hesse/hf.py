@@ -16,22 +16,14 @@ from typing import Any
 
 import torch
 
-TASKS = {
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "causal-lm": "AutoModelForCausalLM",
-    "masked-lm": "AutoModelForMaskedLM",
-    "token-classification": "AutoModelForTokenClassification",
-}
-_ARCH_SUFFIXES = {
-    "ForSequenceClassification": "sequence-classification",
-    "ForCausalLM": "causal-lm",
-    "LMHeadModel": "causal-lm",
-    "ForMaskedLM": "masked-lm",
-    "ForTokenClassification": "token-classification",
-}
+from ._hf_losses import TASKS
+
+__all__ = ["MASK_RATE", "TASKS", "infer_task", "load_model", "text_batches"]
+
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _TOKENIZER = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 MASK_RATE = 0.15  # share of tokens masked for masked-LM data (Devlin et al. 2019)
+_SHOWN = 4  # missing weights named in an error
 
 
 def load_model(path: str | os.PathLike, task: str | None = None) -> tuple[Any, Any, str]:
@@ -47,20 +39,27 @@ def load_model(path: str | os.PathLike, task: str | None = None) -> tuple[Any, A
         ``(model, tokenizer, task)``; the attention implementation is the model's default.
 
     Raises:
-        ValueError: the folder or one of its files is missing, or the task is unknown.
+        ValueError: the folder or one of its files is missing, the task is unknown, or the
+            folder holds no weights for some parameters of the task's model (a head that
+            ``from_pretrained`` would fill with random numbers: the folder was saved for
+            another task).
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise ValueError(f"--hf: {folder} is not a folder; pass the folder of save_pretrained.")
+        raise ValueError(
+            f"path={str(folder)!r} is not a folder; pass the folder of save_pretrained."
+        )
     _need_file(folder, ("config.json",), "the model config")
     _need_file(folder, _WEIGHTS, "the model weights")
     _need_file(folder, _TOKENIZER, "the tokenizer (save it with tokenizer.save_pretrained)")
     task = task or infer_task(folder)
     if task not in TASKS:
-        raise ValueError(f"--hf-task: unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+        raise ValueError(f"task={task!r} is unknown; choose one of {', '.join(TASKS)}.")
     import transformers
 
-    model = getattr(transformers, TASKS[task]).from_pretrained(folder, local_files_only=True)
+    auto = getattr(transformers, TASKS[task].auto_class)
+    model, info = auto.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+    _check_loaded(folder, task, type(model).__name__, info)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token is None:
         # causal LMs such as GPT-2 ship without a padding token; padded positions carry
@@ -70,17 +69,54 @@ def load_model(path: str | os.PathLike, task: str | None = None) -> tuple[Any, A
 
 
 def infer_task(folder: str | os.PathLike) -> str:
-    """The task of a model folder, from ``config.json``'s ``architectures``."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    for arch in config.get("architectures") or []:
-        for suffix, task in _ARCH_SUFFIXES.items():
-            if arch.endswith(suffix):
-                return task
+    """The task of a model folder, from ``config.json``'s ``architectures``.
+
+    Raises:
+        ValueError: the config names no architecture of a known task, nor class labels.
+    """
+    config = _config(Path(folder))
+    task = _saved_task(config)
+    if task is not None:
+        return task
     if "id2label" in config:
         return "sequence-classification"
     raise ValueError(
-        f"--hf: cannot tell the task of {folder} (config.json names no known architecture); "
-        f"pass --hf-task, one of {', '.join(TASKS)}."
+        f"path={str(folder)!r}: cannot tell the task (config.json names no known "
+        f"architecture); pass task=, one of {', '.join(TASKS)}."
+    )
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "config.json").read_text())
+
+
+def _saved_task(config: dict[str, Any]) -> str | None:
+    """The task of the first architecture in ``config`` with a known class-name ending."""
+    for arch in config.get("architectures") or []:
+        for name, task in TASKS.items():
+            if arch.endswith(task.suffixes):
+                return name
+    return None
+
+
+def _check_loaded(folder: Path, task: str, cls: str, info: dict[str, Any]) -> None:
+    """Refuse a model some of whose weights the folder lacks (``from_pretrained`` draws them)."""
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
+    missing = sorted(map(str, [*info.get("missing_keys", ()), *mismatched]))
+    if not missing:
+        return
+    more = f", ... ({len(missing) - _SHOWN} more)" if len(missing) > _SHOWN else ""
+    config = _config(folder)
+    saved = _saved_task(config)
+    archs = ", ".join(config.get("architectures") or []) or "no architecture"
+    if saved is not None and saved != task:
+        fix = f"the folder holds a {archs}, saved for task={saved!r}: pass task={saved!r}, or"
+    else:
+        fix = f"its config.json names {archs}: pass"
+    raise ValueError(
+        f"task={task!r}: path={str(folder)!r} holds no weights for {len(missing)} tensors of "
+        f"{cls} ({', '.join(missing[:_SHOWN])}{more}), which from_pretrained would fill with "
+        f"random numbers; {fix} a folder saved with the {task} head."
     )
 
 
@@ -125,7 +161,8 @@ def text_batches(
     """
     texts, labels = _read(Path(path), text_column, label_column, _classifies(task))
     if limit is not None:
-        texts, labels = texts[:limit], labels[:limit] if labels is not None else None
+        texts = texts[:limit]
+        labels = labels[:limit] if labels is not None else None
     out = []
     gen = torch.Generator().manual_seed(seed)
     for start in range(0, len(texts), batch_size):
@@ -141,32 +178,34 @@ def _classifies(task: str) -> bool:
 
 def _need_file(folder: Path, names: tuple[str, ...], what: str) -> None:
     if not any((folder / n).exists() for n in names):
-        raise ValueError(f"--hf: {folder} lacks {what}: expected one of {', '.join(names)}.")
+        raise ValueError(f"path={str(folder)!r} lacks {what}: expected one of {', '.join(names)}.")
 
 
-def _read(path: Path, text_column: str, label_column: str, labelled: bool):
+def _read(
+    path: Path, text_column: str, label_column: str, labelled: bool
+) -> tuple[list[str], list[Any] | None]:
     """Texts and (for classification) raw labels of a .txt, .csv or .jsonl file."""
     if not path.is_file():
-        raise ValueError(f"--data: no file {path}.")
+        raise ValueError(f"path={str(path)!r} is not a file; pass the data file.")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         if labelled:
             raise ValueError(
-                f"--data: {path.name} is plain text, but classification needs labels; "
-                "pass a .csv or .jsonl file with a label column."
+                f"path={str(path)!r}: {path.name} is plain text, but classification needs "
+                "labels; pass a .csv or .jsonl file with a label column."
             )
         texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         rows = None
     elif suffix in (".csv", ".jsonl"):
         rows = _records(path, suffix)
-        _need_column(path, rows, text_column, "--text-column")
+        _need_column(path, rows, text_column, "text_column")
         if labelled:
-            _need_column(path, rows, label_column, "--label-column")
+            _need_column(path, rows, label_column, "label_column")
         texts = [str(r[text_column]) for r in rows]
     else:
-        raise ValueError(f"--data: {path.name} is not .txt, .csv or .jsonl (nor mod:fn).")
+        raise ValueError(f"path={str(path)!r}: {path.name} is not .txt, .csv or .jsonl.")
     if not texts:
-        raise ValueError(f"--data: {path} holds no examples.")
+        raise ValueError(f"path={str(path)!r}: {path.name} holds no examples.")
     return texts, [r[label_column] for r in rows] if labelled else None
 
 
@@ -180,20 +219,31 @@ def _records(path: Path, suffix: str) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"--data: {path.name} line {i} is not JSON ({err}).") from None
+                    raise ValueError(
+                        f"path={str(path)!r}: {path.name} line {i} is not JSON ({err})."
+                    ) from None
         return rows
 
 
-def _need_column(path: Path, rows: list[dict], column: str, flag: str) -> None:
+def _need_column(path: Path, rows: list[dict], column: str, parameter: str) -> None:
     have = list(rows[0]) if rows else []
     if not rows or column not in rows[0]:
         raise ValueError(
-            f"--data: {path.name} has no column {column!r} (columns: {', '.join(have) or 'none'}); "
-            f"name the right one with {flag}."
+            f"path={str(path)!r}: {path.name} has no column {column!r} (columns: "
+            f"{', '.join(have) or 'none'}); name the right one with {parameter}=."
         )
 
 
-def _batch(tokenizer, task, texts, labels, label2id, max_length, gen) -> dict[str, torch.Tensor]:
+def _batch(
+    tokenizer: Any,
+    task: str,
+    texts: list[str],
+    labels: list[Any] | None,
+    label2id: dict[str, int] | None,
+    max_length: int,
+    gen: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """One padded dict batch of ``texts`` with the ``labels`` of ``task``."""
     words = task == "token-classification"
     enc = tokenizer(
         [t.split() for t in texts] if words else texts,
@@ -223,7 +273,8 @@ def _label(y: Any, label2id: dict[str, int] | None) -> int:
     except (TypeError, ValueError):
         names = ", ".join(label2id or {}) or "none (the config has no label names)"
         raise ValueError(
-            f"--data: label {y!r} is neither a class name of the model ({names}) nor an integer."
+            f"label {y!r} is neither a class name of the model ({names}) nor an integer; "
+            "check label_column= and label2id=."
         ) from None
 
 
@@ -243,7 +294,10 @@ def _word_labels(enc, tags: list[Any], label2id) -> torch.Tensor:
 def _mask(tokenizer, batch, gen) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked-LM inputs and labels: ``MASK_RATE`` of the real, non-special tokens masked."""
     if tokenizer.mask_token_id is None:
-        raise ValueError("--hf-task masked-lm: the tokenizer has no mask token.")
+        raise ValueError(
+            "task='masked-lm': the tokenizer has no mask token, so no token can be masked; "
+            "pass a folder whose tokenizer has one, or another task=."
+        )
     ids = batch["input_ids"]
     special = torch.tensor(
         [

@@ -11,18 +11,18 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ._hf_losses import TASKS, hf_tasks, match_task, task_outputs, task_spec, task_targets, upcast
+from ._hf_losses import infer_own_loss, task_outputs, task_targets, upcast
 from ._losses import (
-    LOSS_BY_KIND,
     LossSpec,
+    ResolvedLoss,
     check_own_loss_batch,
-    known_loss,
+    given_loss,
     logits_of,
     loss_kind,
     own_loss,
     target_weight,
 )
-from ._positions import all_reduce, check_shards, positions
+from ._positions import all_reduce, as_batches, check_shards, positions
 from ._selection import Selection, aliases, choose, names_of
 from .params import ParamSpace
 
@@ -70,10 +70,10 @@ class Objective:
     gets that loss inferred from its class and config: token cross-entropy for causal LMs
     (shifted: the logits at position ``t`` predict label ``t + 1``), masked LMs and token
     classifiers, cross-entropy or MSE (``problem_type="regression"``) for sequence classifiers.
-    The inferred loss is checked against ``model(**batch).loss`` on the first batch and named in
-    :attr:`loss_source`; :meth:`outputs` and :meth:`targets` then give logits and labels in the
-    layout it reads (one row per token, shifted for causal LMs). Other models' own losses are
-    used as they are (no GGN or Fisher then).
+    The inferred loss is checked against ``model(**batch).loss`` on the first batch that counts
+    some labels and named in :attr:`loss_source`; :meth:`outputs` and :meth:`targets` then give
+    logits and labels in the layout it reads (one row per token, shifted for causal LMs). Other
+    models' own losses are used as they are (no GGN or Fisher then).
 
     Args:
         model: The network. It is not modified: parameters are cast copies (or views, when
@@ -93,23 +93,29 @@ class Objective:
             ``Module`` objects, or a list of them; kept in the model's order.
         device: Where to compute (default: the model's).
         dtype: Floating dtype of parameters and inputs (default: the model's).
-        allow_train_mode: Accept batch-norm layers in training mode (batch statistics).
+        allow_train_mode: Accept batch-norm layers in training mode (batch statistics; their
+            running averages are then updated on copies). Dropout is refused even then. A
+            model in training mode without dropout or batch-norm modules is accepted when two
+            evaluations of the first batch's loss under different random seeds agree (dropout
+            applied without a module, as Hugging Face attention does, shows up there).
         progress: Show a progress bar over batches on each data pass.
 
     Attributes:
-        loss: The loss of the outputs (None for ``loss_fn=`` and unrecognised own losses).
+        loss: The loss of the outputs as given, or the one inferred for a Hugging Face model
+            (None for ``loss_fn=`` and unrecognised own losses).
         loss_spec: The recognised loss (:class:`LossSpec`), or None.
         loss_source: Where the loss comes from: ``"loss="``, ``"loss_fn="``,
             ``"model(**batch).loss"`` (a model's own loss, used as it is), or an inferred loss
             such as ``"inferred from GPT2LMHeadModel: token cross-entropy, shifted"``.
 
     Raises:
-        ValueError: active dropout, batch-norm in training mode, empty data (on any process),
-            a one-shot iterator as data, no trainable or a complex parameter, a selection that
-            matches nothing, a missing loss, or a loss setting that is not a mean.
+        ValueError: active dropout, a module in training mode, empty data (on any process),
+            a one-shot iterator as data, a ``DistributedSampler`` that pads the data, no
+            trainable or a complex parameter, a selection that matches nothing, a missing loss,
+            dict batches without ``labels``, or a loss setting that is not a mean.
 
     Example:
-        >>> model = nn.Linear(3, 2)
+        >>> model = nn.Linear(3, 2).eval()
         >>> data = [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))]
         >>> obj = Objective(model, data, loss=nn.CrossEntropyLoss(label_smoothing=0.1))
         >>> obj.dim, obj.loss_spec.kind, obj.loss_spec.label_smoothing
@@ -133,7 +139,7 @@ class Objective:
             raise ValueError("Objective: pass either loss= or loss_fn=, not both.")
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"Objective: dtype must be a real floating dtype, got {dtype}.")
-        _check_deterministic(model, allow_train_mode)
+        suspects = _check_train_mode(model, allow_train_mode)
         self.model, self.loss_fn, self.progress = model, loss_fn, progress
         chosen, named = choose(model, params)
         first = named[chosen[0]]
@@ -142,23 +148,32 @@ class Objective:
         self.params = {n: self._cast(named[n].detach()) for n in chosen}
         state = dict(model.named_parameters()) | dict(model.named_buffers())
         # train-mode batch-norm updates its running statistics in place: work on copies then
-        own = allow_train_mode
+        copy_buffers = allow_train_mode
         self.frozen = {
-            n: self._cast(t.detach().clone() if own else t.detach())
+            n: self._cast(t.detach().clone() if copy_buffers else t.detach())
             for n, t in state.items()
             if n not in self.params
         }
         self.space = ParamSpace.from_named(self.params, aliases(model))
-        self._data = _as_batches(data, loss_fn is not None)
+        self._data = as_batches(data, has_loss_fn=loss_fn is not None)
         self._caller = _CallLossFn(model, loss_fn) if loss_fn is not None else None
         self._positions: list[torch.Tensor] | None = None
         first_batch = next(iter(self._data), None)
-        self._offset = check_shards(first_batch is None, self._data, self.device)
-        self._task: str | None = None
-        self.loss, self.loss_spec, self._loss_call, self._class_weights = loss, None, loss, None
-        self.loss_source = "loss_fn=" if loss_fn is not None else "loss="
-        if loss_fn is None:
-            self._set_loss(loss, self._move(first_batch))
+        self._shard_offset = check_shards(first_batch is None, self._data, self.device)
+        self._resolved = self._resolve_loss(loss, first_batch)
+        self.loss = loss if loss is not None else self._resolved.call
+        if suspects:
+            self._check_repeatable(first_batch, suspects)
+
+    @property
+    def loss_spec(self) -> LossSpec | None:
+        """The recognised loss (:class:`LossSpec`), or None."""
+        return self._resolved.spec
+
+    @property
+    def loss_source(self) -> str:
+        """Where the loss comes from (see the class's Attributes)."""
+        return self._resolved.source
 
     @property
     def dim(self) -> int:
@@ -181,6 +196,10 @@ class Objective:
             fn: ``fn(index, batch) -> (sum_term, weight)`` where ``sum_term`` is the batch's
                 contribution already multiplied by its weight.
             items: What to pass to ``fn`` instead of the batches (e.g. cached per-batch state).
+
+        Returns:
+            ``sum_b term_b / sum_b w_b``, of the shape of ``fn``'s terms (a 0-d tensor for the
+            loss, ``(d,)`` for the gradient, ``(d, k)`` for ``k`` products).
 
         Raises:
             ValueError: a batch produced non-finite values (the message names it), or the
@@ -234,13 +253,13 @@ class Objective:
 
         Example:
             >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
-            >>> obj = Objective(nn.Linear(3, 2), [(x[:3], y[:3]), (x[3:], y[3:])],
+            >>> obj = Objective(nn.Linear(3, 2).eval(), [(x[:3], y[:3]), (x[3:], y[3:])],
             ...                 loss=nn.functional.cross_entropy)
             >>> obj.sample_positions(1)
             tensor([3, 4])
         """
         if self._positions is None:
-            self._positions = positions(self._data, self._offset)
+            self._positions = positions(self._data, self._shard_offset)
         if not 0 <= index < len(self._positions):
             raise IndexError(
                 f"Objective.sample_positions: batch {index} does not exist; this process has "
@@ -281,7 +300,8 @@ class Objective:
                 "loss_fn= objective does not expose; build the Objective with loss= instead."
             )
         out = logits_of(self._forward(params, _inputs(batch)))
-        return out if self._task is None else task_outputs(self._task, out)
+        task = self._resolved.task
+        return out if task is None else task_outputs(task, out)
 
     def targets(self, batch: Batch) -> torch.Tensor:
         """The targets of a batch, row for row with :meth:`outputs`.
@@ -292,7 +312,7 @@ class Objective:
         ``(n_b (T - 1),)``: output row ``(j, t)`` predicts label ``t + 1`` of sample ``j``.
         """
         y = batch["labels"] if isinstance(batch, Mapping) else batch[1]
-        return y if self._task is None else task_targets(self._task, y)
+        return y if self._resolved.task is None else task_targets(self._resolved.task, y)
 
     def batch_weight(self, batch: Batch) -> float:
         """What a batch's mean loss is over (:class:`LossSpec`); 0 when every label is ignored.
@@ -300,20 +320,30 @@ class Objective:
         For an unrecognised loss, integer targets count the labels that are not -100 and
         floating targets count rows (samples).
         """
-        return target_weight(self.targets(batch), self.loss_spec, self._class_weights)
+        return target_weight(self.targets(batch), self._resolved.spec, self._resolved.class_weights)
 
     def output_loss(self, out: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
         """Sum-form loss of outputs: ``weight * loss(out, targets)`` (0 when ``weight`` is 0)."""
         if weight == 0:
             return out.sum() * 0.0  # the mean over no target is 0/0; the batch adds nothing
-        if self._task is not None:
+        if self._resolved.task is not None:
             out = upcast(out)
-        return weight * self._loss_call(out, targets)
+        return weight * self._resolved.call(out, targets)
 
     def batch_loss(
         self, params: dict[str, torch.Tensor], batch: Batch
     ) -> tuple[torch.Tensor, float]:
-        """``(w_b * mean_loss_b, w_b)`` for one batch at ``params`` (differentiable)."""
+        """The weighted loss of one batch at ``params``, differentiable with respect to them.
+
+        Args:
+            params: ``{name: tensor}`` of the analysed parameters (e.g. :attr:`params`).
+            batch: A batch as :meth:`batches` yields it.
+
+        Returns:
+            ``(w_b * mean_loss_b, w_b)``: a 0-d tensor and the batch weight :math:`w_b`
+            (:meth:`batch_weight`, or ``loss_fn``'s); a zero that depends on ``params`` when
+            :math:`w_b = 0`.
+        """
         if self._caller is not None:
             prefixed = {"model." + n: t for n, t in params.items()}
             frozen = {"model." + n: t for n, t in self.frozen.items()}
@@ -322,17 +352,25 @@ class Objective:
         w = self.batch_weight(batch)
         if w == 0:
             return _zero(params), 0.0
-        if self.loss is None:
+        if self._resolved.call is None:
             return own_loss(self._forward(params, batch)) * w, w
         return self.output_loss(self.outputs(params, batch), self.targets(batch), w), w
 
     def value(self) -> torch.Tensor:
-        """The mean loss ``L(theta)`` over all data (0-d tensor)."""
+        r"""The mean loss over all data.
+
+        Returns:
+            :math:`L(\theta)`, a 0-d tensor of :attr:`dtype`.
+        """
         with torch.no_grad():
             return self.accumulate(lambda i, b: self.batch_loss(self.params, b))
 
     def gradient(self) -> torch.Tensor:
-        """The gradient of the mean loss, flat ``(d,)``."""
+        r"""The gradient of the mean loss.
+
+        Returns:
+            :math:`\nabla L(\theta)`, flat ``(d,)`` in the layout of :attr:`space`.
+        """
 
         def term(i: int, batch: Batch) -> tuple[torch.Tensor, float]:
             params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
@@ -353,7 +391,7 @@ class Objective:
                 or ``Module`` objects), among the analysed parameters.
         """
         others = [n for n, _ in self.model.named_parameters() if n not in self.params]
-        wanted = names_of(self.model, names, self.params)
+        wanted = names_of(self.model, names, self.params, caller="Objective.restrict(names=)")
         try:
             chosen = self.space.select(wanted, others=others)
         except ValueError as err:
@@ -383,29 +421,45 @@ class Objective:
             return type(batch)(self._move(v) for v in batch)
         return batch
 
-    def _set_loss(self, loss: Callable | None, first: Batch) -> None:
-        """Recognise ``loss`` (or infer a Hugging Face model's own loss) from the first batch."""
+    def _check_repeatable(self, batch: Batch, suspects: list[str]) -> None:
+        """Refuse a training-mode model whose loss differs between two random seeds.
+
+        Any module may act differently in training mode: Hugging Face attention applies its
+        dropout functionally (``F.dropout(p, training=self.training)``), with no module to find.
+        """
+        values = []
+        for seed in (0, 1):
+            with torch.random.fork_rng(), torch.no_grad():
+                torch.manual_seed(seed)
+                values.append(self.batch_loss(self.params, self._move(batch))[0])
+        if not torch.allclose(values[0], values[1], rtol=1e-6, atol=0.0):
+            n = len(suspects) - 1
+            which = _where(suspects[0]) + (f" and {n} more" if n else "")
+            raise ValueError(
+                f"Objective: the model is in training mode ({which}) and its loss is random: "
+                f"{float(values[0]):.6g} and {float(values[1]):.6g} on the first batch under two "
+                "seeds (dropout applied without a dropout module, e.g. in attention); call "
+                "model.eval() first."
+            )
+
+    def _resolve_loss(self, loss: Callable | None, first: Batch) -> ResolvedLoss:
+        """Recognise ``loss``, or infer a Hugging Face model's own loss and confirm it on data.
+
+        Raises:
+            ValueError: dict batches without ``labels``, or a loss setting that is not a mean.
+        """
+        if self._caller is not None:
+            return ResolvedLoss(None, None, "loss_fn=")
         if loss is not None:
-            known = known_loss(loss, self.dtype, self.device)
-            if known is not None:
-                self.loss_spec, self._loss_call = known
-                self._class_weights = self._loss_call.keywords.get("weight")
-            return
+            return given_loss(loss, first, self.dtype, self.device)
         check_own_loss_batch(first)
-        self.loss_source = "model(**batch).loss"
-        tasks = hf_tasks(self.model, first["labels"])
-        if not tasks:
-            return
+        return infer_own_loss(self.model, first["labels"], self.batches(), self._logits_and_loss)
+
+    def _logits_and_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of a dict batch without its labels, and the model's own loss with them."""
         with torch.no_grad():
-            own = own_loss(self._forward(self.params, first))
-            logits = logits_of(self._forward(self.params, _inputs(first)))
-        task = match_task(tasks, logits, first["labels"], own)
-        # another loss than the class computes (a subclass) is kept, weighted as for the class
-        self._task = task or tasks[0]
-        if task is not None:
-            self.loss_spec = task_spec(task)
-            self.loss = self._loss_call = LOSS_BY_KIND[self.loss_spec.kind]
-            self.loss_source = f"inferred from {type(self.model).__name__}: {TASKS[task]}"
+            own = own_loss(self._forward(self.params, batch))
+            return logits_of(self._forward(self.params, _inputs(batch))), own
 
 
 def _zero(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -423,21 +477,34 @@ def _inputs(batch: Batch) -> Any:
 # ---------------------------------------------------------------------- checks
 
 
-def _check_deterministic(model: nn.Module, allow_train_mode: bool) -> None:
-    for name, m in model.named_modules():
-        where = f"module {name!r}" if name else "the model"
+def _check_train_mode(model: nn.Module, allow_train_mode: bool) -> list[str]:
+    """Refuse dropout and (unless allowed) training-mode batch-norm; name the other suspects.
+
+    Returns:
+        Names of modules in training mode that may still act at random (any class outside
+        the ``torch.nn`` layers that behave the same in both modes): the caller evaluates the
+        loss twice to find out.
+    """
+    training = [(name, m) for name, m in model.named_modules() if m.training]
+    for name, m in training:
         p = _dropout_rate(m)
-        if m.training and p > 0:
+        if p > 0:
             raise ValueError(
-                f"Objective: {where} has active dropout (p={p}, training mode), which makes "
-                "the loss random; call model.eval() first."
+                f"Objective: {_where(name)} has active dropout (p={p}, training mode), which "
+                "makes the loss random; call model.eval() first."
             )
-        if isinstance(m, _BATCHNORM) and m.training and not allow_train_mode:
-            raise ValueError(
-                f"Objective: batch-norm {where} is in training mode (batch statistics, running "
-                "averages updated on each pass); call model.eval(), or pass "
-                "allow_train_mode=True to analyse the training-mode loss."
-            )
+    norms = [name for name, m in training if isinstance(m, _BATCHNORM)]
+    if norms and not allow_train_mode:
+        raise ValueError(
+            f"Objective: batch-norm {_where(norms[0])} is in training mode (batch statistics, "
+            "running averages updated on each pass); call model.eval(), or pass "
+            "allow_train_mode=True to analyse the training-mode loss."
+        )
+    return [name for name, m in training if not type(m).__module__.startswith("torch.nn.")]
+
+
+def _where(name: str) -> str:
+    return f"module {name!r}" if name else "the model"
 
 
 def _dropout_rate(m: nn.Module) -> float:
@@ -447,27 +514,3 @@ def _dropout_rate(m: nn.Module) -> float:
     if isinstance(m, nn.MultiheadAttention):
         return m.dropout  # functional dropout on the attention weights
     return 0.0
-
-
-def _as_batches(data: Any, custom: bool) -> Iterable[Batch]:
-    """A re-iterable collection of batches from a loader, a list of batches, or one batch."""
-    single_pair = (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[0], (torch.Tensor, Mapping))
-        and isinstance(data[1], torch.Tensor)
-        and not custom
-    )
-    if single_pair or isinstance(data, (Mapping, torch.Tensor)):
-        return [data]
-    if isinstance(data, Iterator):
-        raise ValueError(
-            "Objective: data is a one-shot iterator (e.g. a generator), but every analysis "
-            "passes over the data many times; pass a list of batches or a DataLoader."
-        )
-    if not isinstance(data, Iterable):
-        raise ValueError(
-            f"Objective: data must be a DataLoader, a list of batches or one batch; "
-            f"got {type(data).__name__}."
-        )
-    return data

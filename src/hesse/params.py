@@ -10,10 +10,11 @@ from fnmatch import fnmatchcase
 
 import torch
 
-from ._blocks import transformer_blocks
+from ._blocks import module_prefixes, transformer_blocks
 
 _GLOB = frozenset("*?[")
-_REST = "(rest)"
+_REST = "(rest)"  # the block of the parameters in no user group
+_ROOT = "(root)"  # the module block of the model's own (top-level) parameters
 
 
 class ParamSpace:
@@ -131,7 +132,7 @@ class ParamSpace:
             )
         out: dict[str, list[str]] = {}
         for n in self.names:
-            out.setdefault(n.rpartition(".")[0] or "(root)", []).append(n)
+            out.setdefault(n.rpartition(".")[0] or _ROOT, []).append(n)
         return out
 
     def _groups(self, groups: Mapping[str, str | Sequence[str]]) -> dict[str, list[str]]:
@@ -207,7 +208,8 @@ class ParamSpace:
                 f"({_shorten(outside, 5)}); unfreeze them with requires_grad_(True), or select "
                 "them when the Objective is built."
             )
-        candidates = sorted(set(self.names) | set(self.aliases) | _prefixes(self.names))
+        prefixes = {p for n in self.names for p in module_prefixes(n)}
+        candidates = sorted(set(self.names) | set(self.aliases) | prefixes)
         close = difflib.get_close_matches(want, candidates, n=5, cutoff=0.6)
         hint = f"close matches: {', '.join(map(repr, close))}; " if close else ""
         top = Counter(n.split(".")[0] for n in self.names)
@@ -235,11 +237,6 @@ def _matches(name: str, want: str) -> bool:
     if _GLOB.intersection(want):
         return fnmatchcase(name, want) or fnmatchcase(name, want + ".*")
     return name == want or name.startswith(want + ".")
-
-
-def _prefixes(names: Sequence[str]) -> set[str]:
-    """Every module prefix of the names (``"a.b.c"`` gives ``"a"`` and ``"a.b"``)."""
-    return {n.rsplit(".", k)[0] for n in names for k in range(1, n.count(".") + 1)}
 
 
 def _shorten(items: Sequence[str], most: int) -> str:

@@ -58,3 +58,32 @@ def test_sgd_compares_the_trace_and_its_interval_with_two_over_eta(ci, status):
 
 def test_sgd_verdict_warns_away_from_a_minimum():
     assert "read it as an indication" in sgd_verdict(5.0, (4.0, 6.0), lr=0.1, loss=0.5).text
+
+
+@pytest.mark.parametrize(
+    ("lam", "residual", "converged", "status"),
+    [
+        (18.0, 3.0, True, "inconclusive"),  # 2/η = 20 inside [15, 21]
+        (21.0, 6.0, True, "inconclusive"),  # [15, 27] reaches out of the band on both sides
+        (17.0, 2.5, True, "stable"),  # [14.5, 19.5] wholly below 2/η
+        (19.0, 0.5, True, "edge"),  # [18.5, 19.5] inside the band, below 2/η
+        (20.0, 1.0, True, "edge"),  # [19, 21] across 2/η, inside the band
+        (21.5, 1.0, True, "unstable"),  # [20.5, 22.5] above 2/η, out of the band
+        (5.0, 1e-6, False, "inconclusive"),  # a Ritz value only bounds λmax from below
+        (21.0, 0.5, False, "inconclusive"),
+        (40.0, 1.0, False, "unstable"),  # λmax >= 39 > 22 whatever the run missed
+    ],
+)
+def test_gd_verdict_widens_with_the_residual_and_convergence(lam, residual, converged, status):
+    v = gd_verdict(lam, residual, lr=0.1, converged=converged)
+    assert v.status == status
+    assert (v.low, v.high) == pytest.approx((lam - residual, lam + residual))
+    assert f"± {residual:.2g}" in v.text
+    assert ("did not converge" in v.text) == (not converged)
+
+
+def test_stable_needs_the_whole_interval_below_two_over_eta():
+    # the old verdict read λmax = 17 as stable whatever its residual
+    assert gd_verdict(17.0, 2.99, lr=0.1).status == "stable"
+    for residual in (3.0, 3.5, 10.0):
+        assert gd_verdict(17.0, residual, lr=0.1).status == "inconclusive"

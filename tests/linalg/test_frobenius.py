@@ -5,7 +5,8 @@ import torch
 
 import hesse
 from cases import DT, dense, objective, sym_matrix
-from hesse.linalg.trace import FrobeniusResult, TraceResult, frobenius_norm
+from hesse.linalg.frobenius import FrobeniusResult, frobenius_norm
+from hesse.linalg.trace import TraceResult
 
 SEEDS = range(400)  # binomial sd of a 95% coverage over 400 seeds: 1.1%
 

@@ -128,3 +128,26 @@ def test_cg_column_with_negative_curvature_stops_alone():
     assert r.converged is False
     assert float(r.residual_norm[1]) <= 1e-10  # the positive-definite column still converged
     assert r.n_matvecs <= 4
+
+
+@pytest.mark.parametrize("budget", [0, 1, 5])
+def test_a_budget_below_two_per_column_is_refused(budget):
+    # max_matvecs=0 used to mean "the default" (10 d per column).
+    with pytest.raises(
+        ValueError, match=r"max_matvecs must be at least 6 \(2 per column of b, which has 3\)"
+    ):
+        hesse.solve(spd(), rhs(3), max_matvecs=budget)
+
+
+@pytest.mark.parametrize("budget", [10.0, "10", True])
+def test_a_budget_that_is_not_an_integer_is_refused(budget):
+    with pytest.raises(TypeError, match="max_matvecs must be an integer"):
+        hesse.solve(spd(), rhs(), max_matvecs=budget)
+
+
+@pytest.mark.parametrize("shape", [(D + 1,), (D, 1), (D, 2)])
+def test_x0_of_another_shape_than_b_is_refused(shape):
+    with pytest.raises(ValueError, match=r"x0 has shape .* b has shape \(60,\)"):
+        hesse.solve(spd(), rhs(), x0=torch.zeros(shape, dtype=DT))
+    r = hesse.solve(spd(), rhs(), x0=torch.zeros(D, dtype=torch.float32), tol=1e-10)
+    assert r.converged and rel(r.value, torch.linalg.solve(spd(), rhs())) <= 1e-8

@@ -5,7 +5,8 @@ import torch
 
 import hesse
 from cases import DT, dense, objective, sym_matrix
-from hesse.linalg.trace import MIN_SAMPLES
+from hesse.linalg.trace import MIN_SAMPLES, _Spread
+from hesse.params import ParamSpace
 
 D = 100
 SEEDS = range(600)
@@ -193,3 +194,45 @@ def test_target_stderr_coverage_on_an_outlier_spectrum(method, budget, probes, b
     assert len(stopped) >= len(results) // 4
     assert all(r.stderr <= target and r.samples >= MIN_SAMPLES for r in stopped)
     assert all(r.stderr > target for r in results if not r.converged)
+
+
+# block_traces on the same outlier spectrum, split into three parameters of 10 entries: each
+# block's z_b^T (Az)_b is heavy-tailed too, and the sample-variance t-interval covered 91.5-94.5%.
+THIRDS = ParamSpace(["a", "b", "c"], [(10,), (10,), (10,)])
+
+
+def test_block_traces_ci95_coverage_on_an_outlier_spectrum():
+    A = outlier()
+    op = hesse.DenseOperator(A, space=THIRDS)
+    runs = [hesse.block_traces(op, budget=30, by="param", seed=s) for s in OUTLIER_SEEDS]
+    for name, sl in THIRDS.slices().items():
+        exact = torch.trace(A[sl, sl]).item()
+        results = [r[name] for r in runs]
+        assert 0.93 <= coverage(results, exact) <= 0.995, name
+        assert all(r.samples == 30 and r.n_matvecs == 30 for r in results)
+        # The variance estimate is 2 sum_{k in b, j != k} A_kj^2 (couplings to the other blocks
+        # counted twice), at least the true variance of z_b^T (Az)_b.
+        off = A[sl] ** 2
+        off[:, sl] -= torch.diag(A.diagonal()[sl] ** 2)
+        inner = (A[sl, sl] ** 2).sum() - (A.diagonal()[sl] ** 2).sum()
+        true_var = (2 * inner + (off.sum() - inner)).item()
+        var = torch.tensor([r.stderr**2 * r.samples for r in results]).mean().item()
+        assert var == pytest.approx(2 * off.sum().item(), rel=0.1)
+        assert var >= true_var
+
+
+def test_block_traces_refuse_an_input_without_a_layout():
+    A = outlier()
+    for bad, what in ((A, "got Tensor"), (hesse.DenseOperator(A), "with space=None")):
+        with pytest.raises(ValueError, match=f"expected an Operator with a parameter .*{what}"):
+            hesse.block_traces(bad, budget=10)
+
+
+def test_the_variance_accumulator_does_not_write_into_its_input():
+    W = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=DT)
+    before = W.clone()
+    spread = _Spread()
+    spread.add(W)
+    assert torch.equal(W, before)
+    centred = W - W.mean(1, keepdim=True)
+    assert spread.m2 == pytest.approx((centred**2).sum().item(), rel=1e-12)

@@ -257,3 +257,47 @@ def test_inverses_compose_with_products_scalars_eigs_and_trace():
     want = torch.linalg.eigvalsh(Binv).flip(0)[:2]
     assert torch.allclose(r.values.to(DT), want, rtol=1e-7)
     assert hesse.trace(inv, method="exact").value == pytest.approx(torch.trace(Binv).item(), 1e-9)
+
+
+def test_inverse_budget_is_per_column():
+    M = torch.diag(torch.arange(1.0, 6.0, dtype=DT))  # CG: 5 steps + 1 residual per column
+    inv = DenseOperator(M).inverse(max_matvecs=8)
+    V = torch.ones(5, 5, dtype=DT)
+    assert close(inv @ V, torch.linalg.solve(M, V), 1e-8)
+    assert inv.last.converged and inv.last.n_matvecs <= 5 * 8
+    assert close(inv @ V[:, 0], torch.linalg.solve(M, V[:, 0]), 1e-8)
+    assert inv.last.n_matvecs <= 8
+
+
+@pytest.mark.parametrize("budget", [0, 1])
+def test_inverse_with_a_budget_below_two_is_refused_when_built(budget):
+    with pytest.raises(ValueError, match="inverse: max_matvecs must be at least 2 per column"):
+        DenseOperator(spd()).inverse(max_matvecs=budget)
+
+
+def test_inverse_takes_the_layout_of_an_operator_only():
+    space = objective("mlp_ce").space
+    B = sym_matrix(torch.logspace(-1, 1, space.dim, dtype=DT), seed=2)
+    assert DenseOperator(B, space=space).inverse().space is space
+    assert InverseOperator(B, 0.0).space is None  # a dense tensor has no layout
+
+    class Duck:  # shape, dtype, device and @: an operator to solve, whatever else it holds
+        shape, dtype, device, tags, space = B.shape, DT, B.device, {"symmetric", "psd"}, "x"
+
+        def __matmul__(self, V):
+            return B @ V
+
+    assert InverseOperator(Duck(), 0.0).space is None
+
+
+def test_gram_products_of_a_non_symmetric_operator_are_symmetric_psd(assert_operator_matches):
+    N = nonsymmetric()
+    n = DenseOperator(N)
+    t = n.T
+    for op, want in ((n @ n.T, N @ N.T), (n.T @ n, N.T @ N), (t @ t.T, N.T @ N)):
+        assert op.tags == frozenset({"symmetric", "psd"})
+        assert_operator_matches(op, want, count=False)
+    assert (n @ DenseOperator(N.T)).tags == frozenset()  # not provably a transpose
+    assert (n @ n).tags == frozenset()
+    r = hesse.eigs(n @ n.T, k=2, tol=1e-10)
+    assert torch.allclose(r.values.to(DT), torch.linalg.eigvalsh(N @ N.T).flip(0)[:2], rtol=1e-8)

@@ -1,7 +1,7 @@
 """hesse: ``Objective`` + ``HessianOperator`` and the ``linalg`` algorithms.
 
-Defaults (``/tmp/hesse/API.md``): ``eigs(k, which="largest", tol=1e-6 in float32)``
-(Lanczos with full reorthogonalization, stopping on Ritz residual bounds),
+Defaults: ``eigs(k, which="largest", tol=8 eps = 9.5e-7 in float32)`` (thick-restart Lanczos
+with a float64 basis and full reorthogonalization, stopping on Ritz residual bounds),
 ``trace(budget=100, method="hutch++")`` with a 95% confidence interval,
 ``density(steps, probes=10)``, ``block_traces(budget, by="module")`` (one sweep of
 shared probes for every block).
@@ -42,10 +42,9 @@ class HesseAdapter(Adapter):
         return out.detach()
 
     def eig_settings(self, k):
-        return [
-            Setting("default (tol=1e-6)", {}),
-            *(Setting(f"tol={t:g}", {"tol": t}) for t in (1e-7, 1e-8)),
-        ]
+        # float32 products cannot certify residuals below ~8 eps, so hesse refuses a tighter
+        # tol; its default is the only setting
+        return [Setting("default (tol=9.5e-7)", {})]
 
     def top_eigs(self, k, setting):
         r = self._spent(hesse.eigs(self.op, k=k, which="largest", seed=0, **setting.kwargs))

@@ -5,7 +5,7 @@ Example:
     >>> report.save("hesse-report")  # doctest: +SKIP
 """
 
-from hesse.analysis._analyze import CURVATURES, SECTIONS, Options, analyze
+from hesse.analysis._analyze import CURVATURES, SECTIONS, Analysis, Options, analyze, prepare
 from hesse.analysis.layers import LayerRow, layer_table
 from hesse.analysis.outliers import Outliers, find_outliers
 from hesse.analysis.report import Report
@@ -14,6 +14,7 @@ from hesse.analysis.stability import Verdict, gd_verdict, sgd_verdict
 __all__ = [
     "CURVATURES",
     "SECTIONS",
+    "Analysis",
     "LayerRow",
     "Options",
     "Outliers",
@@ -23,5 +24,6 @@ __all__ = [
     "find_outliers",
     "gd_verdict",
     "layer_table",
+    "prepare",
     "sgd_verdict",
 ]

@@ -57,9 +57,19 @@ class LayerRow:
 
 
 def layer_table(
-    op, model: nn.Module, *, budget: int, seed: int, tol: float = 1e-3
+    op,
+    model: nn.Module,
+    *,
+    budget: int,
+    seed: int,
+    tol: float = 1e-3,
+    block_size: int = 32,
+    by: str = "module",
 ) -> tuple[LayerRow, ...]:
-    """The table of ``op``'s diagonal blocks, one per module.
+    """The table of ``op``'s diagonal blocks, one per module (or transformer sub-layer).
+
+    Modules whose parameters are all empty (zero-size, e.g. ``nn.Linear(4, 0)``) have no
+    curvature to measure and get no row; :func:`empty_modules` names them.
 
     Args:
         op: a curvature operator with a parameter layout (``op.space``).
@@ -68,14 +78,18 @@ def layer_table(
             ``max(10, budget // 4)`` products.
         seed: seed of the probes and start vectors.
         tol: relative residual tolerance of the block eigenvalues (a table needs ~3 digits).
+        block_size: probes per data pass of the block-trace sweep.
+        by: ``"module"``, or ``"block"`` for the attention and MLP of each transformer layer
+            (see :func:`blocks_by`).
 
     Returns:
-        One ``LayerRow`` per module, in parameter order.
+        One ``LayerRow`` per non-empty module, in parameter order.
     """
-    traces = block_traces(op, budget, by="module", seed=seed)
+    traces = block_traces(op, budget, by=by, seed=seed, block_size=block_size)
     rows = []
-    for name, block in op.blocks(by="module").items():
-        top = eigs(block, 1, tol=tol, max_matvecs=max(10, budget // 4), seed=seed)
+    for name, names in _blocks(op.space, by).items():
+        block = op.restrict(names)
+        top = eigs(block, 1, tol=tol, max_matvecs=_block_budget(budget), seed=seed, progress=False)
         t, n = traces[name], block.shape[0]
         rows.append(
             LayerRow(
@@ -93,7 +107,49 @@ def layer_table(
     return tuple(rows)
 
 
+def blocks_by(space) -> str:
+    """How the layer table groups ``space``: ``"block"`` or ``"module"``.
+
+    ``"block"`` (a row per attention and per MLP, as in Q-BERT's tables) when ``space`` holds
+    transformer layers, else ``"module"``.
+    """
+    layers = any(name.endswith((".attention", ".mlp")) for name in space.blocks(by="block"))
+    return "block" if layers else "module"
+
+
+def layer_table_cost(space, budget: int, by: str = "module") -> int:
+    """Most products :func:`layer_table` can spend on a layout ``space`` (a ``ParamSpace``)."""
+    return budget + len(_blocks(space, by)) * _block_budget(budget)
+
+
+def empty_modules(space, by: str = "module") -> list[str]:
+    """Modules of ``space`` whose parameters are all zero-size (no row in the table)."""
+    return [name for name in space.blocks(by=by) if name not in _blocks(space, by)]
+
+
+def _blocks(space, by: str) -> dict[str, list[str]]:
+    """Parameter names per module, for modules with at least one entry."""
+    size = dict(zip(space.names, space.numels, strict=True))
+    blocks = space.blocks(by=by).items()
+    return {name: names for name, names in blocks if sum(size[n] for n in names) > 0}
+
+
+def _block_budget(budget: int) -> int:
+    return max(10, budget // 4)
+
+
 def module_kind(model: nn.Module, name: str) -> str:
-    """Short type name of the module ``name`` of ``model``."""
-    module = model if name == "(root)" else model.get_submodule(name)
+    """Short type name of the module ``name`` of ``model``, or the kind of a transformer block.
+
+    Blocks of :func:`blocks_by` (``"h.0.attention"``, ``"h.0.mlp"``) are ``"attention"`` and
+    ``"mlp"``; a user group that is no module is ``"group"``.
+    """
+    if name.endswith((".attention", ".mlp")):
+        return name.rpartition(".")[2]
+    if name == "(root)":
+        return KINDS.get(type(model), type(model).__name__)
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return "group"
     return KINDS.get(type(module), type(module).__name__)

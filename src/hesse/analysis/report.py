@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,10 @@ from hesse import report as _render
 from hesse.analysis.layers import LayerRow
 from hesse.analysis.outliers import Outliers
 from hesse.analysis.stability import Verdict
+from hesse.report.text import WIDTH
+
+HEADER_LINES = 2
+"""Lines of the summary's header (model, curvature); the parameter and plan lines follow."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,10 @@ class Report:
         stability: the GD and SGD verdicts at the training learning rate.
         notes: remarks on the run (skipped sections, caveats).
         timings: seconds per section.
+        plan: the memory plan the run followed (``hesse.plan``), with a one-line ``summary``.
+        partial: sections asked for but not computed, because the time budget ran out.
+        layers_by: what a row of ``layers`` is: ``"module"``, or ``"block"`` (the attention
+            or the MLP of a transformer layer).
     """
 
     meta: dict
@@ -48,6 +57,9 @@ class Report:
     stability: tuple[Verdict, ...] | None = None
     notes: tuple[str, ...] = ()
     timings: dict = field(default_factory=dict)
+    plan: dict | None = None
+    partial: tuple[str, ...] = ()
+    layers_by: str = "module"
 
     def to_dict(self) -> dict:
         """The ``results.json`` document (absent sections are left out)."""
@@ -65,19 +77,33 @@ class Report:
             "ggn": self.ggn,
         }
         if self.layers is not None:
-            sections["layers"] = {"by": "module", "rows": [_plain(r) for r in self.layers]}
+            sections["layers"] = {"by": self.layers_by, "rows": [_plain(r) for r in self.layers]}
         if self.outliers is not None:
             sections["outliers"] = _plain(self.outliers)
         if self.stability:
             lr = self.config["lr"]
             verdicts = [_plain(v) for v in self.stability]
-            sections["stability"] = {"lr": lr, "threshold": 2.0 / lr, "verdicts": verdicts}
+            threshold = self.stability[0].threshold
+            sections["stability"] = {"lr": lr, "threshold": threshold, "verdicts": verdicts}
+        if self.plan is not None:
+            sections["plan"] = self.plan
+        if self.partial:
+            sections["partial"] = list(self.partial)
         doc |= {key: value for key, value in sections.items() if value is not None}
         return doc | {"notes": list(self.notes), "timings": self.timings}
 
     def summary(self) -> str:
         """The compact text table that ``hesse analyze`` prints."""
-        return _render.render_text(self.to_dict())
+        doc = self.to_dict()
+        lines = _render.render_text(doc).split("\n")
+        p = doc["problem"]
+        extra = [
+            parameters_line(p["n_params"], p.get("n_params_total", p["n_params"]),
+                            doc["config"].get("params"))
+        ]  # fmt: skip
+        if "plan" in doc:
+            extra.append(textwrap.fill(doc["plan"]["summary"], WIDTH, subsequent_indent="  "))
+        return "\n".join(lines[:HEADER_LINES] + extra + lines[HEADER_LINES:])
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write ``results.json`` (validated against the schema) atomically."""
@@ -90,6 +116,17 @@ class Report:
     def save(self, folder: str | os.PathLike) -> dict[str, Path]:
         """Write ``results.json``, the PNG plots and ``report.html`` into ``folder``."""
         return _render.write_all(self.to_dict(), folder)
+
+
+def parameters_line(dim: int, total: int, selection: list[str] | None) -> str:
+    """``"parameters analysed: N of M (selection: ...)"``.
+
+    Example:
+        >>> parameters_line(30, 51, ["0.*"])
+        'parameters analysed: 30 of 51 (selection: 0.*)'
+    """
+    chosen = "all trainable" if selection is None else "selection: " + ", ".join(selection)
+    return f"parameters analysed: {dim} of {total} ({chosen})"
 
 
 def _plain(obj: object) -> dict:

@@ -1,4 +1,4 @@
-"""Extreme eigenpairs: thick-restart Lanczos with full reorthogonalization, and power iteration."""
+"""Extreme eigenpairs: thick-restart block Lanczos in float64, and power iteration."""
 
 from __future__ import annotations
 
@@ -8,22 +8,25 @@ from typing import Any
 
 import torch
 
-from ._util import Counted, gaussian, generator
+from ._lanczos import F64, Lanczos, basis_dtype, step
+from ._util import Counted, as_operator, gaussian, generator, require_symmetric
 
 WHICH = ("largest", "smallest", "magnitude", "both")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class EigResult:
     """Eigenpairs and how far to trust them.
 
     Attributes:
         values: ``(k,)`` float64 Ritz values, ordered as ``which`` asks.
-        vectors: ``(d, k)`` orthonormal Ritz vectors, in the operator's dtype.
+        vectors: ``(d, k)`` orthonormal Ritz vectors (unit norm, normalized in float64), in the
+            operator's dtype, or float32 for a half-precision operator.
         residuals: ``(k,)`` float64 bounds on ``||A x - theta x||`` for each pair.
-        converged: Whether every residual met the tolerance.
+        converged: Whether every residual met the tolerance and the multiplicity check ran.
         n_matvecs: Matrix-vector products used.
         which: The end of the spectrum asked for.
+        reason: Why ``converged`` is False (``""`` when it is True).
     """
 
     values: torch.Tensor
@@ -32,6 +35,17 @@ class EigResult:
     converged: bool
     n_matvecs: int
     which: str
+    reason: str = ""
+
+    def __repr__(self) -> str:
+        def shape(t: torch.Tensor) -> str:
+            return f"<{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}>"
+
+        return (
+            f"EigResult(values={shape(self.values)}, vectors={shape(self.vectors)}, "
+            f"residuals={shape(self.residuals)}, converged={self.converged}, "
+            f"n_matvecs={self.n_matvecs}, which={self.which!r}, reason={self.reason!r})"
+        )
 
 
 def eigs(
@@ -43,72 +57,227 @@ def eigs(
     max_matvecs: int | None = None,
     ncv: int | None = None,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    v0: Any = None,
 ) -> EigResult:
-    r"""``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
+    r"""``k`` extreme eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
-    The Krylov basis is fully reorthogonalized (twice, classical Gram-Schmidt), so no ghost
-    copies of converged eigenvalues appear; the projected matrix is kept and diagonalized in
-    float64. When the basis reaches ``ncv`` vectors it restarts from the wanted Ritz vectors
-    (Wu & Simon 2000, "Thick-restart Lanczos method for large symmetric eigenvalue problems").
-    A pair is accepted when its residual bound meets
+    The Krylov basis is kept in float64 and fully reorthogonalized (DGKS test), so no ghost
+    copies of an eigenvalue appear whatever the operator's dtype; only the products run in
+    the operator's dtype. When the basis reaches ``ncv`` vectors it restarts from the most
+    wanted Ritz vectors (Wu & Simon 2000, "Thick-restart Lanczos method for large symmetric
+    eigenvalue problems"). A Ritz pair :math:`(\theta, x)` is accepted when its residual bound
+    :math:`r` (see ``hesse.linalg._lanczos``: it keeps the true :math:`\beta`, and one unit of
+    the products' round-off) meets
 
-    .. math:: |\beta_m s_{m,i}| \le \mathrm{tol}\cdot\max_j |\theta_j|.
+    .. math:: \|A x - \theta x\| \le r \le \mathrm{tol}\cdot\|A\|,
 
-    For ``k > 1`` the result is then verified: the converged vectors are locked and Lanczos
-    runs again from a fresh random vector orthogonal to them; any eigenvalue it finds beyond
-    the returned ones (a multiple eigenvalue, which a single Krylov sequence sees only once)
-    is swapped in, until none is found.
+    with :math:`\|A\|` estimated by the largest :math:`|\theta|` and :math:`\|A q\|` seen.
+
+    A single Krylov sequence sees a multiple eigenvalue only once, so for ``k > 1`` the start is
+    a block of two random vectors (Golub & Underwood 1977): it finds a double eigenvalue twice.
+    If a returned value still appears twice (within the residual bounds), it may have more
+    copies: the returned vectors are then locked and Lanczos runs from a fresh random vector in
+    their complement; any eigenvalue it finds beyond the returned ones is swapped in, until
+    none is. Like every Krylov method this assumes the random start reaches every wanted
+    eigenvector (it does with probability one, and fails only for eigenvectors with a tiny
+    component in the start).
 
     Args:
-        A: Symmetric operator or dense tensor of shape ``(d, d)``.
+        A: Symmetric operator ``(d, d)``: a hesse operator, a dense tensor, a numpy array, a
+            ``scipy.sparse.linalg.LinearOperator``, or anything with ``shape``, ``dtype``,
+            ``device`` and ``@``.
         k: Number of eigenpairs, ``1 <= k <= d``.
         which: ``"largest"`` (descending), ``"smallest"`` (ascending), ``"magnitude"`` (by
             descending absolute value) or ``"both"`` (``ceil(k/2)`` largest and ``floor(k/2)``
             smallest, descending).
-        tol: Relative residual tolerance; default 1e-6 in float32, 1e-10 in float64.
+        tol: Relative residual tolerance. Default :math:`\max(10^{-10}, 8\varepsilon)` with
+            :math:`\varepsilon` the machine epsilon of the operator's dtype (1e-10 in float64,
+            9.5e-7 in float32, 7.8e-3 in float16, 6.3e-2 in bfloat16); at least
+            :math:`8\varepsilon`, the accuracy that products in that dtype allow.
         max_matvecs: Budget of products; when spent, ``converged=False``. Default
             ``max(1000, 50 k)``.
-        ncv: Largest basis before a restart; default ``max(2k + 1, 20)``.
+        ncv: Largest basis before a restart, ``>= k + 2`` (``>= 2`` for ``k = 1``); default
+            ``max(2k + 1, 20)``.
         seed: Seed of the random start vectors.
-        progress: Show a progress bar of products.
-        callback: Called as ``callback(n_matvecs, ritz_values, residual_bounds)`` at each check.
+        progress: Progress bar of products out of ``max_matvecs``: True, False, or None (shown
+            on a terminal when the run lasts more than a second).
+        callback: Called as ``callback(n_matvecs, ritz_values, residual_bounds)`` at each step.
+        v0: Warm start: a ``(d,)`` vector, a ``(d, j)`` block, or an earlier :class:`EigResult`.
+            Its columns, normalized and summed, make the first start vector (the Krylov space
+            of a sum of ``j`` eigenvectors holds all of them after ``j`` products); for
+            ``k > 1`` a random vector joins it.
 
     Returns:
         EigResult.
 
+    Raises:
+        ValueError: a non-symmetric matrix or an operator not tagged symmetric, ``k`` or
+            ``which`` out of range, ``tol`` below the floor of the dtype, a budget below ``k``,
+            or ``ncv`` too small.
+
     Example:
         >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
-        >>> eigs(A, k=3).values
+        >>> r = eigs(A, k=3)
+        >>> r.values.round(decimals=9)
         tensor([100.,  99.,  98.], dtype=torch.float64)
+        >>> r.converged, r.reason
+        (True, '')
     """
+    A = as_operator(A)
+    require_symmetric(A, "eigs")
     d = A.shape[0]
     if which not in WHICH:
         raise ValueError(f"eigs: which must be one of {WHICH}, got {which!r}.")
     if not 1 <= k <= d:
         raise ValueError(f"eigs: k must be between 1 and the dimension {d}, got k={k}.")
-    if ncv is not None and not k < ncv:
-        raise ValueError(f"eigs: ncv (the largest basis) must exceed k={k}, got ncv={ncv}.")
-    tol = tol if tol is not None else (1e-10 if A.dtype == torch.float64 else 1e-6)
+    b = min(1 if k == 1 else 2, d)
+    if ncv is not None and ncv < k + b:
+        raise ValueError(
+            f"eigs: ncv={ncv} leaves no room to restart; it must be at least k + {b} = {k + b} "
+            f"(the k kept Ritz vectors plus a block of {b} new directions)."
+        )
+    tol = _tolerance(tol, A.dtype)
     budget = max_matvecs or max(1000, 50 * k)
     if budget < k:
         raise ValueError(f"eigs: max_matvecs={budget} cannot find k={k} eigenpairs; give >= k.")
-    run = _Run(
-        Counted(A, progress, budget, "eigs"), which, tol, budget, ncv, generator(seed), callback
-    )
+    op = Counted(A, progress, budget, "eigs")
+    search = _Search(op, which, tol, budget, generator(seed), callback)
     try:
-        vals, vecs, res, ok = run.round(None, k)
-        while ok and 1 < k < d and run.op.n < budget:
-            vals, vecs, res, ok, missed = run.verify(vals, vecs, res, k)
-            if not missed:
-                break
+        return search.run(k, b, ncv or max(2 * k + 1, 20), v0)
     finally:
-        run.op.close()
-    order = _priority(vals, which)[:k]
-    if which == "both":
-        order = order[torch.argsort(vals[order], descending=True)]
-    return EigResult(vals[order], vecs[:, order], res[order], ok, run.op.n, which)
+        op.close()
+
+
+def _tolerance(tol: float | None, dtype: torch.dtype) -> float:
+    """The default tolerance of ``dtype``, or ``tol`` checked against its floor."""
+    eps, name = torch.finfo(dtype).eps, str(dtype).removeprefix("torch.")
+    if tol is None:
+        return max(1e-10, 8 * eps)
+    if not tol >= 8 * eps:
+        raise ValueError(
+            f"eigs: tol={tol:g} is below what products in {name} can resolve ({8 * eps:.1e}, "
+            f"eight units of round-off); pass tol >= {8 * eps:.1e}, or a float64 operator."
+        )
+    return float(tol)
+
+
+class _Search:
+    """The Lanczos rounds of one ``eigs`` call."""
+
+    def __init__(self, op: Counted, which, tol, budget, gen, callback):
+        self.op, self.which, self.tol, self.budget = op, which, tol, budget
+        self.gen, self.callback = gen, callback
+
+    def run(self, k: int, b: int, m: int, v0: Any) -> EigResult:
+        lz = Lanczos(self.op, min(m, self.op.d), self._start(v0, b), self.gen)
+        vals, X, res, ok = self.round(lz, k, m)
+        anorm, reason = lz.anorm, ""
+        del lz  # its basis, before a check round builds another
+        if not ok:
+            met = int((res <= self.tol * anorm).sum())
+            reason = (
+                f"budget of {self.budget} products spent: {met} of {k} pairs within tol"
+                if self.op.n >= self.budget
+                else f"the Krylov space is exhausted, and {met} of {k} pairs within tol: the "
+                "products are not accurate enough for tol (or the operator not symmetric)"
+            )
+        elif k > 1 and _repeated(vals, res, b):
+            vals, X, res, ok = self.verify(vals, X, res, k, m, anorm)
+            if not ok:
+                reason = (
+                    f"all {k} pairs within tol but the budget of {self.budget} products ran "
+                    "out before the multiplicity check"
+                )
+        order = _priority(vals, self.which)[:k]
+        if self.which == "both":
+            order = order[torch.argsort(vals[order], descending=True)]
+        vectors = X[:, order].to(torch.promote_types(self.op.dtype, torch.float32))
+        return EigResult(vals[order], vectors, res[order], ok, self.op.n, self.which, reason)
+
+    def round(self, lz: Lanczos, nev: int, m: int):
+        """Iterate ``lz`` until its ``nev`` most wanted Ritz pairs meet the tolerance.
+
+        Stops early when the budget or the space runs out; restarts when the basis would
+        exceed ``m`` vectors.
+        """
+        while True:
+            theta, S, bounds = lz.ritz()
+            order = _priority(theta, self.which)
+            want = order[:nev]
+            met = bounds[want] <= self.tol * lz.anorm
+            ok = len(want) == nev and bool(met.all())
+            if self.callback is not None and lz.n:
+                self.callback(self.op.n, theta[want], bounds[want])
+            if ok or (lz.b == 0 and not lz.append()) or self.op.n >= self.budget:
+                return theta[want], lz.vectors(S[:, want]), bounds[want], ok
+            if lz.n + lz.b > m:
+                lz.restart(theta, S, order[: _kept(m, lz.b, nev, int(met.sum()))])
+            lz.shrink(min(lz.b, self.budget - self.op.n))
+            step([lz], self.op)
+
+    def verify(self, vals, X, res, k: int, m: int, anorm: float):
+        """Search the complement of ``X`` for an eigenvalue beyond the returned ones."""
+        while X.shape[1] < self.op.d:
+            v2, x2, r2, ok, anorm = self._complement(X, m, anorm)
+            if not ok:
+                return vals, X, res, False
+            allv, margin = torch.cat([vals, v2]), self.tol * anorm
+            keep = _priority(allv, self.which)[:k].tolist()
+            new = [i for i in keep if i >= len(vals)]
+            dropped = [j for j in range(len(vals)) if j not in keep]
+            X = torch.cat([X, x2], 1)[:, keep]
+            vals, res = allv[keep], torch.cat([res, r2])[keep]
+            if all(abs(float(allv[i] - allv[j])) <= margin for i in new for j in dropped):
+                break
+        return vals, X, res, True
+
+    def _complement(self, X: torch.Tensor, m: int, anorm: float):
+        """The most wanted pair(s) of ``A`` on the complement of ``X``, from a random start."""
+        room = self.op.d - X.shape[1]
+        start = gaussian(self.gen, self.op.d, 1, self.op, X.dtype)
+        lz = Lanczos(self.op, min(m, room), start, self.gen, locked=X, anorm=anorm)
+        nev = min(2 if self.which == "both" else 1, room)
+        return *self.round(lz, nev, m), lz.anorm
+
+    def _start(self, v0: Any, b: int) -> torch.Tensor:
+        """``(d, b)`` start block: the warm start (if any), then random vectors."""
+        d, dtype = self.op.d, basis_dtype(self.op.device)
+        cols = [] if v0 is None else [_combined(v0, d, self.op.device, dtype)]
+        while len(cols) < b:
+            cols.append(gaussian(self.gen, d, 1, self.op, dtype)[:, 0])
+        return torch.stack(cols, 1)
+
+
+def _combined(v0: Any, d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The sum of the normalized columns of a warm start (vector, block or EigResult)."""
+    V = torch.as_tensor(v0.vectors if isinstance(v0, EigResult) else v0)
+    V = V.to(device=device, dtype=dtype)
+    V = V[:, None] if V.dim() == 1 else V
+    if V.dim() != 2 or V.shape[0] != d or V.shape[1] == 0:
+        raise ValueError(
+            f"eigs: v0 must be a ({d},) vector, a ({d}, j) block or an EigResult of the same "
+            f"operator, got shape {tuple(V.shape)}."
+        )
+    return (V / torch.linalg.vector_norm(V, dim=0).clamp_min(1e-300)).sum(1)
+
+
+def _repeated(theta: torch.Tensor, bounds: torch.Tensor, b: int) -> bool:
+    """Whether some value appears ``b`` times or more, within the residual bounds."""
+    close = (theta[:, None] - theta[None, :]).abs() <= bounds[:, None] + bounds[None, :]
+    return int(close.sum(1).max()) >= b
+
+
+def _kept(m: int, b: int, nev: int, nconv: int) -> int:
+    """Ritz vectors kept at a restart, as ARPACK's ``dsaup2`` keeps them.
+
+    The wanted ones, plus one for each converged one up to half of the rest, and half the basis
+    when one is wanted (Lehoucq, Sorensen & Yang 1998): kept converged pairs no longer slow the
+    others down.
+    """
+    p = nev + min(nconv, (m - nev) // 2)
+    return min(m - b, m // 2 if p == 1 else p)
 
 
 def _priority(theta: torch.Tensor, which: str) -> torch.Tensor:
@@ -128,107 +297,6 @@ def _priority(theta: torch.Tensor, which: str) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-class _Run:
-    """State shared by the Lanczos rounds of one ``eigs`` call."""
-
-    def __init__(self, op: Counted, which, tol, budget, ncv, gen, callback):
-        self.op, self.which, self.tol, self.budget = op, which, tol, budget
-        self.ncv, self.gen, self.callback = ncv, gen, callback
-        self.norm = 0.0
-
-    def verify(self, vals, vecs, res, k):
-        """Search the complement of ``vecs`` for an eigenvalue beyond the returned ones."""
-        nev = 2 if self.which == "both" else 1
-        v2, x2, r2, ok = self.round(vecs, min(nev, self.op.d - vecs.shape[1]))
-        allv = torch.cat([vals, v2])
-        keep = _priority(allv, self.which)[:k]
-        dropped = [i for i in range(len(vals)) if i not in set(keep.tolist())]
-        margin = self.tol * self.norm
-        missed = any(
-            abs(float(allv[i]) - float(vals[j])) > margin
-            for i in keep.tolist()
-            if i >= len(vals)
-            for j in dropped
-        )
-        X = torch.cat([vecs, x2], 1)
-        return allv[keep], X[:, keep], torch.cat([res, r2])[keep], ok, missed
-
-    def round(self, locked: torch.Tensor | None, nev: int):
-        """Thick-restart Lanczos on the complement of ``locked``: ``nev`` wanted Ritz pairs."""
-        op, d = self.op, self.op.d
-        p = 0 if locked is None else locked.shape[1]
-        m = min(max(self.ncv or 2 * nev + 1, 20, nev + 1), d - p)
-        Q = torch.zeros(d, m + 1, dtype=op.dtype, device=op.device)
-        T = torch.zeros(m + 1, m + 1, dtype=torch.float64)
-        Q[:, 0] = self._fresh(Q[:, :0], locked)
-        j, stride = 0, max(1, m // 40)
-        while True:
-            beta = self._expand(Q, T, j, locked)
-            j += 1
-            exhausted = j == m or op.n >= self.budget
-            if not exhausted and (j < nev or not (j % stride == 0 or beta == 0.0)):
-                continue
-            theta, S = torch.linalg.eigh(T[:j, :j])
-            bounds = (beta * S[j - 1]).abs()
-            order = _priority(theta, self.which)
-            self.norm = max(self.norm, float(theta.abs().max()))
-            if self.callback is not None:
-                self.callback(op.n, theta[order[:nev]], bounds[order[:nev]])
-            want = order[:nev]
-            done = bool((bounds[want] <= self.tol * self.norm).all()) or j == d - p
-            if done or op.n >= self.budget:
-                X = Q[:, :j] @ S[:, want].to(Q)
-                return theta[want], X, bounds[want], done
-            if j == m:
-                j = self._restart(Q, T, theta, S, beta, order, nev, m)
-
-    def _expand(self, Q, T, j, locked) -> float:
-        """Add ``A q_j`` to the basis; fills column ``j`` of ``T`` and returns ``beta_j``."""
-        w = self.op(Q[:, j : j + 1])[:, 0]
-        h = torch.zeros(j + 1, dtype=torch.float64)
-        for _ in range(2):  # "twice is enough" (Parlett 1980; Giraud et al. 2005)
-            c = Q[:, : j + 1].T @ w
-            w = w - Q[:, : j + 1] @ c
-            if locked is not None:
-                w = w - locked @ (locked.T @ w)
-            h += c.double().cpu()
-        T[: j + 1, j] = h
-        T[j, : j + 1] = h
-        beta = float(torch.linalg.vector_norm(w.double()))
-        if beta <= 1e3 * torch.finfo(Q.dtype).eps * max(self.norm, float(h.abs().max()), 1e-300):
-            # invariant subspace: continue from a fresh direction, uncoupled (beta = 0)
-            beta, w = 0.0, self._fresh(Q[:, : j + 1], locked)
-        else:
-            w = w / beta
-        if j + 1 < Q.shape[1]:
-            Q[:, j + 1] = w
-            T[j + 1, j] = T[j, j + 1] = beta
-        return beta
-
-    def _fresh(self, Q: torch.Tensor, locked: torch.Tensor | None) -> torch.Tensor:
-        """A random unit vector orthogonal to ``Q`` and ``locked``."""
-        v = gaussian(self.gen, self.op.d, 1, self.op)[:, 0]
-        for _ in range(2):
-            for B in (Q, locked):
-                if B is not None and B.shape[1]:
-                    v = v - B @ (B.T @ v)
-        return v / torch.linalg.vector_norm(v)
-
-    def _restart(self, Q, T, theta, S, beta, order, nev, m) -> int:
-        """Keep the ``p`` most wanted Ritz vectors and the residual direction."""
-        p = min(m - 1, nev + max(1, (m - nev) // 2))
-        keep = order[:p]
-        Y = Q[:, :m] @ S[:, keep].to(Q)
-        q_next = Q[:, m].clone()
-        Q.zero_()
-        Q[:, :p], Q[:, p] = Y, q_next
-        b = beta * S[m - 1, keep]
-        T.zero_()
-        T[:p, :p] = torch.diag(theta[keep])
-        T[p, :p] = T[:p, p] = b
-        return p
-
-
 def power_iteration(
     A: Any, k: int = 1, *, tol: float = 1e-3, max_matvecs: int | None = None, seed: int = 0
 ) -> EigResult:
@@ -236,11 +304,12 @@ def power_iteration(
 
     Each eigenpair iterates :math:`v \leftarrow Av/\|Av\|` (``v`` kept orthogonal to the pairs
     already found) until the Rayleigh quotient changes by less than ``tol`` relative; kept for
-    parity with PyHessian (Yao et al. 2020). It converges slowly when eigenvalues are close and
-    finds the largest in magnitude; prefer :func:`eigs`.
+    parity with PyHessian (Yao et al. 2020). The iterate, its dot products and norms are
+    float64; only the products run in the operator's dtype. It converges slowly when
+    eigenvalues are close and finds the largest in magnitude; prefer :func:`eigs`.
 
     Args:
-        A: Symmetric operator or dense tensor ``(d, d)``.
+        A: Symmetric operator ``(d, d)`` (any input :func:`eigs` takes).
         k: Number of eigenpairs.
         tol: Relative change of the Rayleigh quotient that stops an eigenpair.
         max_matvecs: Budget for all pairs; default ``100 k``.
@@ -249,18 +318,21 @@ def power_iteration(
     Returns:
         EigResult with ``which="magnitude"``; residuals are ``||A v - theta v||``.
     """
+    A = as_operator(A)
+    require_symmetric(A, "power_iteration")
     op, gen = Counted(A), generator(seed)
     budget = max_matvecs or 100 * k
     if budget < 2 * k:
         raise ValueError(f"power_iteration: max_matvecs={budget} is below 2 per eigenpair (k={k}).")
-    X = torch.zeros(op.d, 0, dtype=op.dtype, device=op.device)
+    dtype = basis_dtype(op.device)
+    X = torch.zeros(op.d, 0, dtype=dtype, device=op.device)
     vals, res, ok = [], [], True
     for i in range(k):
-        w, theta, done = gaussian(gen, op.d, 1, op), None, False
+        w, theta, done = gaussian(gen, op.d, 1, op, dtype), None, False
         while op.n < budget * (i + 1) // k and not done:
             v = w - X @ (X.T @ w)
             v = v / torch.linalg.vector_norm(v)
-            Av = op(v)
+            Av = op(v).to(dtype)
             new = float((v * Av).sum())
             r = float(torch.linalg.vector_norm(Av - new * v))
             done = theta is not None and abs(theta - new) / (abs(theta) + 1e-6) < tol
@@ -269,7 +341,7 @@ def power_iteration(
         X = torch.cat([X, v], 1)  # the vector whose Rayleigh quotient and residual are reported
         vals.append(theta)
         res.append(r)
-    f64 = torch.float64
-    return EigResult(
-        torch.tensor(vals, dtype=f64), X, torch.tensor(res, dtype=f64), ok, op.n, "magnitude"
-    )
+    vectors = X.to(torch.promote_types(op.dtype, torch.float32))
+    reason = "" if ok else f"budget of {budget} products spent before the Rayleigh quotient settled"
+    values, residuals = torch.tensor(vals, dtype=F64), torch.tensor(res, dtype=F64)
+    return EigResult(values, vectors, residuals, ok, op.n, "magnitude", reason)

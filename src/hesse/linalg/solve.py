@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,9 +67,9 @@ def solve(
         damping: :math:`\lambda \ge 0` added to the diagonal.
         method: ``"cg"``, ``"minres"`` or ``"lissa"``.
         tol: Relative residual tolerance; default 1e-8 in float64, 1e-5 in float32.
-        max_matvecs: Budget (at least 2 per column); default ``10 d`` per column, at most
-            10,000.
-        x0: Start, shaped like ``b`` (default zero).
+        max_matvecs: Products of ``A`` for all columns together, at least 2 per column (one
+            is kept for the final residual); default ``min(10 d, 10,000)`` per column.
+        x0: Start, of ``b``'s shape (default zero).
         scale: LiSSA's :math:`s` (default 1.1 times an estimate of :math:`\lambda_{max}+\lambda`).
 
     Returns:
@@ -76,17 +77,24 @@ def solve(
 
     Raises:
         ValueError: ``cg``/``lissa`` on an operator not declared PSD without damping, a
-            non-symmetric operator, negative damping, or a budget below 2 per column.
+            non-symmetric operator, negative damping, a budget below 2 per column, or an
+            ``x0`` whose shape is not ``b``'s.
     """
     _check(A, method, damping, "solve")
     op = Counted(A)
     B = b[:, None] if b.dim() == 1 else b
     B = B.to(device=op.device, dtype=op.dtype)
+    if x0 is not None and x0.shape != b.shape:
+        raise ValueError(
+            f"solve: x0 has shape {tuple(x0.shape)}, b has shape {tuple(b.shape)}; pass an x0 of "
+            "b's shape, or None to start from zero."
+        )
     X = torch.zeros_like(B) if x0 is None else x0.reshape(B.shape).to(B).clone()
     k = B.shape[1]
-    budget = (max_matvecs or min(10 * op.d, 10_000) * k) - k  # k kept for the final residual
-    if budget < k:
-        raise ValueError(f"solve: max_matvecs must be at least {2 * k} ({k} right-hand sides).")
+    if max_matvecs is None:
+        max_matvecs = min(10 * op.d, 10_000) * k
+    _check_budget(max_matvecs, 2 * k, "solve", f" (2 per column of b, which has {k})")
+    budget = max_matvecs - k  # k kept for the final residual
     tol = tol if tol is not None else default_tol(op.dtype)
 
     def apply(V: torch.Tensor) -> torch.Tensor:
@@ -132,6 +140,14 @@ def _cg(apply: Callable, B, X, tol, budget, op) -> torch.Tensor:
 def default_tol(dtype: torch.dtype) -> float:
     """``solve``'s default relative tolerance: 1e-8 in float64, 1e-5 otherwise."""
     return 1e-8 if dtype == torch.float64 else 1e-5
+
+
+def _check_budget(max_matvecs: Any, least: int, who: str, why: str = "") -> None:
+    """Refuse a ``max_matvecs`` that is not an integer of at least ``least``."""
+    if isinstance(max_matvecs, bool) or not isinstance(max_matvecs, numbers.Integral):
+        raise TypeError(f"{who}: max_matvecs must be an integer, got {max_matvecs!r}.")
+    if max_matvecs < least:
+        raise ValueError(f"{who}: max_matvecs must be at least {least}{why}, got {max_matvecs}.")
 
 
 def _check(A: Any, method: str, damping: float, who: str) -> None:
@@ -230,28 +246,37 @@ class InverseOperator(Operator):
     r"""The operator :math:`(A + \lambda I)^{-1}`: each product solves a system with ``solve``.
 
     Built by ``A.inverse(damping, method=..., tol=..., max_matvecs=...)``. A product
-    ``inv @ V`` returns ``solve(A, V, damping=..., method=..., ...).value``, so it is exact
-    only up to ``tol``; the ``SolveResult`` of the latest product is kept in ``last``. A solve
-    that does not converge raises ``NotConvergedError`` rather than returning an inaccurate
-    product, unless ``allow_unconverged=True``.
+    ``inv @ V`` with ``k`` columns returns ``solve(A, V, damping=..., method=..., tol=...,
+    max_matvecs=k * max_matvecs).value``, so it is exact only up to ``tol``. A solve that does
+    not converge raises ``NotConvergedError`` rather than returning an inaccurate product,
+    unless ``allow_unconverged=True``.
 
     The inverse of a symmetric operator is symmetric (``.T`` is the operator itself), and PSD
     when ``A`` is declared PSD. ``n_matvecs`` counts products with the inverse; the products
     with ``A`` they cost are in ``op.n_matvecs`` (and ``last.n_matvecs``).
 
     Args:
-        op: The symmetric operator ``A``.
+        op: The symmetric operator ``A`` (an ``Operator`` or anything ``solve`` takes).
         damping: :math:`\lambda \ge 0`.
         method: ``"cg"`` and ``"lissa"`` need ``A`` declared PSD or ``damping > 0``;
             ``"minres"`` takes any symmetric ``A`` (a Hessian away from a minimum).
         tol: Relative residual tolerance of each solve (default: ``solve``'s).
-        max_matvecs: Products of ``A`` allowed per solve (default: ``solve``'s).
+        max_matvecs: Products of ``A`` allowed per column (right-hand side) of a product, at
+            least 2; a product with ``k`` columns may spend ``k * max_matvecs``, shared by
+            its columns (CG stops multiplying a column once it converges). Default:
+            ``solve``'s.
         allow_unconverged: Return unconverged solves (check ``last.converged``) instead of
             raising.
 
+    Attributes:
+        last: The ``SolveResult`` of the most recent product (None before the first): its
+            diagnostics, since ``inv @ V`` returns a tensor. Each product replaces it; an
+            algorithm that multiplies many times (``eigs(inv)``) leaves the last one's there,
+            and every earlier one converged unless ``allow_unconverged=True``.
+
     Raises:
         ValueError: at construction, as ``solve`` would (a method the structure does not allow,
-            negative damping, a non-symmetric operator).
+            negative damping, a non-symmetric operator, ``max_matvecs < 2``).
 
     Example:
         >>> from hesse.operators import DenseOperator
@@ -274,8 +299,10 @@ class InverseOperator(Operator):
         allow_unconverged: bool = False,
     ):
         _check(op, method, damping, "inverse")
+        if max_matvecs is not None:
+            _check_budget(max_matvecs, 2, "inverse", " per column")
         tags = (SYMMETRIC, PSD) if PSD in tags_of(op) else (SYMMETRIC,)
-        space = getattr(op, "space", None)
+        space = op.space if isinstance(op, Operator) else None
         super().__init__(op.shape[0], op.dtype, op.device, tags, space)
         self.op, self.damping, self.method = op, float(damping), method
         self.tol = tol if tol is not None else default_tol(op.dtype)
@@ -283,13 +310,10 @@ class InverseOperator(Operator):
         self.last: SolveResult | None = None
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        k = V.shape[1]
+        budget = None if self.max_matvecs is None else self.max_matvecs * k
         r = solve(
-            self.op,
-            V,
-            damping=self.damping,
-            method=self.method,
-            tol=self.tol,
-            max_matvecs=self.max_matvecs,
+            self.op, V, damping=self.damping, method=self.method, tol=self.tol, max_matvecs=budget
         )
         self.last = r
         if not r.converged and not self.allow_unconverged:
@@ -299,9 +323,9 @@ class InverseOperator(Operator):
             raise NotConvergedError(
                 f"InverseOperator: solve(method={self.method!r}, damping={self.damping}) did not "
                 f"converge: relative residual {float(rel.max()):.2e} > tol {self.tol:.1e} after "
-                f"{r.n_matvecs} products. Pass a larger max_matvecs (now {self.max_matvecs}), "
-                "more damping, or allow_unconverged=True to accept it; the SolveResult is in "
-                ".last (and in this error's .result).",
+                f"{r.n_matvecs} products for {k} column(s). Pass a larger max_matvecs (now "
+                f"{self.max_matvecs} per column), more damping, or allow_unconverged=True to "
+                "accept it; the SolveResult is in .last (and in this error's .result).",
                 r,
             )
         return r.value

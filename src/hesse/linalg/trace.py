@@ -1,19 +1,23 @@
-"""Stochastic trace, Frobenius-norm and diagonal estimators with standard errors."""
+"""Stochastic trace and diagonal estimators with standard errors (Hutchinson, Hutch++)."""
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from scipy import stats
 
-from ._util import Counted, generator, mean_ci, rademacher
+from ..operators.base import Operator
+from ._util import Counted, generator, rademacher
 
 METHODS = ("hutch++", "hutchinson", "exact")
 MIN_SAMPLES = 20  # fewest probes before target_stderr may stop sampling (see trace)
+
+_Probes = Iterator[tuple[torch.Tensor, torch.Tensor]]  # blocks of probes Z and products A P Z
 
 
 @dataclass(frozen=True)
@@ -37,28 +41,6 @@ class TraceResult:
     method: str
     converged: bool = True
     samples: int = 0
-
-
-@dataclass(frozen=True)
-class FrobeniusResult:
-    r"""An estimate of the Frobenius norm :math:`\|A\|_F` with its uncertainty.
-
-    Attributes:
-        value: The estimate of :math:`\|A\|_F`: the square root of ``squared.value`` (slightly
-            biased low by Jensen's inequality; ``squared.value`` is the unbiased one).
-        stderr: Its standard error by the delta method, ``squared.stderr / (2 * value)``.
-        ci95: 95% interval for :math:`\|A\|_F`: the square roots of ``squared.ci95`` (clipped
-            at 0), so it covers exactly when that interval does.
-        n_matvecs: Matrix-vector products used.
-        squared: The estimate of :math:`\|A\|_F^2 = \mathrm{tr}(A^\top A)` as a
-            ``TraceResult`` (unbiased ``value``, ``stderr``, ``ci95``, ``method``, ``samples``).
-    """
-
-    value: float
-    stderr: float
-    ci95: tuple[float, float]
-    n_matvecs: int
-    squared: TraceResult
 
 
 @dataclass(frozen=True)
@@ -137,109 +119,14 @@ def trace(
         >>> trace(A, budget=20, method="hutchinson").value  # exact for a diagonal matrix
         55.0
     """
-    if method not in METHODS:
-        raise ValueError(f"trace: method must be one of {METHODS}, got {method!r}.")
-    op = Counted(A, progress, A.shape[0] if method == "exact" else budget, "trace")
-    try:
-        if method == "exact":
-            value = sum(_sum_and_size(E * AE)[0] for E, AE in _identity_blocks(op, block_size))
-            return TraceResult(value, 0.0, (value, value), op.n, method)
-        _need(budget, 2 if method == "hutchinson" else 4, method)
-        gen = generator(seed)
-        Q, exact, size = None, 0.0, 0.0
-        if method == "hutch++":
-            Q, AQ = _sketch(op, gen, budget)
-            exact, size = _sum_and_size(Q * AQ)
-        spread = _sample_trace(op, gen, budget, block_size, Q, target_stderr)
-        converged = target_stderr is None or spread.stderr <= target_stderr
-        lo, hi = _t_interval(spread.mean, spread.stderr, spread.n)
-        pad = _roundoff(op, size + spread.size)
-        ci = (exact + lo - pad, exact + hi + pad)
-        value = exact + spread.mean
-        return TraceResult(value, spread.stderr, ci, op.n, method, converged, spread.n)
-    finally:
-        op.close()
-
-
-def frobenius_norm(
-    A: Any,
-    budget: int = 100,
-    *,
-    method: str = "hutch++",
-    seed: int = 0,
-    block_size: int = 10,
-    progress: bool = False,
-) -> FrobeniusResult:
-    r"""Estimate the Frobenius norm :math:`\|A\|_F` from matrix-vector products.
-
-    Hutchinson's estimator on :math:`A^\top A`: for Rademacher probes
-    :math:`\mathbb E\|Az\|^2 = \mathrm{tr}(A^\top A) = \|A\|_F^2`, one product per sample and
-    no product with :math:`A^\top`. ``"hutch++"`` (the Hutch++ split of Meyer, Musco, Musco &
-    Woodruff 2021) sketches :math:`Q = \mathrm{orth}(AS)` with a third of the budget and uses
-    the exact identity, for any orthonormal :math:`Q` and :math:`P = I - QQ^\top`,
-
-    .. math:: \|A\|_F^2 = \|AQ\|_F^2 + \|AP\|_F^2,
-
-    computing :math:`\|AQ\|_F^2` exactly (a third) and :math:`\|AP\|_F^2 = \mathbb E\|APz\|^2`
-    by sampling (the rest). For a symmetric :math:`A`, such as a curvature matrix, :math:`Q`
-    holds its largest eigenvalues and the remainder is small; for a non-symmetric one the
-    estimate stays unbiased, with less variance reduction. ``"exact"`` sums
-    :math:`\|Ae_i\|^2` (``d`` products).
-
-    The interval for :math:`\|A\|_F^2` is Hall's (1992, "On the removal of skewness by
-    transformation") skewness-corrected t-interval of the samples :math:`\|APz_i\|^2`: they are
-    non-negative and right-skewed (more so without deflation), where the plain t-interval covers
-    about 90% at n = 20 on the spectrum {30, 29 values in [0, 1]} and Hall's about 95%. (The
-    variance estimate ``trace`` uses would need :math:`z \odot A^\top A z`, a second product per
-    sample.) It assumes the skewness-corrected mean is close to normal: with 20 or more samples
-    it covered 93-96% in the tests (92-95% with 10); for ``"hutch++"`` it holds given the
-    sketch, and a sketch that spans the whole space leaves only a round-off allowance.
-
-    Args:
-        A: Operator or dense tensor ``(d, d)``.
-        budget: Most products to spend (``>= 2``; ``>= 4`` for hutch++).
-        method: ``"hutch++"``, ``"hutchinson"`` or ``"exact"``.
-        seed: Seed of the probes.
-        block_size: Probes per pass over the data.
-        progress: Show a progress bar.
-
-    Returns:
-        FrobeniusResult: the norm, with the unbiased estimate of its square in ``squared``.
-
-    Example:
-        >>> A = torch.diag(torch.tensor([3.0, 4.0], dtype=torch.float64))
-        >>> frobenius_norm(A, method="exact").value
-        5.0
-        >>> frobenius_norm(A, budget=10, method="hutchinson").value  # exact for a diagonal A
-        5.0
-    """
-    if method not in METHODS:
-        raise ValueError(f"frobenius_norm: method must be one of {METHODS}, got {method!r}.")
-    op = Counted(A, progress, A.shape[0] if method == "exact" else budget, "frobenius_norm")
-    try:
-        if method == "exact":
-            sq = sum(_sum_squares(AE) for _, AE in _identity_blocks(op, block_size))
-            return _norm_of(TraceResult(sq, 0.0, (sq, sq), op.n, method))
-        _need(budget, 2 if method == "hutchinson" else 4, f"frobenius_norm({method})")
-        gen = generator(seed)
-        Q, exact = None, 0.0
-        if method == "hutch++":
-            Q, AQ = _sketch(op, gen, budget)
-            exact = _sum_squares(AQ)
-        parts = [
-            (AZ.double() ** 2).sum(0).cpu() for _, AZ in _probes(op, gen, budget, block_size, Q)
-        ]
-        xs = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-        mean, se, (lo, hi) = _skew_t_interval(xs)
-        pad = _roundoff(op, exact + mean)
-        ci = (exact + lo - pad, exact + hi + pad)
-        return _norm_of(TraceResult(exact + mean, se, ci, op.n, method, True, xs.numel()))
-    finally:
-        op.close()
+    sample = functools.partial(_sample_trace, target=target_stderr)
+    return _estimate(
+        A, budget, "trace", method, seed, block_size, progress, exact=_forms, sample=sample
+    )
 
 
 def block_traces(
-    A: Any,
+    A: Operator,
     budget: int = 100,
     *,
     by: str = "module",
@@ -249,12 +136,21 @@ def block_traces(
 ) -> dict[str, TraceResult]:
     r"""Traces of every diagonal block of ``A`` from one sweep of shared probes.
 
-    For a Rademacher probe :math:`z`, :math:`z_b^\top (Az)_b` is an unbiased estimate of
+    For a Rademacher probe :math:`z`, :math:`x_b = z_b^\top (Az)_b` is an unbiased estimate of
     :math:`\mathrm{tr}(A_{bb})` for every block :math:`b` at once, so all blocks together cost
     ``budget`` products, not ``budget`` per block.
 
+    Each interval is ``trace``'s (see there), with the variance estimate :math:`\hat\sigma_b^2`
+    formed from the block's coordinates :math:`w_k = z_k (Az)_k`, :math:`k \in b`; the sample
+    variance of the :math:`x_b` would undercover on outlier spectra as it does for ``trace``.
+    For a symmetric :math:`A`,
+    :math:`\mathrm{Var}(x_b) = 2\sum_{k \ne j \in b} A_{kj}^2 + \sum_{k \in b, j \notin b} A_{kj}^2`
+    while :math:`\hat\sigma_b^2` estimates :math:`2\sum_{k \in b, j \ne k} A_{kj}^2`: it counts
+    the couplings of the block to the rest twice. The interval is then as good as ``trace``'s for a
+    block-diagonal :math:`A` and conservative, wider by at most :math:`\sqrt 2`, otherwise.
+
     Args:
-        A: Operator with a parameter layout (``A.space``), e.g. a ``HessianOperator``.
+        A: An ``Operator`` with a parameter layout (``A.space``), e.g. a ``HessianOperator``.
         budget: Probes (products), ``>= 2``.
         by: ``"module"``, ``"param"`` or ``"block"`` (see ``ParamSpace.blocks``).
         groups: User groups ``{name: names, prefixes or globs}`` instead of ``by``.
@@ -263,23 +159,26 @@ def block_traces(
 
     Returns:
         ``{block name: TraceResult}`` (Hutchinson estimates with standard errors).
+
+    Raises:
+        ValueError: ``A`` is not an ``Operator`` with a ``space``, or ``budget < 2``.
     """
-    if getattr(A, "space", None) is None:
-        raise ValueError("block_traces: the operator has no parameter layout (A.space).")
+    if not isinstance(A, Operator) or A.space is None:
+        what = type(A).__name__ if not isinstance(A, Operator) else f"{A!r} with space=None"
+        raise ValueError(
+            f"block_traces: expected an Operator with a parameter layout (space), got {what}. "
+            "Pass a model operator (HessianOperator, GGNOperator, ...) or "
+            "DenseOperator(matrix, space=ParamSpace(names, shapes))."
+        )
     _need(budget, 2, "block_traces")
-    op, gen, groups = Counted(A), generator(seed), A.space.blocks(by, groups)
-    slices = A.space.slices()
-    samples = {name: [] for name in groups}
-    while op.n < budget:
-        Z = rademacher(gen, op.d, min(block_size, budget - op.n), op)
-        ZAZ = Z * op(Z)
-        for name, names in groups.items():
-            samples[name].append(sum(ZAZ[slices[n]].sum(0) for n in names))
-    out = {}
-    for name, parts in samples.items():
-        value, se, ci = mean_ci(torch.cat(parts))
-        out[name] = TraceResult(value, se, ci, op.n, "hutchinson", True, budget)
-    return out
+    op, gen = Counted(A), generator(seed)
+    blocks, slices = A.space.blocks(by, groups), A.space.slices()
+    spreads = {name: _Spread() for name in blocks}
+    for Z, AZ in _probes(op, gen, budget, block_size, None):
+        W = Z * AZ
+        for name, names in blocks.items():
+            spreads[name].add(torch.cat([W[slices[n]] for n in names]))
+    return {name: _result(op, "hutchinson", 0.0, 0.0, s.summary()) for name, s in spreads.items()}
 
 
 def diagonal(A: Any, budget: int = 100, *, seed: int = 0, block_size: int = 32) -> DiagonalResult:
@@ -299,29 +198,93 @@ def diagonal(A: Any, budget: int = 100, *, seed: int = 0, block_size: int = 32) 
     """
     _need(budget, 2, "diagonal")
     op, gen = Counted(A), generator(seed)
-    parts = []
-    while op.n < budget:
-        Z = rademacher(gen, op.d, min(block_size, budget - op.n), op)
-        parts.append(Z * op(Z))
-    X = torch.cat(parts, 1)
+    X = torch.cat([Z * AZ for Z, AZ in _probes(op, gen, budget, block_size, None)], 1)
     return DiagonalResult(X.mean(1), X.std(1) / X.shape[1] ** 0.5, op.n)
 
 
-def _sample_trace(op, gen, budget, block_size, Q, target) -> _Spread:
-    """Hutchinson samples of ``PAP`` until the budget ends or ``target`` is met (see trace)."""
+@dataclass(frozen=True)
+class _Sampled:
+    """The sampled part of a trace estimate: mean, standard error, 95% interval, samples.
+
+    ``size`` is the magnitude of the terms each sample sums (for the round-off allowance).
+    """
+
+    mean: float
+    stderr: float
+    ci95: tuple[float, float]
+    size: float
+    n: int
+    converged: bool = True
+
+
+def _estimate(
+    A: Any,
+    budget: int,
+    who: str,
+    method: str,
+    seed: int,
+    block_size: int,
+    progress: bool,
+    *,
+    exact: Callable[[torch.Tensor, torch.Tensor], tuple[float, float]],
+    sample: Callable[[_Probes, torch.Tensor | None], _Sampled],
+) -> TraceResult:
+    r"""The estimator behind ``trace`` and ``frobenius_norm``: :math:`\mathrm{tr}(M)`.
+
+    ``M`` is seen through products with ``A`` (:math:`M = A` or :math:`A^\top A`).
+    ``exact(V, AV)`` returns :math:`\mathrm{tr}(V^\top M V)` and the magnitude of its terms, for
+    blocks of identity columns (``"exact"``) or Hutch++'s sketch :math:`Q`; ``sample(probes,
+    Q)`` estimates the trace of the remainder from the blocks ``(Z, A P Z)`` of Rademacher
+    probes (:math:`P = I - QQ^\top`; ``Q`` is None for ``"hutchinson"``). The result adds both,
+    and widens the sample's interval by the round-off allowance of the magnitudes summed.
+    """
+    if method not in METHODS:
+        raise ValueError(f"{who}: method must be one of {METHODS}, got {method!r}.")
+    op = Counted(A, progress, A.shape[0] if method == "exact" else budget, who)
+    try:
+        if method == "exact":
+            value = sum(exact(E, AE)[0] for E, AE in _identity_blocks(op, block_size))
+            return TraceResult(value, 0.0, (value, value), op.n, method)
+        _need(budget, 2 if method == "hutchinson" else 4, f"{who}({method})")
+        gen = generator(seed)
+        Q, known, size = None, 0.0, 0.0
+        if method == "hutch++":
+            Q, AQ = _sketch(op, gen, budget)
+            known, size = exact(Q, AQ)
+        return _result(op, method, known, size, sample(_probes(op, gen, budget, block_size, Q), Q))
+    finally:
+        op.close()
+
+
+def _result(op: Counted, method: str, known: float, size: float, s: _Sampled) -> TraceResult:
+    """``known + s`` as a ``TraceResult``, its interval widened by the round-off allowance."""
+    pad = _roundoff(op, size + s.size)
+    ci = (known + s.ci95[0] - pad, known + s.ci95[1] + pad)
+    return TraceResult(known + s.mean, s.stderr, ci, op.n, method, s.converged, s.n)
+
+
+def _forms(V: torch.Tensor, AV: torch.Tensor) -> tuple[float, float]:
+    r""":math:`\mathrm{tr}(V^\top A V)` and the magnitude of its terms (float64)."""
+    X = V * AV
+    return float(X.sum(dtype=torch.float64)), float(X.abs().sum(dtype=torch.float64))
+
+
+def _sample_trace(probes: _Probes, Q: torch.Tensor | None, target: float | None) -> _Sampled:
+    """Hutchinson samples of ``PAP`` until the probes end or ``target`` is met (see trace)."""
     spread = _Spread()
-    for Z, AZ in _probes(op, gen, budget, block_size, Q):
-        spread.add(Z * _deflate(AZ, Q))  # w_i = z_i * (PAP z_i), summing to z_i^T PAP z_i
+    for Z, APZ in probes:
+        spread.add(Z * _deflate(APZ, Q))  # w_i = z_i * (PAP z_i), summing to z_i^T PAP z_i
         if target is not None and spread.n >= MIN_SAMPLES and spread.stderr <= target:
             break
-    return spread
+    return spread.summary(converged=target is None or spread.stderr <= target)
 
 
 class _Spread:
     r"""Running mean of the columns :math:`w_i` and :math:`\sum_i \|w_i - \bar w\|^2` (float64).
 
     Welford's update in float64, one column at a time (memory: a few ``d``-vectors), accurate
-    also where :math:`w_i \approx \bar w`, as for a nearly diagonal matrix.
+    also where :math:`w_i \approx \bar w`, as for a nearly diagonal matrix. The columns added are
+    only read.
     """
 
     def __init__(self) -> None:
@@ -335,7 +298,7 @@ class _Spread:
             self.n += 1
             delta = w - self.w
             self.w += delta / self.n
-            self.m2 += float(delta @ w.sub_(self.w))
+            self.m2 += float(delta @ (w - self.w))
 
     @property
     def mean(self) -> float:
@@ -354,6 +317,11 @@ class _Spread:
         r""":math:`\sum_k |\bar w_k|`, the magnitude of what each sample sums."""
         return float(self.w.abs().sum()) if self.n else 0.0
 
+    def summary(self, converged: bool = True) -> _Sampled:
+        """Mean, standard error and t-interval (see ``trace``)."""
+        mean, se = self.mean, self.stderr
+        return _Sampled(mean, se, _t_interval(mean, se, self.n), self.size, self.n, converged)
+
 
 def _sketch(op: Counted, gen: torch.Generator, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hutch++'s ``Q = orth(A S)`` (at most ``d`` columns: more would span nothing new), ``AQ``."""
@@ -363,7 +331,7 @@ def _sketch(op: Counted, gen: torch.Generator, budget: int) -> tuple[torch.Tenso
 
 def _probes(
     op: Counted, gen: torch.Generator, budget: int, block_size: int, Q: torch.Tensor | None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> _Probes:
     """Blocks of Rademacher probes ``Z`` and ``A P Z`` (``P = I - QQ^T``) until the budget ends."""
     if Q is not None and Q.shape[1] == op.d:
         return  # P = 0: the sketch is exact and samples would add nothing
@@ -376,36 +344,15 @@ def _deflate(V: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
     return V if Q is None else V - Q @ (Q.T @ V)
 
 
+def _t_quantile(n: int) -> float:
+    """The 97.5% quantile of Student's t with ``n - 1`` degrees of freedom (95%, two-sided)."""
+    return float(stats.t.ppf(0.975, n - 1))
+
+
 def _t_interval(mean: float, se: float, n: int) -> tuple[float, float]:
-    half = float(stats.t.ppf(0.975, n - 1)) * se if n >= 2 else se
+    """Student-t 95% interval of a mean of ``n`` samples (``mean +- se`` below two samples)."""
+    half = _t_quantile(n) * se if n >= 2 else se
     return mean - half, mean + half
-
-
-def _skew_t_interval(x: torch.Tensor) -> tuple[float, float, tuple[float, float]]:
-    r"""Mean, standard error and Hall's (1992) skewness-corrected 95% interval of ``x`` (n,).
-
-    With :math:`a = \hat\gamma / \sqrt n` (:math:`\hat\gamma` the sample skewness), the
-    studentized mean :math:`T` is mapped by the monotone
-    :math:`g(T) = T + aT^2/3 + a^2T^3/27 + a/6`, which removes the :math:`n^{-1/2}` skewness
-    term of its Edgeworth expansion; the interval is
-    :math:`[\bar x - \mathrm{se}\, g^{-1}(q),\ \bar x - \mathrm{se}\, g^{-1}(-q)]`.
-    """
-    n = x.numel()
-    if n < 2:
-        mean, se = float(x.sum()), (0.0 if n == 0 else math.inf)
-        return mean, se, _t_interval(mean, se, n)
-    mean, sd = float(x.mean()), float(x.std())
-    se = sd / math.sqrt(n)
-    q = float(stats.t.ppf(0.975, n - 1))
-    a = float(((x - mean) ** 3).mean()) / sd**3 / math.sqrt(n) if sd > 0 else 0.0
-    if abs(a) < 1e-8:
-        return mean, se, (mean - q * se, mean + q * se)
-
-    def g_inv(y: float) -> float:
-        u = 1 + a * (y - a / 6)
-        return 3 / a * (math.copysign(abs(u) ** (1 / 3), u) - 1)
-
-    return mean, se, (mean - se * g_inv(q), mean - se * g_inv(-q))
 
 
 def _column_squares(V: torch.Tensor) -> torch.Tensor:
@@ -413,28 +360,12 @@ def _column_squares(V: torch.Tensor) -> torch.Tensor:
     return (torch.linalg.vector_norm(V, dim=0, dtype=torch.float64) ** 2).cpu()
 
 
-def _sum_and_size(X: torch.Tensor) -> tuple[float, float]:
-    """``sum(X)`` and ``sum(|X|)``, accumulated in float64."""
-    return float(X.sum(dtype=torch.float64)), float(X.abs().sum(dtype=torch.float64))
-
-
-def _sum_squares(V: torch.Tensor) -> float:
-    return float(_column_squares(V).sum())
-
-
-def _norm_of(squared: TraceResult) -> FrobeniusResult:
-    value = math.sqrt(max(squared.value, 0.0))
-    stderr = squared.stderr / (2 * value) if value > 0 else 0.0
-    lo, hi = (math.sqrt(max(c, 0.0)) for c in squared.ci95)
-    return FrobeniusResult(value, stderr, (lo, hi), squared.n_matvecs, squared)
-
-
 def _roundoff(op: Counted, size: float) -> float:
     """Round-off allowance of a sum of ``d`` terms of total magnitude ``size``: ``sqrt(d) eps``."""
     return math.sqrt(op.d) * torch.finfo(op.dtype).eps * size
 
 
-def _identity_blocks(op: Counted, block_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _identity_blocks(op: Counted, block_size: int) -> _Probes:
     """Blocks ``E`` of identity columns and their products ``A E`` (``d`` products in all)."""
     for i in range(0, op.d, block_size):
         E = torch.zeros(op.d, min(block_size, op.d - i), dtype=op.dtype, device=op.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,7 @@ class Operator:
         self.tags = frozenset(tags)
         self.space = space
         self.n_matvecs = 0
+        self._transpose_of: Operator | None = None  # set on the operator that .T returns
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -77,9 +79,15 @@ class Operator:
         return self.matvec(x) if x.dim() == 1 else self.matmat(x)
 
     def __add__(self, other: Operator) -> Operator:
+        if _is_zero(other):
+            return self
         if not isinstance(other, Operator):
             return NotImplemented
         return SumOperator([self, other])
+
+    def __radd__(self, other: Any) -> Operator:
+        # 0 + A is A, so that sum(operators) works (sum starts from the integer 0).
+        return self if _is_zero(other) else NotImplemented
 
     def __sub__(self, other: Operator) -> Operator:
         if not isinstance(other, Operator):
@@ -113,7 +121,11 @@ class Operator:
         Raises:
             ValueError: the operator is not declared symmetric and its transpose is unknown.
         """
-        return self if SYMMETRIC in self.tags else self._transpose()
+        if SYMMETRIC in self.tags:
+            return self
+        transpose = self._transpose()
+        transpose._transpose_of = self  # lets A @ A.T be recognised as a Gram matrix
+        return transpose
 
     def _transpose(self) -> Operator:
         raise ValueError(
@@ -135,14 +147,16 @@ class Operator:
 
         ``method="cg"`` (or ``"lissa"``) needs an operator declared PSD or ``damping > 0``;
         ``"minres"`` takes any symmetric one. A product whose solve does not converge raises
-        ``NotConvergedError`` unless ``allow_unconverged=True``; the latest ``SolveResult`` is
-        in ``.last``. See ``hesse.linalg.solve.InverseOperator``.
+        ``NotConvergedError`` unless ``allow_unconverged=True``; the ``SolveResult`` of the most
+        recent product is in ``.last``. See ``hesse.linalg.solve.InverseOperator``.
 
         Args:
             damping: :math:`\lambda \ge 0`.
             method: ``"cg"``, ``"minres"`` or ``"lissa"``.
             tol: Relative residual tolerance of each solve (``solve``'s default if None).
-            max_matvecs: Products of ``A`` allowed per solve (``solve``'s default if None).
+            max_matvecs: Products of ``A`` allowed per column of a product, at least 2
+                (``solve``'s default if None); ``inv @ V`` with ``k`` columns may spend ``k``
+                times as many.
             allow_unconverged: Return unconverged solves instead of raising.
 
         Returns:
@@ -296,22 +310,32 @@ class ScaledOperator(Operator):
 
 
 class SumOperator(Operator):
-    """``A_1 + ... + A_n``: symmetric (PSD) when every term is."""
+    """``A_1 + ... + A_n``: symmetric (PSD) when every term is.
+
+    The terms that have a parameter layout (``space``) must have the same one, which the sum
+    takes; a sum can be restricted to a block only when every term has it. The products are in
+    the dtype that ``torch.promote_types`` gives for the terms' dtypes.
+    """
 
     def __init__(self, ops: Sequence[Operator]):
-        first = ops[0]
-        for op in ops[1:]:
-            if op.shape != first.shape:
-                raise ValueError(f"SumOperator: shapes {first.shape} and {op.shape} differ.")
+        dim, space = _common(ops, "SumOperator")
         tags = frozenset.intersection(*(op.tags for op in ops))
-        space = next((op.space for op in ops if op.space is not None), None)
-        super().__init__(first.shape[0], first.dtype, first.device, tags, space)
+        dtype = functools.reduce(torch.promote_types, (op.dtype for op in ops))
+        super().__init__(dim, dtype, ops[0].device, tags, space)
         self.ops = list(ops)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return sum(op.matmat(V) for op in self.ops)
 
     def _restrict(self, names: list[str]) -> Operator:
+        for i, op in enumerate(self.ops):
+            if op.space is None:
+                raise ValueError(
+                    f"SumOperator.restrict: term {i} of the sum ({op!r}) has no parameter layout "
+                    "(space), so its block is unknown. Build that term with the same space as "
+                    "the others (e.g. IdentityOperator(d, space=...), DenseOperator(M, "
+                    "space=...)), or use A.damped(lam) for damping."
+                )
         return SumOperator([op._restrict(names) for op in self.ops])
 
     def _transpose(self) -> Operator:
@@ -322,22 +346,18 @@ class ProductOperator(Operator):
     """``A_1 A_2 ... A_n``, applied right to left; built by ``A @ B`` of two operators.
 
     A product of symmetric matrices is not symmetric in general, so it carries no tags, except
-    ``A @ A`` for one symmetric ``A`` (the same object), which is symmetric and PSD. Its
-    transpose is ``A_n^T ... A_1^T`` when every factor has one. Each factor counts its own
-    products; the product counts its own applications.
+    ``A @ A`` for one symmetric ``A`` (the same object) and ``A @ A.T`` or ``A.T @ A`` (``A.T``
+    taken of that same object), which are symmetric and PSD. Its transpose is
+    ``A_n^T ... A_1^T`` when every factor has one. Each factor counts its own products; the
+    product counts its own applications. The factors that have a parameter layout must have
+    the same one.
     """
 
     def __init__(self, ops: Sequence[Operator]):
-        first = ops[0]
-        for op in ops[1:]:
-            if op.shape != first.shape:
-                raise ValueError(
-                    f"ProductOperator: shapes {first.shape} and {op.shape} do not chain; the "
-                    "factors must be square operators of the same size."
-                )
-        tags = (SYMMETRIC, PSD) if _is_square_of_symmetric(ops) else ()
-        space = next((op.space for op in ops if op.space is not None), None)
-        super().__init__(first.shape[0], first.dtype, first.device, tags, space)
+        dim, space = _common(ops, "ProductOperator")
+        tags = (SYMMETRIC, PSD) if _is_gram(ops) else ()
+        # the last factor applied, ops[0], sets the dtype of the result
+        super().__init__(dim, ops[0].dtype, ops[0].device, tags, space)
         self.ops = list(ops)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -355,9 +375,53 @@ class ProductOperator(Operator):
         return ProductOperator([op.T for op in reversed(self.ops)])
 
 
-def _is_square_of_symmetric(ops: Sequence[Operator]) -> bool:
-    """``A @ A`` for one symmetric ``A``: then ``A A = A^T A`` is symmetric PSD."""
-    return len(ops) == 2 and ops[0] is ops[1] and SYMMETRIC in ops[0].tags
+def _is_gram(ops: Sequence[Operator]) -> bool:
+    """``A @ A`` for one symmetric ``A``, ``A @ A.T`` or ``A.T @ A``: symmetric PSD."""
+    if len(ops) != 2:
+        return False
+    a, b = ops
+    return (a is b and SYMMETRIC in a.tags) or b._transpose_of is a or a._transpose_of is b
+
+
+def _common(ops: Sequence[Operator], who: str) -> tuple[int, ParamSpace | None]:
+    """Size and shared parameter layout of the terms or factors ``ops``.
+
+    Raises:
+        ValueError: the shapes differ, or two operators have different layouts.
+    """
+    first = ops[0]
+    for op in ops[1:]:
+        if op.shape != first.shape:
+            raise ValueError(
+                f"{who}: shapes {first.shape} and {op.shape} differ; the operators must be "
+                "square and of the same size."
+            )
+    spaced = [(i, op.space) for i, op in enumerate(ops) if op.space is not None]
+    for i, space in spaced[1:]:
+        j, ref = spaced[0]
+        if not _same_layout(space, ref):
+            raise ValueError(
+                f"{who}: operators {j} and {i} have different parameter layouts (space): "
+                f"{_brief(ref)} and {_brief(space)}. Combine operators of the same "
+                "parameters, built from the same Objective or ParamSpace."
+            )
+    return first.shape[0], spaced[0][1] if spaced else None
+
+
+def _same_layout(a: ParamSpace, b: ParamSpace) -> bool:
+    """The same names and shapes, in the same order (the same flat layout)."""
+    return a is b or (a.names == b.names and a.shapes == b.shapes)
+
+
+def _brief(space: ParamSpace) -> str:
+    names = ", ".join(space.names[:3]) + (", ..." if len(space.names) > 3 else "")
+    return f"[{names}] ({space.dim} entries)"
+
+
+def _is_zero(c: Any) -> bool:
+    """``c`` is the scalar 0 (``sum(operators)`` starts from it)."""
+    value = _scalar(c)
+    return value is not None and value == 0
 
 
 def _scalar(c: Any) -> float | None:

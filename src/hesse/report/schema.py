@@ -28,6 +28,7 @@ EIGS = {
     "values": [Number],
     "residuals": [Number],
     "converged": bool,
+    "reason?": str,
     "n_matvecs": int,
 }
 TRACE = {
@@ -89,10 +90,12 @@ SCHEMA = {
              "created": str, "command": Nullable(str)},
     "config": {"curvature": str, "sections": [str], "k": int, "k_smallest": int,
                "budget": int, "steps": int, "probes": int, "lr": Nullable(Number),
-               "seed": int, "dtype": str, "device": str},
+               "seed": int, "dtype": str, "device": str, "params?": Nullable([str]),
+               "optimizer?": str, "momentum?": Number},
     "problem": {"model": str, "n_params": int, "n_samples": Nullable(int), "loss": Number,
                 "loss_name": str, "gradient_norm": Number, "n_classes": Nullable(int),
-                "description": Nullable(str), "training": Nullable(dict)},
+                "description": Nullable(str), "training": Nullable(dict),
+                "n_params_total?": int, "loss_source?": str},
     "eigs?": {"largest": EIGS, "smallest": EIGS},
     "trace?": TRACE,
     "density?": DENSITY,
@@ -101,6 +104,8 @@ SCHEMA = {
     "layers?": {"by": str, "rows": [LAYER]},
     "outliers?": OUTLIERS,
     "stability?": {"lr": Number, "threshold": Number, "verdicts": [VERDICT]},
+    "plan?": dict,
+    "partial?": [str],
     "notes": [str],
     "timings": dict,
 }  # fmt: skip

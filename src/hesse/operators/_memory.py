@@ -1,0 +1,100 @@
+"""Bytes: free on a device, saved by an autograd graph, and written for people."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in the largest unit that keeps a digit before the point (``"3.1 GB"``).
+
+    Example:
+        >>> format_bytes(3_141_592_653), format_bytes(2048), format_bytes(12)
+        ('3.1 GB', '2.0 kB', '12 B')
+    """
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def available_bytes(device: torch.device | str) -> int:
+    """Memory free for new tensors on ``device``, in bytes.
+
+    CUDA: free device memory plus what torch's allocator holds unused. CPU: ``MemAvailable``
+    of ``/proc/meminfo``, lowered to the room left under a cgroup (container) limit; 1 GiB
+    where neither can be read (not Linux).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    room = [_meminfo_available(), _cgroup_room()]
+    room = [r for r in room if r is not None]
+    return min(room) if room else 2**30
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _cgroup_room() -> int | None:
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(int(limit) - used, 0)
+
+
+def nbytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's elements."""
+    return t.numel() * t.element_size()
+
+
+def storages(tensors: Iterable[torch.Tensor]) -> set[int]:
+    """Addresses of the storages of ``tensors`` (strided ones; others have no storage)."""
+    return {t.untyped_storage().data_ptr() for t in tensors if t.layout == torch.strided}
+
+
+def saved_bytes(build: Callable[[], T], resident: set[int]) -> tuple[T, int]:
+    """``build()`` and the bytes of what autograd saved for its backward while it ran.
+
+    Each storage counts once, whole (a saved view keeps all of it alive); storages in
+    ``resident`` (the parameters and buffers) do not count. The pack hook returns a detached
+    alias: returning the tensor itself would let a graph node own its own output through the
+    tensor's ``grad_fn``, a reference cycle that kept every uncached graph alive (memory grew
+    with each product). Autograd re-attaches the history on unpack.
+    """
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.strided:
+            s = t.untyped_storage()
+            if s.data_ptr() not in resident:
+                saved[s.data_ptr()] = s.nbytes()
+        else:
+            saved[id(t)] = nbytes(t)
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+        out = build()
+    return out, sum(saved.values())
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t

@@ -1,0 +1,275 @@
+"""The memory plan of a run: what the Krylov bases, the kept graphs and the products will take.
+
+The big allocations of an analysis are few and predictable: the Lanczos basis of ``eigs``
+(``ncv + 1`` float64 vectors of the parameter dimension ``d``), the stochastic Lanczos
+quadrature of ``density`` (``steps + 1`` float64 vectors per probe processed together), the
+per-batch graphs that the curvature operators keep between products, and the widest block of
+columns pushed through the model at once. :func:`plan` measures the one unknown (the graph
+of one batch, by building it once) and adds the rest up, before any product runs; with
+``max_memory`` it chooses the probe group and block size that fit, or refuses.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .linalg.density import probe_group
+from .objective import Objective
+from .operators._cache import AUTO_CACHE_FRACTION
+from .operators._memory import available_bytes
+from .operators._memory import format_bytes as _size
+from .operators.model import FisherOperator, GGNOperator, HessianOperator
+
+BLOCK_FACTOR = 4
+"""Copies of a ``(d, block_size)`` block alive during a product: the input, its per-parameter
+split, the per-column results and their concatenation."""
+
+_OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": FisherOperator}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes a run will hold at its peak, item by item, and the settings chosen to fit.
+
+    Attributes:
+        dim: Parameters analysed ``d``.
+        samples: Samples of this process's data (dim 0 of each batch).
+        batches: Batches of this process's data.
+        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"``: whose graphs are kept.
+        k: Eigenpairs ``eigs`` computes.
+        ncv: Lanczos basis size of ``eigs`` (its default ``max(2k + 1, 20)``, at most ``d``).
+        steps: Lanczos steps per probe of ``density`` (at most ``d``).
+        probes: Probes of ``density``.
+        group: Probes that ``density`` processes together (its default, or chosen to fit).
+        block_size: Most columns per product pushed through the model at once (chosen to fit).
+        keep_graphs: Whether the per-batch graphs fit and are kept between products.
+        max_cache_bytes: What to pass to the operator: the kept graphs' bytes, or 0.
+        basis_bytes: ``(ncv + 2 + k) * d * 8``, the float64 Lanczos basis of ``eigs`` at its
+            peak (a block start of two vectors, and ``k`` locked vectors while a multiplicity
+            check runs).
+        probes_bytes: ``(steps + 1) * group * d * 8``, the float64 bases of ``density``.
+        graph_bytes: One batch's graph (measured on the first batch).
+        graphs_bytes: The kept graphs, ``graph_bytes * batches``; one batch's when not kept.
+        block_bytes: ``BLOCK_FACTOR * block_size * d * itemsize``, the widest product.
+        total_bytes: The sum of the items above.
+        available_bytes: Memory free on the device when the plan was made.
+        max_memory: The cap the plan was fitted to (None: no cap).
+        fits: ``total_bytes`` is within ``max_memory`` (or within the free memory if None).
+    """
+
+    dim: int
+    samples: int
+    batches: int
+    curvature: str
+    k: int
+    ncv: int
+    steps: int
+    probes: int
+    group: int
+    block_size: int
+    keep_graphs: bool
+    max_cache_bytes: int
+    basis_bytes: int
+    probes_bytes: int
+    graph_bytes: int
+    graphs_bytes: int
+    block_bytes: int
+    total_bytes: int
+    available_bytes: int
+    max_memory: int | None
+    fits: bool
+
+    def __str__(self) -> str:
+        graphs = "kept" if self.keep_graphs else "not kept: one batch at a time"
+        cap = "" if self.max_memory is None else f" of max {_size(self.max_memory)}"
+        return (
+            f"plan: d={self.dim:,} params, {self.samples:,} samples in {self.batches:,} batches; "
+            f"memory ~ {_size(self.total_bytes)}{cap} (basis {_size(self.basis_bytes)}, "
+            f"probes {_size(self.probes_bytes)}, graphs {_size(self.graphs_bytes)} "
+            f"[{graphs}], block {_size(self.block_bytes)}); group={self.group}, "
+            f"block_size={self.block_size}"
+            + ("" if self.fits else f"; does NOT fit ({_size(self.available_bytes)} free)")
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain numbers, for a report."""
+        return asdict(self)
+
+
+class MemoryPlanError(ValueError):
+    """A run that cannot fit ``max_memory``; ``.plan`` is the smallest plan tried."""
+
+    def __init__(self, message: str, plan: MemoryPlan):
+        super().__init__(message)
+        self.plan = plan
+
+
+def plan(
+    objective: Objective,
+    *,
+    k: int = 6,
+    ncv: int | None = None,
+    steps: int = 80,
+    probes: int = 10,
+    group: int | None = None,
+    block_size: int = 32,
+    max_memory: int | None = None,
+    curvature: str = "hessian",
+) -> MemoryPlan:
+    r"""The memory a run of ``eigs`` and ``density`` on a curvature of ``objective`` will take.
+
+    .. math::
+        M = \underbrace{(n_{cv}+2+k)\,d\,8}_{\text{eigs basis}}
+          + \underbrace{(s+1)\,g\,d\,8}_{\text{density}}
+          + \underbrace{B\,m_{\text{graph}}}_{\text{kept graphs}}
+          + \underbrace{4\,b\,d\,\text{itemsize}}_{\text{widest product}}
+
+    for ``d`` parameters, ``B`` batches whose graphs take :math:`m_{\text{graph}}` each
+    (measured on the first batch: one forward and backward pass), ``s`` steps, a probe group
+    ``g`` and a block of ``b`` columns. The items are not all alive at once (``eigs`` and
+    ``density`` run one after the other), so ``M`` is an upper bound of the peak.
+
+    Without ``group`` the probe group is the one ``density`` takes by default: as many probes as
+    fit in ``linalg.density.GROUP_BYTES`` of basis, at least one. Without ``max_memory`` the
+    graphs are planned as kept when they fit the operators' default cache cap (half of the free
+    memory), and ``block_size`` is taken as given. With ``max_memory`` the largest settings that
+    fit are chosen, in this order: the probe group is halved (unless ``group`` is given), then
+    the block size, and the graphs are given up last (they make each product about 3x cheaper).
+
+    Args:
+        objective: The loss, model and data.
+        k: Eigenpairs ``eigs`` will compute.
+        ncv: Lanczos basis size of ``eigs`` (default ``max(2k + 1, 20)``).
+        steps: Lanczos steps per probe of ``density``.
+        probes: Probes of ``density``.
+        group: Probes processed together by ``density`` (default: ``density``'s own default,
+            lowered to fit ``max_memory``).
+        block_size: Most columns per product (lowered to fit ``max_memory``).
+        max_memory: Bytes the run may use, or None.
+        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
+
+    Returns:
+        MemoryPlan.
+
+    Raises:
+        MemoryPlanError: nothing fits ``max_memory`` (the message holds the smallest plan).
+        ValueError: a setting out of range.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hesse import Objective
+        >>> from hesse.plan import plan
+        >>> x, y = torch.randn(8, 3), torch.zeros(8, dtype=torch.long)
+        >>> obj = Objective(nn.Linear(3, 2).eval(), [(x, y)], loss=nn.functional.cross_entropy)
+        >>> p = plan(obj, k=2, steps=5, probes=4)
+        >>> p.dim, p.ncv, p.basis_bytes, p.probes_bytes
+        (8, 8, 768, 1536)
+        >>> p.group, p.keep_graphs
+        (4, True)
+    """
+    if curvature not in _OPERATORS:
+        raise ValueError(f"plan: curvature must be one of {sorted(_OPERATORS)}, got {curvature!r}.")
+    for name, value in {"k": k, "steps": steps, "probes": probes, "block_size": block_size}.items():
+        if value < 1:
+            raise ValueError(f"plan: {name} must be >= 1, got {value}.")
+    if group is not None and not 1 <= group <= probes:
+        raise ValueError(f"plan: group must be between 1 and probes={probes}, got {group}.")
+    d, steps = objective.dim, min(steps, objective.dim)
+    samples, batches, first = _count(objective.batches())
+    graph = _OPERATORS[curvature](objective, max_cache_bytes=0)._measure_state(first)
+    free = available_bytes(objective.device)
+    fixed = {
+        "dim": d,
+        "samples": samples,
+        "batches": batches,
+        "curvature": curvature,
+        "k": k,
+        "ncv": min(ncv or max(2 * k + 1, 20), d),
+        "steps": steps,
+        "probes": probes,
+        "graph_bytes": graph,
+        "available_bytes": free,
+        "max_memory": max_memory,
+    }
+    itemsize = torch.empty((), dtype=objective.dtype).element_size()
+    sized = functools.partial(_sized, fixed, itemsize)
+    first_group = probe_group(d, steps, probes, group)
+    if max_memory is None:
+        keep = graph * batches <= AUTO_CACHE_FRACTION * free
+        return sized(first_group, block_size, keep, free)
+    return _fitted(sized, first_group, block_size, max_memory, halve_group=group is None)
+
+
+def _fitted(
+    sized: Callable, group: int, block: int, max_memory: int, *, halve_group: bool
+) -> MemoryPlan:
+    """The largest settings that fit: the group halved first, then the block, graphs last."""
+    for keep in (True, False):
+        g, b = group, block
+        p = sized(g, b, keep, max_memory)
+        while not p.fits and ((g > 1 and halve_group) or b > 1):
+            if g > 1 and halve_group and (p.probes_bytes >= p.block_bytes or b == 1):
+                g = math.ceil(g / 2)
+            else:
+                b = math.ceil(b / 2)
+            p = sized(g, b, keep, max_memory)
+        if p.fits:
+            return p
+    raise MemoryPlanError(
+        f"plan: the run needs ~{_size(p.total_bytes)} even with the smallest settings, more "
+        f"than max_memory={_size(max_memory)}: {p}. Analyse fewer parameters (params=), lower "
+        "k, ncv or steps, or raise max_memory.",
+        p,
+    )
+
+
+def _sized(
+    fixed: dict[str, Any], itemsize: int, group: int, block: int, keep: bool, budget: int
+) -> MemoryPlan:
+    """The plan of the ``fixed`` items for a group, block size and graph keeping."""
+    d, graph = fixed["dim"], fixed["graph_bytes"]
+    graphs = graph * fixed["batches"] if keep else graph
+    sizes = {
+        "basis_bytes": (fixed["ncv"] + 2 + fixed["k"]) * d * 8,
+        "probes_bytes": (fixed["steps"] + 1) * group * d * 8,
+        "graphs_bytes": graphs,
+        "block_bytes": BLOCK_FACTOR * block * d * itemsize,
+    }
+    total = sum(sizes.values())
+    return MemoryPlan(
+        **fixed,
+        **sizes,
+        group=group,
+        block_size=block,
+        keep_graphs=keep,
+        max_cache_bytes=graphs if keep else 0,
+        total_bytes=total,
+        fits=total <= budget,
+    )
+
+
+def _count(batches: Iterable) -> tuple[int, int, Any]:
+    """Samples (dim 0 of each batch's first tensor), batches, and the first batch."""
+    samples, count, first = 0, 0, None
+    for batch in batches:
+        first = batch if first is None else first
+        samples += _samples(batch)
+        count += 1
+    return samples, count, first
+
+
+def _samples(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if not isinstance(batch, (list, tuple)):
+        return 0
+    return next((n for n in map(_samples, batch) if n), 0)
