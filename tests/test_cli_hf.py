@@ -114,7 +114,7 @@ def test_max_time_reports_partial_sections(bert_dir, data, tmp_path, capsys):
 
 def test_optimizer_changes_the_threshold(bert_dir, data, tmp_path, capsys):
     argv = ["eigs", "--hf", str(bert_dir), "--data", str(data["jsonl"]), *FAST, "--k", "1"]
-    argv += ["--params", "classifier", "--lr", "0.1", "--out", str(tmp_path)]
+    argv += ["--lr", "0.1", "--out", str(tmp_path)]  # all parameters: a subset gets no verdict
     status, out, _ = run([*argv, "--optimizer", "momentum", "--momentum", "0.5"], capsys)
     assert status == 0
     assert json.loads(out)["stability"]["threshold"] == pytest.approx(30.0)  # (2 + 1) / 0.1
@@ -157,3 +157,17 @@ def test_missing_data_file(bert_dir, tmp_path, capsys):
     argv = ["eigs", "--hf", str(bert_dir), "--data", str(tmp_path / "none.csv"), *FAST]
     status, _, err = run(argv, capsys)
     assert status == 2 and "none.csv" in err
+
+
+def test_groups_make_the_rows_of_the_layer_table(bert_dir, data, tmp_path, capsys):
+    argv = ["analyze", "--hf", str(bert_dir), "--data", str(data["jsonl"]), *FAST, "--k", "2"]
+    argv += ["--params", "bert.encoder.*,bert.pooler.*,classifier.*", "--out", str(tmp_path)]
+    status, out, err = run([*argv, "--groups", "head=bert.pooler,classifier"], capsys)
+    assert status == 0, err
+    layers = json.loads(out)["layers"]
+    assert layers["by"] == "groups" and [r["name"] for r in layers["rows"]] == ["head", "(rest)"]
+    assert layers["rows"][0]["n_params"] == 16 * 16 + 16 + 2 * 16 + 2
+    status, out, err = run([*argv, "--layers-by", "module"], capsys)
+    assert status == 0 and json.loads(out)["layers"]["by"] == "module"
+    status, _, err = run([*argv, "--groups", "a=classifier;b=classifier.weight"], capsys)
+    assert status == 2 and "classifier.weight" in err.splitlines()[-1]

@@ -6,8 +6,6 @@ what arrived and how to fix it; the CLI prints it and exits with status 2.
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import importlib
 import os
 import pickle
@@ -290,67 +288,26 @@ def parse_params(text: str | None) -> list[str] | None:
     return names
 
 
-def matches(name: str, pattern: str) -> bool:
-    """Whether parameter ``name`` is selected by ``pattern``: equal, module prefix, or glob.
+def parse_groups(text: str | None) -> dict[str, list[str]] | None:
+    """``--groups 'attn=*.attention.*;head=classifier,pooler'`` as ``{name: [patterns]}``.
 
     Example:
-        >>> [matches("enc.layer.5.fc.weight", p) for p in ("enc.layer.5", "enc.*.fc.*", "enc.l")]
-        [True, True, False]
+        >>> parse_groups("attn=*.attention.*;head=classifier,pooler")
+        {'attn': ['*.attention.*'], 'head': ['classifier', 'pooler']}
     """
-    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
-
-
-def check_params(model: nn.Module, patterns: list[str]) -> None:
-    """Refuse ``--params`` patterns that select no trainable parameter of ``model``."""
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    missing = [pattern for pattern in patterns if not any(matches(n, pattern) for n in names)]
-    if not missing:
-        return
-    modules = module_names(names)
-    close = difflib.get_close_matches(missing[0], names + modules, n=3, cutoff=0.6)
-    hint = f" Close: {', '.join(close)}." if close else ""
-    raise UsageError(
-        f"--params {','.join(missing)}: matches no trainable parameter.{hint} The model's "
-        f"modules: {shorten(modules)}. Give names, module prefixes or globs, comma-separated, "
-        "e.g. --params 'encoder.layer.5.*,classifier'."
-    )
-
-
-def module_names(names: list[str]) -> list[str]:
-    """The modules that own the parameters ``names``, in order (``"(root)"`` for the model)."""
-    return list(dict.fromkeys(name.rpartition(".")[0] or "(root)" for name in names))
-
-
-def shorten(modules: list[str], depth: int = 3, limit: int = 16) -> str:
-    """Module names, numbered children collapsed and deep names cut, for a one-line message.
-
-    Example:
-        >>> shorten(["emb", "enc.layer.0.attn.q", "enc.layer.0.mlp", "enc.layer.1.attn.q", "head"])
-        'emb, enc.layer.{0..1}, head'
-    """
-    heads: dict[str, list[int]] = {}
-    for module in modules:
-        parts = module.split(".")
-        numbered = next((i for i, p in enumerate(parts) if p.isdigit() and i > 0), None)
-        if numbered is None:
-            heads.setdefault(".".join(parts[:depth]), [])
-        else:
-            heads.setdefault(".".join(parts[:numbered]), []).append(int(parts[numbered]))
-    shown = [head + _numbers(ids) for head, ids in heads.items()]
-    more = f", ... ({len(shown) - limit} more)" if len(shown) > limit else ""
-    return ", ".join(shown[:limit]) + more
-
-
-def _numbers(ids: list[int]) -> str:
-    """``".{0..11}"`` for contiguous children, ``".{0,2,5}"`` otherwise, ``""`` for none."""
-    ids = sorted(set(ids))
-    if not ids:
-        return ""
-    if len(ids) == 1:
-        return f".{ids[0]}"
-    if ids == list(range(ids[0], ids[-1] + 1)):
-        return f".{{{ids[0]}..{ids[-1]}}}"
-    return ".{" + ",".join(map(str, ids)) + "}"
+    if text is None:
+        return None
+    groups = {}
+    for part in filter(str.strip, text.split(";")):
+        name, _, patterns = part.partition("=")
+        names = parse_params(patterns) if patterns.strip() else None
+        if not name.strip() or names is None:
+            raise UsageError(
+                f"--groups {text!r}: expected NAME=PATTERNS entries separated by ';', e.g. "
+                "--groups 'attn=*.attention.*;head=classifier'."
+            )
+        groups[name.strip()] = names
+    return groups or None
 
 
 SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}

@@ -123,6 +123,16 @@ def _add_method_options(group) -> None:
     group.add_argument("--budget", type=int, help="products per estimate (default 100)")
     group.add_argument("--steps", type=int, help="Lanczos steps of the density (default 80)")
     group.add_argument("--probes", type=int, help="probes of the density (default 4)")
+    group.add_argument(
+        "--layers-by", choices=["module", "block", "param"],
+        help="rows of the per-layer table (default: block, i.e. attention and MLP of each "
+        "layer, for transformers; module otherwise)",
+    )  # fmt: skip
+    group.add_argument(
+        "--groups", metavar="NAME=PATTERNS;...",
+        help="your own rows of the per-layer table, e.g. 'attn=*.attention.*;head=classifier' "
+        "(patterns comma-separated; other parameters form a (rest) row)",
+    )  # fmt: skip
     group.add_argument("--lr", type=float, help="training learning rate (stability verdicts)")
     group.add_argument(
         "--optimizer", choices=["sgd", "momentum", "adam"], default="sgd",
@@ -232,15 +242,14 @@ def run(args: argparse.Namespace):
         problem = _from_demo(args, progress)
     else:
         problem = _from_hf(args) if args.hf else _from_factories(args)
-    if selection is not None:
-        inputs.check_params(problem.model, selection)
     objective = _objective(args, problem, selection)
     options = _options(args, problem)
     _check_k(objective, options, selection)
     try:
         job = prepare(
             objective, selection=selection, lr=args.lr if args.lr is not None else problem.lr,
-            optimizer=args.optimizer, momentum=args.momentum,
+            optimizer=args.optimizer, momentum=args.momentum, layers_by=args.layers_by,
+            groups=inputs.parse_groups(args.groups),
             n_classes=problem.n_classes, max_memory=max_memory, name=problem.name,
             description=problem.description, training=problem.training,
             **dataclasses.asdict(options),
@@ -261,8 +270,9 @@ def _estimate(command: str, job):
     def say(seconds: float) -> None:
         most = job.max_products()
         print(
-            f"hesse {command}: first product took {seconds:.2g} s; at most {most} products "
-            f"planned, so at most ~{_duration(seconds * most)} (Lanczos often stops earlier)",
+            f"hesse {command}: first product took {seconds:.2g} s (with the graphs it keeps, "
+            f"later ones cost less); at most {most} products planned, so at most "
+            f"~{_duration(seconds * most)}",
             file=sys.stderr,
         )
 
@@ -283,7 +293,7 @@ def _objective(args: argparse.Namespace, problem: Problem, selection: list[str] 
             params=selection, dtype=DTYPES.get(args.dtype), device=args.device,
         )  # fmt: skip
     except ValueError as err:
-        raise UsageError(str(err)) from err
+        raise UsageError(_cli_words(str(err))) from err
 
 
 def _options(args: argparse.Namespace, problem: Problem) -> Options:
@@ -302,6 +312,7 @@ CLI_WORDS = (
     ("max_memory=", "--max-memory "),
     ("raise max_memory", "raise --max-memory"),
     ("(params=)", "(--params)"),
+    ("Objective: params= ", "--params "),
 )
 """API words in ``analyze``/``plan`` messages and the command-line options they mean."""
 
@@ -310,8 +321,12 @@ def _hf_words(message: str) -> str:
     """A ``hesse.hf`` error in the words of the command line (``task='x'`` is ``--hf-task x``)."""
     message = re.sub(r"path=('[^']*')", r"\1", message)
     message = re.sub(r"task='([^']*)'", r"--hf-task \1", message)
-    for api, option in (("task=", "--hf-task"), ("text_column=", "--text-column"),
-                        ("label_column=", "--label-column"), ("label2id=", "the config's labels")):
+    for api, option in (
+        ("task=", "--hf-task"),
+        ("text_column=", "--text-column"),
+        ("label_column=", "--label-column"),
+        ("label2id=", "the config's labels"),
+    ):
         message = message.replace(api, option)  # fmt: skip
     return message
 

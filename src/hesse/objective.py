@@ -176,6 +176,11 @@ class Objective:
         return self._resolved.source
 
     @property
+    def task(self) -> str | None:
+        """The Hugging Face task whose loss was inferred (e.g. ``"causal-lm"``), or None."""
+        return self._resolved.task
+
+    @property
     def dim(self) -> int:
         """Number of analysed parameters ``d``."""
         return self.space.dim

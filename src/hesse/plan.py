@@ -88,8 +88,9 @@ class MemoryPlan:
     def __str__(self) -> str:
         graphs = "kept" if self.keep_graphs else "not kept: one batch at a time"
         cap = "" if self.max_memory is None else f" of max {_size(self.max_memory)}"
+        batches = f"{self.batches:,} batch{'es' * (self.batches != 1)}"
         return (
-            f"plan: d={self.dim:,} params, {self.samples:,} samples in {self.batches:,} batches; "
+            f"plan: d={self.dim:,} params, {self.samples:,} samples in {batches}; "
             f"memory ~ {_size(self.total_bytes)}{cap} (basis {_size(self.basis_bytes)}, "
             f"probes {_size(self.probes_bytes)}, graphs {_size(self.graphs_bytes)} "
             f"[{graphs}], block {_size(self.block_bytes)}); group={self.group}, "

@@ -188,3 +188,7 @@ def test_a_hugging_face_classifier_with_its_own_loss_and_a_parameter_subset():
     assert report.to_dict()["layers"]["by"] == "block"
     assert report.outliers.expected == 2 and report.ggn["available"]
     assert validate(report.to_dict()) == []
+    # a block's λmax only bounds the model's from below: no "stable" verdict from a subset
+    assert all(v.status == "unstable" for v in report.stability or ())
+    assert any("lower bound of the model's λmax" in note for note in report.notes)
+    assert any("No SGD trace verdict" in note for note in report.notes)

@@ -104,6 +104,8 @@ def analyze(
     lr: float | None = None,
     optimizer: str = "sgd",
     momentum: float = 0.0,
+    layers_by: str | None = None,
+    groups: dict | None = None,
     n_classes: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -139,6 +141,10 @@ def analyze(
             threshold ``(2 + 2 momentum)/eta``) or ``"adam"`` (no verdict: Adam's threshold
             is about the preconditioned sharpness; the report says why).
         momentum: the heavy-ball momentum of ``optimizer="momentum"``.
+        layers_by: rows of the layer table: ``"module"``, ``"block"`` (attention and MLP of
+            each transformer layer) or ``"param"``; default ``"block"`` for transformers.
+        groups: user groups for the layer table, ``{name: names, prefixes or globs}``
+            (parameters in no group form a ``"(rest)"`` row).
         n_classes: number of classes ``C`` (inferred from 2-D outputs when None).
         dtype: compute dtype (e.g. ``torch.float64``); default the model's.
         device: compute device; default the model's.
@@ -169,8 +175,8 @@ def analyze(
     )
     job = prepare(
         objective, selection=params, lr=lr, optimizer=optimizer, momentum=momentum,
-        n_classes=n_classes, max_memory=max_memory, name=name, description=description,
-        training=training, **options,
+        layers_by=layers_by, groups=groups, n_classes=n_classes, max_memory=max_memory,
+        name=name, description=description, training=training, **options,
     )  # fmt: skip
     return job.run(progress=progress, checkpoint=checkpoint)
 
@@ -182,6 +188,8 @@ def prepare(
     lr: float | None = None,
     optimizer: str = "sgd",
     momentum: float = 0.0,
+    layers_by: str | None = None,
+    groups: dict | None = None,
     n_classes: int | None = None,
     max_memory: int | None = None,
     name: str | None = None,
@@ -194,8 +202,8 @@ def prepare(
     Args:
         objective: the function of the analysed parameters.
         selection: how those parameters were chosen (``Objective(params=)``), for the report.
-        lr, optimizer, momentum, n_classes, name, description, training, **options: as for
-            :func:`analyze`.
+        lr, optimizer, momentum, layers_by, groups, n_classes, name, description, training,
+            **options: as for :func:`analyze`.
         max_memory: bytes the run may hold (None: no limit, the plan is only reported).
 
     Returns:
@@ -229,6 +237,8 @@ def prepare(
     memory = _plan(objective, opts, max_memory)
     about = {"name": name, "description": description, "training": training}
     about |= {"optimizer": optimizer, "momentum": momentum}
+    about |= {"layers_by": layers_by or blocks_by(objective.space), "groups": groups}
+    objective.space.blocks(about["layers_by"], groups)  # a bad grouping fails here, not later
     chosen = _selection(objective.model, selection)
     return Analysis(objective, opts, memory, max_memory, lr, n_classes, chosen, about)
 
@@ -260,7 +270,8 @@ class Analysis:
 
     def max_products(self) -> int:
         """The most products the chosen sections may compute (Lanczos often needs fewer)."""
-        return sum(section_products(self.options, self.objective.space).values())
+        by, groups = self.about["layers_by"], self.about["groups"]
+        return sum(section_products(self.options, self.objective.space, by, groups).values())
 
     def operator_options(self) -> dict:
         """``block_size`` (and, under ``max_memory``, ``max_cache_bytes``) from the plan."""
@@ -306,13 +317,13 @@ class _Run:
         self.op = RecordingOperator(self.base, log)
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
-        self.by = blocks_by(self.objective.space)
+        self.by, self.groups = job.about["layers_by"], job.about["groups"]
 
     def run(self) -> Report:
         """Compute every requested section, then the outliers and the verdicts."""
         wanted, o = self.opts.sections, self.opts
         found = {}
-        totals = section_products(o, self.op.space)
+        totals = section_products(o, self.op.space, self.by, self.groups)
         steps = {
             "eigs": self.eigs,
             "trace": self.trace,
@@ -335,7 +346,7 @@ class _Run:
             meta=meta(), config=self.config(), problem=self.problem, **found,
             outliers=self.outliers(found), stability=self.stability(found),
             notes=tuple(self.notes), timings=self.timings, plan=plan, partial=partial,
-            layers_by=self.by,
+            layers_by="groups" if self.groups else self.by,
         )  # fmt: skip
 
     def timed(self, name: str, total: int | None, step: Callable):
@@ -357,11 +368,13 @@ class _Run:
     def eigs(self) -> dict:
         o = self.opts
         top = eigs(self.op, o.k, which="largest", max_matvecs=o.budget, seed=o.seed, **QUIET)
+        self.unconverged(f"{o.k} largest eigenvalues", top)
+        largest = eig_dict(top)
+        del top  # its (d, k) vectors: the next basis should not sit beside them
         low = eigs(self.op, o.k_smallest, which="smallest", max_matvecs=o.budget, seed=o.seed,
                    **QUIET)  # fmt: skip
-        self.unconverged(f"{o.k} largest eigenvalues", top)
         self.unconverged(f"{o.k_smallest} smallest eigenvalues", low)
-        return {"largest": eig_dict(top), "smallest": eig_dict(low)}
+        return {"largest": largest, "smallest": eig_dict(low)}
 
     def unconverged(self, what: str, result) -> None:
         """Note why an eigenvalue run did not converge (its bounds may still be tight)."""
@@ -380,13 +393,14 @@ class _Run:
 
     def layers(self) -> tuple:
         self.base.clear_cache()  # the blocks keep graphs of their own
-        empty = empty_modules(self.op.space, self.by)
+        empty = empty_modules(self.op.space, self.by, self.groups)
         if empty:
             self.notes.append(
                 f"Layer table: no row for {', '.join(empty)}: zero-size parameters, no curvature."
             )
         return layer_table(self.op, self.model, budget=self.opts.budget, seed=self.opts.seed,
-                           block_size=self.job.plan.block_size, by=self.by)  # fmt: skip
+                           block_size=self.job.plan.block_size, by=self.by,
+                           groups=self.groups)  # fmt: skip
 
     def ggn(self) -> dict:
         o = self.opts
@@ -426,11 +440,15 @@ class _Run:
         verdicts = []
         if "eigs" in found:
             top = found["eigs"]["largest"]
-            verdicts.append(
-                gd_verdict(top["values"][0], top["residuals"][0], self.lr,
-                           converged=top["converged"], momentum=momentum)
-            )  # fmt: skip
-        if "trace" in found and momentum > 0:
+            gd = gd_verdict(top["values"][0], top["residuals"][0], self.lr,
+                            converged=top["converged"], momentum=momentum)  # fmt: skip
+            if self.job.selection is None or gd.status == "unstable":
+                verdicts.append(gd)
+            else:
+                self.notes.append(SUBSET_GD)
+        if "trace" in found and self.job.selection is not None:
+            self.notes.append(SUBSET_TRACE)
+        elif "trace" in found and momentum > 0:
             self.notes.append(
                 "No SGD trace verdict: the criterion Tr(H) <= 2/η is derived for SGD without "
                 "momentum."
@@ -443,13 +461,26 @@ class _Run:
         return tuple(verdicts)
 
 
-def section_products(opts: Options, space) -> dict[str, int]:
+SUBSET_GD = (
+    "No GD verdict: λmax of the selected parameters' block is only a lower bound of the "
+    "model's λmax (eigenvalue interlacing), so it can show instability but not stability; "
+    "analyse all parameters for a verdict."
+)
+SUBSET_TRACE = (
+    "No SGD trace verdict: the criterion bounds the trace of the whole Hessian, and the trace "
+    "of the selected parameters' block is only part of it."
+)
+
+
+def section_products(
+    opts: Options, space, by: str = "module", groups: dict | None = None
+) -> dict[str, int]:
     """The most products each requested section may compute (its progress bar's total)."""
     most = {
         "eigs": 2 * opts.budget,
         "trace": opts.budget,
         "density": opts.steps * opts.probes,
-        "layers": layer_table_cost(space, opts.budget, blocks_by(space)),
+        "layers": layer_table_cost(space, opts.budget, by, groups),
         "ggn": 2 * opts.budget,
     }
     return {name: n for name, n in most.items() if name in opts.sections}
@@ -519,8 +550,15 @@ def _loss_name(objective: Objective) -> str:
 
 
 def _infer_classes(objective: Objective, loss_name: str) -> int | None:
-    """Output width of the first batch, for classification losses with ``(N, C)`` outputs."""
-    if loss_name not in ("cross_entropy", "mse", "nll"):
+    """Output width of the first batch, for classification losses with ``(N, C)`` outputs.
+
+    Token-level losses of language models and token classifiers have rows per token, not per
+    sample, and ``C`` is a vocabulary: the ``C - 1`` outlier count is about sample classes.
+    """
+    if loss_name not in ("cross_entropy", "mse", "nll") or objective.task not in (
+        None,
+        "sequence-classification",
+    ):
         return None
     with torch.no_grad():
         outputs = objective.outputs(objective.params, next(objective.batches()))

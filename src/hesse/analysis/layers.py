@@ -65,6 +65,7 @@ def layer_table(
     tol: float = 1e-3,
     block_size: int = 32,
     by: str = "module",
+    groups: dict | None = None,
 ) -> tuple[LayerRow, ...]:
     """The table of ``op``'s diagonal blocks, one per module (or transformer sub-layer).
 
@@ -80,14 +81,16 @@ def layer_table(
         tol: relative residual tolerance of the block eigenvalues (a table needs ~3 digits).
         block_size: probes per data pass of the block-trace sweep.
         by: ``"module"``, or ``"block"`` for the attention and MLP of each transformer layer
-            (see :func:`blocks_by`).
+            (see :func:`blocks_by`), or ``"param"``.
+        groups: User groups ``{name: names, prefixes or globs}`` instead of ``by`` (see
+            ``ParamSpace.blocks``).
 
     Returns:
         One ``LayerRow`` per non-empty module, in parameter order.
     """
-    traces = block_traces(op, budget, by=by, seed=seed, block_size=block_size)
+    traces = block_traces(op, budget, by=by, groups=groups, seed=seed, block_size=block_size)
     rows = []
-    for name, names in _blocks(op.space, by).items():
+    for name, names in _blocks(op.space, by, groups).items():
         block = op.restrict(names)
         top = eigs(block, 1, tol=tol, max_matvecs=_block_budget(budget), seed=seed, progress=False)
         t, n = traces[name], block.shape[0]
@@ -117,20 +120,21 @@ def blocks_by(space) -> str:
     return "block" if layers else "module"
 
 
-def layer_table_cost(space, budget: int, by: str = "module") -> int:
+def layer_table_cost(space, budget: int, by: str = "module", groups: dict | None = None) -> int:
     """Most products :func:`layer_table` can spend on a layout ``space`` (a ``ParamSpace``)."""
-    return budget + len(_blocks(space, by)) * _block_budget(budget)
+    return budget + len(_blocks(space, by, groups)) * _block_budget(budget)
 
 
-def empty_modules(space, by: str = "module") -> list[str]:
+def empty_modules(space, by: str = "module", groups: dict | None = None) -> list[str]:
     """Modules of ``space`` whose parameters are all zero-size (no row in the table)."""
-    return [name for name in space.blocks(by=by) if name not in _blocks(space, by)]
+    blocks = space.blocks(by, groups)
+    return [name for name in blocks if name not in _blocks(space, by, groups)]
 
 
-def _blocks(space, by: str) -> dict[str, list[str]]:
+def _blocks(space, by: str, groups: dict | None = None) -> dict[str, list[str]]:
     """Parameter names per module, for modules with at least one entry."""
     size = dict(zip(space.names, space.numels, strict=True))
-    blocks = space.blocks(by=by).items()
+    blocks = space.blocks(by, groups).items()
     return {name: names for name, names in blocks if sum(size[n] for n in names) > 0}
 
 
