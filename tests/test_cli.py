@@ -417,9 +417,9 @@ def test_max_memory_chooses_smaller_probe_groups_with_the_same_density(tmp_path,
 
     demo = load_demo("digits")
     objective = Objective(demo.model, demo.batches(samples=100), loss=demo.loss)
-    full = plan(objective, steps=6, probes=4)
+    full = plan(objective, k=1, steps=6, probes=4)
     cap = full.total_bytes - full.block_bytes - full.probes_bytes // 2 + 60_000
-    fitted = plan(objective, steps=6, probes=4, max_memory=cap)
+    fitted = plan(objective, k=1, steps=6, probes=4, max_memory=cap)
     assert fitted.group < 4 and fitted.total_bytes <= cap
     argv = ["density", "--demo", "digits", *SMALL, "--probes", "4", "--samples", "100", "--json"]
     status, out, err = run([*argv, "--max-memory", str(cap)], capsys)

@@ -20,7 +20,7 @@ def test_items_follow_the_formulas():
     p = plan(obj, k=3, steps=12, probes=6, group=2, block_size=8)
     assert (p.dim, p.samples, p.batches, p.curvature) == (d, 10, 3, "hessian")
     assert p.ncv == 20  # eigs' default max(2k + 1, 20)
-    assert p.basis_bytes == (20 + 2 + 3) * d * 8  # ncv + a 2-vector start + k locked
+    assert p.basis_bytes == (20 + 6) * d * 8  # ncv + max(k + 3, 6), the peak of eigs
     assert p.probes_bytes == 13 * 2 * d * 8
     assert p.block_bytes == BLOCK_FACTOR * 8 * d * 8
     assert p.keep_graphs and p.graphs_bytes == 3 * p.graph_bytes > 0
@@ -33,7 +33,7 @@ def test_sizes_are_capped_by_the_dimension():
     obj = objective("linear_mse")  # d = 8
     p = plan(obj, k=2, ncv=50, steps=80)
     assert (p.ncv, p.steps) == (8, 8)
-    assert p.basis_bytes == (8 + 2 + 2) * 8 * 8
+    assert p.basis_bytes == (8 + 6) * 8 * 8
 
 
 @pytest.mark.parametrize(

@@ -50,9 +50,9 @@ class MemoryPlan:
         block_size: Most columns per product pushed through the model at once (chosen to fit).
         keep_graphs: Whether the per-batch graphs fit and are kept between products.
         max_cache_bytes: What to pass to the operator: the kept graphs' bytes, or 0.
-        basis_bytes: ``(ncv + 2 + k) * d * 8``, the float64 Lanczos basis of ``eigs`` at its
-            peak (a block start of two vectors, and ``k`` locked vectors while a multiplicity
-            check runs).
+        basis_bytes: the float64 vectors of ``eigs`` at its peak: ``(ncv + 3) * d * 8`` for
+            ``k = 1``, ``(ncv + max(k + 3, 6)) * d * 8`` for ``k > 1`` (the basis, the block
+            start, the ``k`` locked or returned vectors, and the block being multiplied).
         probes_bytes: ``(steps + 1) * group * d * 8``, the float64 bases of ``density``.
         graph_bytes: One batch's graph (measured on the first batch).
         graphs_bytes: The kept graphs, ``graph_bytes * batches``; one batch's when not kept.
@@ -126,7 +126,7 @@ def plan(
     r"""The memory a run of ``eigs`` and ``density`` on a curvature of ``objective`` will take.
 
     .. math::
-        M = \underbrace{(n_{cv}+2+k)\,d\,8}_{\text{eigs basis}}
+        M = \underbrace{(n_{cv}+\max(k+3, 6))\,d\,8}_{\text{eigs basis}}
           + \underbrace{(s+1)\,g\,d\,8}_{\text{density}}
           + \underbrace{B\,m_{\text{graph}}}_{\text{kept graphs}}
           + \underbrace{4\,b\,d\,\text{itemsize}}_{\text{widest product}}
@@ -171,7 +171,7 @@ def plan(
         >>> obj = Objective(nn.Linear(3, 2).eval(), [(x, y)], loss=nn.functional.cross_entropy)
         >>> p = plan(obj, k=2, steps=5, probes=4)
         >>> p.dim, p.ncv, p.basis_bytes, p.probes_bytes
-        (8, 8, 768, 1536)
+        (8, 8, 896, 1536)
         >>> p.group, p.keep_graphs
         (4, True)
     """
@@ -238,7 +238,7 @@ def _sized(
     d, graph = fixed["dim"], fixed["graph_bytes"]
     graphs = graph * fixed["batches"] if keep else graph
     sizes = {
-        "basis_bytes": (fixed["ncv"] + 2 + fixed["k"]) * d * 8,
+        "basis_bytes": _eigs_vectors(fixed["ncv"], fixed["k"]) * d * 8,
         "probes_bytes": (fixed["steps"] + 1) * group * d * 8,
         "graphs_bytes": graphs,
         "block_bytes": BLOCK_FACTOR * block * d * itemsize,
@@ -274,3 +274,8 @@ def _samples(batch: Any) -> int:
     if not isinstance(batch, (list, tuple)):
         return 0
     return next((n for n in map(_samples, batch) if n), 0)
+
+
+def _eigs_vectors(ncv: int, k: int) -> int:
+    """Float64 ``d``-vectors alive at the peak of ``eigs`` (see its docstring, "Memory")."""
+    return ncv + 3 if k == 1 else ncv + max(k + 3, 6)

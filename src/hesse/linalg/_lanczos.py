@@ -2,7 +2,7 @@ r"""The Lanczos core of ``eigs`` and ``density``: block Krylov bases kept in flo
 
 One :class:`Lanczos` object is one (block) Krylov sequence. It keeps the relation
 
-.. math:: A V = V H + F C + L G + U D,
+.. math:: A V = V H + F C + L G + U D + V K,
 
 where ``V`` ``(d, n)`` is the orthonormal closed basis, ``F`` ``(d, b)`` the frontier (the
 newest block, orthonormal to ``V``, whose product is not yet known), ``H = H^T`` ``(n, n)`` the
@@ -10,15 +10,27 @@ projected matrix, ``C`` ``(b, n)`` the coupling to the frontier, ``L`` the locke
 sequence is kept orthogonal to and ``G`` the parts of the products removed along them, and
 ``U`` unit vectors dropped from the sequence (residuals at a breakdown, frontier vectors cut by
 the budget) with their couplings ``D``. All the small matrices follow every restart exactly.
-For a Ritz pair :math:`(\theta, x = V s)` of ``H`` this gives the bound
+
+``H`` is kept symmetric: a new block's coupling to ``V`` is written as ``C^T`` and its own
+block as :math:`(Y + Y^T)/2`, where the product measured :math:`V^T A F` and ``Y``. What that
+drops is ``V K`` ``(n, n)``: the run measures :math:`\langle A q_j, q_i\rangle - \langle A q_i,
+q_j\rangle` for every pair of basis vectors at every step. An operator whose products differ
+from symmetric by more than :math:`\sqrt{\varepsilon}\,\|A\|` is refused (``ValueError``);
+below that, ``K`` joins the bound. A restart keeps the part of ``K`` along the kept vectors,
+and moves the rest, which is orthogonal to them, into ``U D`` (as unit vectors with their
+couplings). For a Ritz pair :math:`(\theta, x = V s)` of ``H``:
 
 .. math::
-    \|A x - \theta x\| \le \|C s\| + \|G s\| + \|D s\|_1 + \varepsilon\,\|A\|,
+    \|A x - \theta x\| \le \|C s\| + \|G s\| + \|K s\| + \|D s\|_1 + \varepsilon\,\|A\|.
 
-whose last term, one unit of round-off of the product dtype, stands for the error of the
-computed products (the relation holds exactly for the computed ones). The basis, its inner
-products and norms are float64 whatever the operator's dtype; only ``A @ F`` runs in the
-operator's dtype (Paige 1976: the accuracy of Lanczos is set by the arithmetic of its basis).
+With ``K`` the relation holds exactly for the computed products. Their own error ``E`` (``A F``
+computed in the operator's dtype) is what the last term, one unit of round-off of the product
+dtype, stands for: of ``E`` the run sees only its components along the basis (for a symmetric
+operator they are all that ``K`` holds) and along the next direction (inside ``C``), not its
+size as a whole; :math:`\varepsilon\,\|A\|` is the error of a product of a unit vector whose
+entries are each rounded once. The basis, its inner products and norms are
+float64 whatever the operator's dtype; only ``A @ F`` runs in the operator's dtype (Paige 1976:
+the accuracy of Lanczos is set by the arithmetic of its basis).
 
 Every new vector is orthogonalized against the basis with the DGKS test (Daniel, Gragg, Kaufman
 & Stewart 1976): another pass only when a pass shrank the vector by more than
@@ -38,6 +50,11 @@ from ._util import Counted, gaussian
 
 F64 = torch.float64
 BREAKDOWN = 4.0  # units of round-off of the product dtype, relative to ||A||
+# A symmetric operator's products are symmetric up to a few units of round-off (a few
+# thousand where its sums cancel, as a float32 Hessian's may); one that is not symmetric
+# differs by a fraction of ||A||. sqrt(eps) (1.5e-8 in float64, 3.5e-4 in float32, 0.09 in
+# bfloat16) lies far from both.
+ASYMMETRY = 0.5  # the exponent of eps: the largest relative asymmetry accepted
 ROWS = 1 << 16  # rows per chunk when a restart rotates the basis in place
 
 
@@ -78,6 +95,7 @@ class Lanczos:
         self.C = torch.zeros(0, 0, dtype=F64)
         self.G = torch.zeros(self.L.shape[1], 0, dtype=F64)
         self.D = torch.zeros(0, 0, dtype=F64)
+        self.K = torch.zeros(0, 0, dtype=F64)
         for z in start.T:
             if not self.append(z):
                 self.append()
@@ -103,7 +121,7 @@ class Lanczos:
         _, _, z, norm = orthogonalize(z, self.V[:, : self.n + self.b], self.L)
         if not norm > 1e-10 * size:
             return False
-        self.V[:, self.n + self.b] = z / norm
+        self.V[:, self.n + self.b].copy_(z).div_(norm)
         self.C = torch.cat([self.C, torch.zeros(1, self.n, dtype=F64)])
         self.b += 1
         return True
@@ -132,25 +150,51 @@ class Lanczos:
             h, G[:, j], w, beta = orthogonalize(W[:, j], self.V[:, : n + b + a], self.L)
             coef[: n + b + a, j] = h
             if beta > floor:
-                self.V[:, n + b + a] = w / beta
+                self.V[:, n + b + a].copy_(w).div_(beta)
                 coef[n + b + a, j] = beta
                 a += 1
             else:  # an invariant subspace, up to round-off: drop w, keep its norm in D
                 D = torch.cat([D, beta * torch.eye(b, dtype=F64)[j : j + 1]])
-        self._grow(coef[n : n + b], coef[n + b : n + b + a], G, D)
+        Y = coef[n : n + b]
+        K = torch.cat([coef[:n] - self.C.T, (Y - Y.T) / 2])
+        self._refuse_asymmetry(K)
+        self._grow(Y, coef[n + b : n + b + a], G, D, K)
 
-    def _grow(self, Y: torch.Tensor, R: torch.Tensor, G: torch.Tensor, D: torch.Tensor) -> None:
-        """Border ``H`` with the new block ``Y``.
+    def _refuse_asymmetry(self, K: torch.Tensor) -> None:
+        r"""Refuse an operator whose products are not symmetric up to round-off.
 
-        By symmetry its coupling to ``V`` is ``C^T``; the computed one differs from it by the
-        round-off of the products, which the bound's round-off term stands for.
+        Args:
+            K: ``(n + b, b)`` what the new block's relation drops: :math:`V^T A F - C^T` (its
+                measured coupling to ``V`` minus the one ``H`` gets, from the earlier products
+                :math:`F^T A V`) above :math:`(Y - Y^T)/2`.
+
+        Raises:
+            ValueError: when :math:`\langle A q_j, q_i\rangle - \langle A q_i, q_j\rangle` exceeds
+                :math:`\varepsilon^{1/2}\,\|A\|` for a pair.
         """
+        n = self.n
+        worst = max(float(K[:n].abs().max()) if n else 0.0, 2 * float(K[n:].abs().max()))
+        limit = self.eps**ASYMMETRY * self.anorm
+        if worst > limit:
+            raise ValueError(
+                f"{self.op.name or 'Lanczos'}: the operator is not symmetric: <A q_j, q_i> and "
+                f"<A q_i, q_j> differ by {worst / self.anorm:.1e} relative to ||A|| (its "
+                f"products' round-off explains at most {limit / self.anorm:.1e}); eigs and "
+                "density need a symmetric operator. Pass (A + A^T) / 2 if A should be "
+                "symmetric, or use a non-symmetric eigensolver (scipy.sparse.linalg.eigs)."
+            )
+
+    def _grow(
+        self, Y: torch.Tensor, R: torch.Tensor, G: torch.Tensor, D: torch.Tensor, K: torch.Tensor
+    ) -> None:
+        """Border ``H`` with the new block: ``C^T`` beside ``V``, :math:`(Y + Y^T)/2` below."""
         n, b = self.n, self.b
         H = torch.zeros(n + b, n + b, dtype=F64)
         H[:n, :n] = self.H
         H[n:, :n] = self.C
         H[:n, n:] = self.C.T
         H[n:, n:] = (Y + Y.T) / 2
+        self.K = torch.cat([torch.cat([self.K, torch.zeros(b, n, dtype=F64)]), K], 1)
         self.G = torch.cat([self.G, G], 1)
         self.D = torch.cat([self.D, torch.zeros(self.D.shape[0], b, dtype=F64)], 1)
         self.D = torch.cat([self.D, torch.cat([torch.zeros(D.shape[0], n, dtype=F64), D], 1)])
@@ -163,13 +207,13 @@ class Lanczos:
         if theta.numel():
             self.anorm = max(self.anorm, float(theta.abs().max()))
         norm = torch.linalg.vector_norm
-        bounds = norm(self.C @ S, dim=0) + norm(self.G @ S, dim=0) + (self.D @ S).abs().sum(0)
-        return theta, S, bounds + self.eps * self.anorm
+        bounds = norm(self.C @ S, dim=0) + norm(self.G @ S, dim=0) + norm(self.K @ S, dim=0)
+        return theta, S, bounds + (self.D @ S).abs().sum(0) + self.eps * self.anorm
 
     def vectors(self, S: torch.Tensor) -> torch.Tensor:
-        """Unit Ritz vectors ``V S`` ``(d, j)``, normalized in float64."""
+        """Unit Ritz vectors ``V S`` ``(d, j)``, normalized in float64 (in place: no copy)."""
         X = self.V[:, : self.n] @ S.to(self.V)
-        return X / torch.linalg.vector_norm(X, dim=0)
+        return X.div_(torch.linalg.vector_norm(X, dim=0))
 
     def restart(self, theta: torch.Tensor, S: torch.Tensor, keep: torch.Tensor) -> None:
         """Thick restart (Wu & Simon 2000): keep the Ritz vectors ``keep`` and the frontier."""
@@ -182,27 +226,41 @@ class Lanczos:
             rows[:, :p] = rows[:, :n] @ Sd
             rows[:, p : p + b] = front
         self.H = torch.diag(theta[keep])
-        self.C, self.G, self.D = self.C @ Sk, self.G @ Sk, self.D @ Sk
+        K = self.K @ Sk
+        kept = Sk.T @ K  # the part along the kept vectors; the rest is orthogonal to them
+        dropped = torch.linalg.qr(K - Sk @ kept, mode="r").R
+        self.C, self.G, self.K = self.C @ Sk, self.G @ Sk, kept
+        self.D = torch.cat([self.D @ Sk, dropped])
         self.n = p
 
 
 def orthogonalize(
     w: torch.Tensor, Q: torch.Tensor, L: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Remove from ``w`` its components along ``Q`` ``(d, n)`` and ``L`` ``(d, l)`` (DGKS test).
+    r"""Remove from ``w`` its components along ``Q`` and ``L`` (DGKS test).
+
+    Classical Gram-Schmidt, repeated (at most three passes) while a pass shrinks ``w`` by more
+    than :math:`1/\sqrt{2}`. ``w`` itself is left unchanged; the remainder is one new vector,
+    updated in place by the later passes.
+
+    Args:
+        w: ``(d,)`` the vector, in the dtype of ``Q``.
+        Q: ``(d, n)`` orthonormal columns (the basis and the frontier).
+        L: ``(d, l)`` orthonormal columns, orthogonal to ``Q`` (the locked vectors).
 
     Returns:
         ``(h, g, w, norm)``: the float64 coefficients along ``Q`` ``(n,)`` and ``L`` ``(l,)`` on
-        the CPU, the orthogonal remainder and its norm.
+        the CPU, the orthogonal remainder ``(d,)`` and its norm.
     """
     h = torch.zeros(Q.shape[1], dtype=Q.dtype, device=Q.device)
     g = torch.zeros(L.shape[1], dtype=Q.dtype, device=Q.device)
-    norm = float(torch.linalg.vector_norm(w))
+    norm, own = float(torch.linalg.vector_norm(w)), False
     for _ in range(3):
         for B, coef in ((Q, h), (L, g)):
             if B.shape[1]:
                 c = B.T @ w
-                w = w - B @ c
+                w = w.addmv_(B, c, alpha=-1) if own else torch.addmv(w, B, c, alpha=-1)
+                own = True
                 coef += c
         new = float(torch.linalg.vector_norm(w))
         if new > norm / math.sqrt(2) or new == 0.0:

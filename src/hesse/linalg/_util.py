@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -11,6 +11,30 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator
 from tqdm.auto import tqdm
 
 from ..operators.base import SYMMETRIC, infer_tags
+
+
+@runtime_checkable
+class OperatorLike(Protocol):
+    """What the algorithms need of an operator: ``shape``, ``dtype``, ``device`` and ``@``.
+
+    ``A @ V`` takes ``V`` of shape ``(d,)`` or ``(d, k)``.
+    """
+
+    shape: Any
+    dtype: torch.dtype
+    device: Any
+
+    def __matmul__(self, V: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Tagged(Protocol):
+    """An operator that declares its structure.
+
+    ``tags`` holds ``"symmetric"``, ``"psd"``; None declares nothing.
+    """
+
+    tags: frozenset[str] | None
 
 
 class ScipyOperator:
@@ -47,8 +71,8 @@ def as_operator(A: Any) -> Any:
         return torch.from_numpy(np.asarray(A, dtype=np.float64))
     if isinstance(A, LinearOperator) or sparse.issparse(A):
         return ScipyOperator(A)
-    missing = [a for a in ("shape", "dtype", "device", "__matmul__") if not hasattr(A, a)]
-    if missing:
+    if not isinstance(A, OperatorLike):
+        missing = [a for a in ("shape", "dtype", "device", "__matmul__") if a not in dir(A)]
         raise TypeError(
             f"expected a square operator (a torch.Tensor, a numpy array, a scipy LinearOperator, "
             f"or an object with shape, dtype, device and @), got {type(A).__name__} without "
@@ -69,6 +93,12 @@ class Counted:
 
     Each product ``A @ V`` runs in ``A``'s dtype and on its device: ``V`` is cast first, and the
     result comes back in ``A``'s dtype.
+
+    Args:
+        A: The operator.
+        progress: Progress bar: True, False, or None (on a terminal, after a second).
+        total: Products the bar counts up to.
+        desc: The algorithm's name, for the bar and for error messages (``name``).
     """
 
     def __init__(
@@ -79,7 +109,7 @@ class Counted:
             raise ValueError(f"expected a square operator, got shape {tuple(A.shape)}.")
         self.A, self.d = A, A.shape[0]
         self.dtype, self.device = A.dtype, torch.device(A.device)
-        self.n = 0
+        self.n, self.name = 0, desc
         self.bar = _progress_bar(progress, total, desc)
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
@@ -91,20 +121,28 @@ class Counted:
         self.bar.close()
 
 
-def tags_of(A: Any) -> frozenset[str]:
-    """Declared structure of an operator; inferred for a dense tensor or numpy array."""
-    if isinstance(A, (torch.Tensor, np.ndarray)):
-        return infer_tags(as_operator(A))
-    if isinstance(A, LinearOperator) or sparse.issparse(A):
-        return ScipyOperator(A).tags or frozenset()
-    return getattr(A, "tags", None) or frozenset()  # no tags: nothing declared
+def tags_of(A: Any, default: frozenset[str] | None = frozenset()) -> frozenset[str] | None:
+    """Declared structure of an operator: inferred for a dense or sparse matrix, else its tags.
+
+    Args:
+        A: Any input :func:`as_operator` takes.
+        default: What an operator that declares nothing gets (a scipy ``LinearOperator``, an
+            object without ``tags``, or ``tags=None``).
+    """
+    A = as_operator(A)
+    if isinstance(A, torch.Tensor):
+        return infer_tags(A)
+    tags = A.tags if isinstance(A, Tagged) else None
+    return default if tags is None else tags
 
 
 def require_symmetric(A: Any, who: str) -> None:
-    """Refuse ``A`` when it is known not to be symmetric.
+    """Refuse ``A`` when it is known not to be symmetric before any product.
 
-    A dense matrix is checked entry by entry (``|A - A^T| <= rtol max|A|``); an operator whose
-    ``tags`` are known must declare ``"symmetric"``; an object without tags is trusted.
+    A dense matrix is checked entry by entry (``|A - A^T| <= rtol max|A|``); an operator that
+    declares tags must declare ``"symmetric"``; one that declares none (a scipy
+    ``LinearOperator``, an object without tags) is checked by the Lanczos run itself, which
+    measures the asymmetry of its products (see ``hesse.linalg._lanczos``).
 
     Raises:
         ValueError: naming ``who`` and how to fix the input.
@@ -119,7 +157,7 @@ def require_symmetric(A: Any, who: str) -> None:
                 "asymmetry is round-off, or use a non-symmetric eigensolver."
             )
         return
-    tags = getattr(A, "tags", None)
+    tags = tags_of(A, default=None)
     if tags is not None and SYMMETRIC not in tags:
         raise ValueError(
             f"{who}: the operator {type(A).__name__} does not declare the tag 'symmetric' "

@@ -106,8 +106,9 @@ def density(
         DensityResult.
 
     Raises:
-        ValueError: a non-symmetric matrix or an operator not tagged symmetric, or
-            ``steps``, ``probes`` or ``group`` below 1.
+        ValueError: a non-symmetric matrix or an operator not tagged symmetric; an operator
+            whose products turn out not symmetric (measured at every step, beyond
+            :math:`\sqrt{\varepsilon}\,\|A\|`); ``steps``, ``probes`` or ``group`` below 1.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -68,8 +68,8 @@ def eigs(
     the operator's dtype. When the basis reaches ``ncv`` vectors it restarts from the most
     wanted Ritz vectors (Wu & Simon 2000, "Thick-restart Lanczos method for large symmetric
     eigenvalue problems"). A Ritz pair :math:`(\theta, x)` is accepted when its residual bound
-    :math:`r` (see ``hesse.linalg._lanczos``: it keeps the true :math:`\beta`, and one unit of
-    the products' round-off) meets
+    :math:`r` (see ``hesse.linalg._lanczos``: it keeps the true :math:`\beta`, the measured
+    asymmetry of the products, and one unit of their round-off) meets
 
     .. math:: \|A x - \theta x\| \le r \le \mathrm{tol}\cdot\|A\|,
 
@@ -83,6 +83,12 @@ def eigs(
     none is. Like every Krylov method this assumes the random start reaches every wanted
     eigenvector (it does with probability one, and fails only for eigenvectors with a tiny
     component in the start).
+
+    Memory: the float64 basis of ``ncv + b`` vectors of ``d`` entries (``b`` = 1 for ``k = 1``,
+    else 2), the ``k`` Ritz vectors it ends with (kept, as locked vectors, while the
+    multiplicity check runs a basis of ``ncv + 1``), and the products' block: at the peak,
+    ``ncv + 3`` vectors for ``k = 1``, and ``ncv + max(k + 3, 6)`` for ``k > 1`` (``k + 2``
+    when no check runs), for a float64 operator.
 
     Args:
         A: Symmetric operator ``(d, d)``: a hesse operator, a dense tensor, a numpy array, a
@@ -110,12 +116,19 @@ def eigs(
             ``k > 1`` a random vector joins it.
 
     Returns:
-        EigResult.
+        EigResult: ``values`` ``(k,)`` float64 Ritz values in the order ``which`` asks;
+        ``vectors`` ``(d, k)`` orthonormal Ritz vectors (float32 for a half-precision operator,
+        else its dtype); ``residuals`` ``(k,)`` bounds on :math:`\|A x - \theta x\|`, each
+        at least the true residual up to one unit of the products' round-off; ``converged``,
+        True only when every bound is within ``tol`` times :math:`\|A\|` and the
+        multiplicity check (when a value appeared twice) ran; ``n_matvecs``, the products
+        used; ``which``; and ``reason``, why ``converged`` is False (``""`` when True).
 
     Raises:
-        ValueError: a non-symmetric matrix or an operator not tagged symmetric, ``k`` or
-            ``which`` out of range, ``tol`` below the floor of the dtype, a budget below ``k``,
-            or ``ncv`` too small.
+        ValueError: a non-symmetric matrix or an operator not tagged symmetric; an operator
+            whose products turn out not symmetric (measured during the run, beyond
+            :math:`\sqrt{\varepsilon}\,\|A\|`); ``k`` or ``which`` out of range, ``tol``
+            below the floor of the dtype, a budget below ``k``, or ``ncv`` too small.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
@@ -163,44 +176,82 @@ def _tolerance(tol: float | None, dtype: torch.dtype) -> float:
     return float(tol)
 
 
-class _Search:
-    """The Lanczos rounds of one ``eigs`` call."""
+@dataclass(frozen=True)
+class _Pairs:
+    """The Ritz pairs a round of ``_Search`` ends with.
 
-    def __init__(self, op: Counted, which, tol, budget, gen, callback):
+    Attributes:
+        values: ``(j,)`` float64 Ritz values.
+        vectors: ``(d, j)`` unit Ritz vectors, in the basis dtype.
+        bounds: ``(j,)`` float64 bounds on their residuals.
+        converged: Whether every bound met the tolerance (and, after ``verify``, whether the
+            multiplicity check ran to its end).
+        anorm: The estimate of ``||A||`` the tolerance was relative to.
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    bounds: torch.Tensor
+    converged: bool
+    anorm: float
+
+
+class _Search:
+    """The Lanczos rounds of one ``eigs`` call.
+
+    Args:
+        op: The counted operator.
+        which: The end of the spectrum asked for (one of ``WHICH``).
+        tol: Relative residual tolerance.
+        budget: Most products in all rounds together.
+        gen: Generator of the random start vectors.
+        callback: ``callback(n_matvecs, ritz_values, residual_bounds)`` at each step, or None.
+    """
+
+    def __init__(
+        self,
+        op: Counted,
+        which: str,
+        tol: float,
+        budget: int,
+        gen: torch.Generator,
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None,
+    ):
         self.op, self.which, self.tol, self.budget = op, which, tol, budget
         self.gen, self.callback = gen, callback
 
     def run(self, k: int, b: int, m: int, v0: Any) -> EigResult:
+        """``k`` pairs from a start block of ``b`` vectors, restarting at ``m`` basis vectors."""
         lz = Lanczos(self.op, min(m, self.op.d), self._start(v0, b), self.gen)
-        vals, X, res, ok = self.round(lz, k, m)
-        anorm, reason = lz.anorm, ""
+        found, reason = self.round(lz, k, m), ""
         del lz  # its basis, before a check round builds another
-        if not ok:
-            met = int((res <= self.tol * anorm).sum())
+        if not found.converged:
+            met = int((found.bounds <= self.tol * found.anorm).sum())
             reason = (
                 f"budget of {self.budget} products spent: {met} of {k} pairs within tol"
                 if self.op.n >= self.budget
                 else f"the Krylov space is exhausted, and {met} of {k} pairs within tol: the "
-                "products are not accurate enough for tol (or the operator not symmetric)"
+                "products are not accurate (or symmetric) enough for tol"
             )
-        elif k > 1 and _repeated(vals, res, b):
-            vals, X, res, ok = self.verify(vals, X, res, k, m, anorm)
-            if not ok:
+        elif k > 1 and _repeated(found.values, found.bounds, b):
+            found = self.verify(found, k, m)
+            if not found.converged:
                 reason = (
                     f"all {k} pairs within tol but the budget of {self.budget} products ran "
                     "out before the multiplicity check"
                 )
-        order = _priority(vals, self.which)[:k]
+        vals, order = found.values, _priority(found.values, self.which)[:k]
         if self.which == "both":
             order = order[torch.argsort(vals[order], descending=True)]
-        vectors = X[:, order].to(torch.promote_types(self.op.dtype, torch.float32))
-        return EigResult(vals[order], vectors, res[order], ok, self.op.n, self.which, reason)
+        vectors = found.vectors[:, order].to(torch.promote_types(self.op.dtype, torch.float32))
+        bounds, n = found.bounds[order], self.op.n
+        return EigResult(vals[order], vectors, bounds, found.converged, n, self.which, reason)
 
-    def round(self, lz: Lanczos, nev: int, m: int):
+    def round(self, lz: Lanczos, nev: int, m: int) -> _Pairs:
         """Iterate ``lz`` until its ``nev`` most wanted Ritz pairs meet the tolerance.
 
-        Stops early when the budget or the space runs out; restarts when the basis would
-        exceed ``m`` vectors.
+        Stops early when the budget or the space runs out (``converged=False``); restarts when
+        the basis would exceed ``m`` vectors. The pairs come most wanted first.
         """
         while True:
             theta, S, bounds = lz.ritz()
@@ -211,35 +262,41 @@ class _Search:
             if self.callback is not None and lz.n:
                 self.callback(self.op.n, theta[want], bounds[want])
             if ok or (lz.b == 0 and not lz.append()) or self.op.n >= self.budget:
-                return theta[want], lz.vectors(S[:, want]), bounds[want], ok
+                return _Pairs(theta[want], lz.vectors(S[:, want]), bounds[want], ok, lz.anorm)
             if lz.n + lz.b > m:
                 lz.restart(theta, S, order[: _kept(m, lz.b, nev, int(met.sum()))])
             lz.shrink(min(lz.b, self.budget - self.op.n))
             step([lz], self.op)
 
-    def verify(self, vals, X, res, k: int, m: int, anorm: float):
-        """Search the complement of ``X`` for an eigenvalue beyond the returned ones."""
-        while X.shape[1] < self.op.d:
-            v2, x2, r2, ok, anorm = self._complement(X, m, anorm)
-            if not ok:
-                return vals, X, res, False
-            allv, margin = torch.cat([vals, v2]), self.tol * anorm
-            keep = _priority(allv, self.which)[:k].tolist()
-            new = [i for i in keep if i >= len(vals)]
-            dropped = [j for j in range(len(vals)) if j not in keep]
-            X = torch.cat([X, x2], 1)[:, keep]
-            vals, res = allv[keep], torch.cat([res, r2])[keep]
+    def verify(self, found: _Pairs, k: int, m: int) -> _Pairs:
+        """Search the complement of ``found`` for an eigenvalue beyond the returned ones.
+
+        Returns:
+            The ``k`` most wanted pairs of ``found`` and of the complement, ``converged=False``
+            when the budget ran out before the check ended.
+        """
+        while found.vectors.shape[1] < self.op.d:
+            extra = self._complement(found.vectors, m, found.anorm)
+            if not extra.converged:
+                return replace(found, converged=False, anorm=extra.anorm)
+            allv, margin = torch.cat([found.values, extra.values]), self.tol * extra.anorm
+            keep, old = _priority(allv, self.which)[:k].tolist(), len(found.values)
+            new = [i for i in keep if i >= old]
+            dropped = [j for j in range(old) if j not in keep]
+            X = torch.cat([found.vectors, extra.vectors], 1)[:, keep]
+            bounds = torch.cat([found.bounds, extra.bounds])[keep]
+            found = _Pairs(allv[keep], X, bounds, True, extra.anorm)
             if all(abs(float(allv[i] - allv[j])) <= margin for i in new for j in dropped):
                 break
-        return vals, X, res, True
+        return found
 
-    def _complement(self, X: torch.Tensor, m: int, anorm: float):
+    def _complement(self, X: torch.Tensor, m: int, anorm: float) -> _Pairs:
         """The most wanted pair(s) of ``A`` on the complement of ``X``, from a random start."""
         room = self.op.d - X.shape[1]
         start = gaussian(self.gen, self.op.d, 1, self.op, X.dtype)
         lz = Lanczos(self.op, min(m, room), start, self.gen, locked=X, anorm=anorm)
-        nev = min(2 if self.which == "both" else 1, room)
-        return *self.round(lz, nev, m), lz.anorm
+        del start  # copied into the basis
+        return self.round(lz, min(2 if self.which == "both" else 1, room), m)
 
     def _start(self, v0: Any, b: int) -> torch.Tensor:
         """``(d, b)`` start block: the warm start (if any), then random vectors."""
