@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hesse
-from hesse._checkpoint import Checkpoint, ProductLog, RecordingOperator
+from hesse._checkpoint import Checkpoint, ProductLog, RecordingOperator, TimeUp
 
 
 def dense(d=6, seed=0):
@@ -56,3 +56,17 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     (tmp_path / "junk").write_bytes(b"\x00\xff")
     with pytest.raises(ValueError, match="not a hesse checkpoint"):
         Checkpoint(tmp_path / "junk", {})
+
+
+def test_time_budget_is_spent_at_the_mean_rate(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("hesse._checkpoint.time.monotonic", lambda: clock[0])
+    log = ProductLog(max_time=10.0)
+    assert log.affordable(50) == 50  # no product yet: no rate to go by
+    log.columns, log.seconds = 10, 2.0  # 5 columns per second
+    clock[0] = 106.0  # 4 s left
+    assert log.affordable(50) == 20 and log.affordable(7) == 7
+    clock[0] = 111.0
+    assert log.affordable(50) == 0
+    with pytest.raises(TimeUp):
+        log.product(dense(), torch.ones(6, 1, dtype=torch.float64))

@@ -123,6 +123,7 @@ class ProductLog:
     ):
         self.checkpoint, self.progress = checkpoint, progress
         self.index, self.replayed, self.computed = 0, 0, 0
+        self.columns, self.seconds = 0, 0.0  # computed products, counted in columns, and time
         self.deadline = None if max_time is None else time.monotonic() + max_time
         self.on_first = on_first
         self._bar = None
@@ -158,10 +159,23 @@ class ProductLog:
             raise TimeUp
         start = time.perf_counter()
         output = op.matmat(V)
-        self.computed += 1
+        seconds = time.perf_counter() - start
+        self.computed, self.columns = self.computed + 1, self.columns + V.shape[1]
+        self.seconds += seconds
         if self.computed == 1 and self.on_first is not None:
-            self.on_first(time.perf_counter() - start)
+            self.on_first(seconds)
         return output
+
+    def affordable(self, budget: int) -> int:
+        """``budget``, or fewer columns when the time left runs out first (at the mean rate).
+
+        Lets an iterative method stop by itself within the time budget, with its partial
+        result and ``converged=False``, rather than being cut off by :class:`TimeUp`.
+        """
+        if self.deadline is None or self.columns == 0:
+            return budget
+        left = self.deadline - time.monotonic()
+        return max(0, min(budget, int(left * self.columns / self.seconds)))
 
 
 def _digest(V: torch.Tensor) -> str:

@@ -292,9 +292,11 @@ class Analysis:
 
         Args:
             progress, checkpoint: as for :func:`analyze`.
-            max_time: seconds after which no new product starts: the section under way and
-                those after it are left out of the report, which lists them in ``partial``
-                (with a checkpoint, rerunning resumes them).
+            max_time: seconds after which no new product starts. Eigenvalue runs get the
+                products that fit the time left (at the rate measured so far) and report
+                what they found with ``converged=False``; a section cut off, and those after
+                it, are left out of the report, which lists them in ``partial`` (with a
+                checkpoint, rerunning resumes them).
             on_first: called with the seconds of the first product.
         """
         o = self.objective
@@ -367,11 +369,15 @@ class _Run:
 
     def eigs(self) -> dict:
         o = self.opts
-        top = eigs(self.op, o.k, which="largest", max_matvecs=o.budget, seed=o.seed, **QUIET)
+        # under a time budget each run gets the products that fit the time left, so that it
+        # stops with what it found (converged=False) instead of being cut off
+        budget = max(self.log.affordable(o.budget), o.k)
+        top = eigs(self.op, o.k, which="largest", max_matvecs=budget, seed=o.seed, **QUIET)
         self.unconverged(f"{o.k} largest eigenvalues", top)
         largest = eig_dict(top)
         del top  # its (d, k) vectors: the next basis should not sit beside them
-        low = eigs(self.op, o.k_smallest, which="smallest", max_matvecs=o.budget, seed=o.seed,
+        budget = max(self.log.affordable(o.budget), o.k_smallest)
+        low = eigs(self.op, o.k_smallest, which="smallest", max_matvecs=budget, seed=o.seed,
                    **QUIET)  # fmt: skip
         self.unconverged(f"{o.k_smallest} smallest eigenvalues", low)
         return {"largest": largest, "smallest": eig_dict(low)}
