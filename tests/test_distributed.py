@@ -1,20 +1,15 @@
 """Two gloo processes, each with half of the batches, give the single-process numbers."""
 
-import os
-import time
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import hesse
 from cases import DT
+from ranks import run_ranks
 
 WORLD = 2
-TIMEOUT_S = 240
 
 
 def _problem():
@@ -40,35 +35,18 @@ def _numbers(obj):
     }
 
 
-def _worker(rank, folder):
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD
-    )
-    try:
-        model, batches = _problem()
-        shard = batches[2 * rank : 2 * rank + 2]
-        obj = hesse.Objective(model, shard, loss=F.cross_entropy)
-        torch.save(_numbers(obj), os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _work(rank):
+    model, batches = _problem()
+    shard = batches[2 * rank : 2 * rank + 2]
+    return _numbers(hesse.Objective(model, shard, loss=F.cross_entropy))
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    ctx = mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    results = run_ranks(_work, tmp_path, WORLD)
     model, batches = _problem()
     want = _numbers(hesse.Objective(model, batches, loss=F.cross_entropy))
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, got in enumerate(results):
         for key, value in want.items():
             assert got[key].shape == value.shape, (rank, key)
             err = (got[key] - value).abs().max().item()

@@ -1,20 +1,17 @@
 """Objective and ParamSpace: data layouts, exact weighting, casts, and refused inputs."""
 
 import copy
-import os
 import re
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hesse
 from cases import ALL, DT, SmallCNN, flat_loss, objective, seq_loss_fn
+from ranks import run_ranks
 
 RTOL = 1e-10
 
@@ -514,7 +511,7 @@ def test_sample_positions_refuse_a_shuffling_loader(loader):
 
 # ---------------------------------------------------------------- two processes
 
-WORLD, TIMEOUT_S = 2, 120
+WORLD = 2
 
 
 def _shards():
@@ -529,41 +526,25 @@ def _positions_all(obj, n):
     return [obj.sample_positions(i).tolist() for i in range(n)]
 
 
-def _distributed_worker(rank, folder):
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD
-    )
+def _distributed_work(rank):
     out = {}
-    try:
-        model, x, y, shards = _shards()
-        try:  # rank 1 has no data: both ranks must raise, neither may wait forever
-            hesse.Objective(model, shards[0] if rank == 0 else [], loss=F.cross_entropy)
-        except ValueError as err:
-            out["empty"] = str(err)
-        obj = hesse.Objective(model, shards[rank], loss=F.cross_entropy)
-        out["list"] = _positions_all(obj, 2)
-        out["value"] = obj.value().item()
-        sampler = torch.utils.data.DistributedSampler(TensorDataset(x, y), shuffle=False)
-        loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=sampler)
-        out["loader"] = _positions_all(hesse.Objective(model, loader, loss=F.cross_entropy), 2)
-    finally:
-        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    model, x, y, shards = _shards()
+    try:  # rank 1 has no data: both ranks must raise, neither may wait forever
+        hesse.Objective(model, shards[0] if rank == 0 else [], loss=F.cross_entropy)
+    except ValueError as err:
+        out["empty"] = str(err)
+    obj = hesse.Objective(model, shards[rank], loss=F.cross_entropy)
+    out["list"] = _positions_all(obj, 2)
+    out["value"] = obj.value().item()
+    sampler = torch.utils.data.DistributedSampler(TensorDataset(x, y), shuffle=False)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=sampler)
+    out["loader"] = _positions_all(hesse.Objective(model, loader, loss=F.cross_entropy), 2)
+    return out
 
 
 @pytest.mark.slow
 def test_two_processes_empty_shard_and_sample_positions(tmp_path):
-    ctx = mp.spawn(_distributed_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s (deadlock?)")
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    got = run_ranks(_distributed_work, tmp_path, WORLD, timeout_s=120)
     assert got[0]["empty"] == got[1]["empty"]
     assert re.search(r"(?i)process\(es\) \[1\].*empty", got[0]["empty"]), got[0]["empty"]
     model, x, y, shards = _shards()

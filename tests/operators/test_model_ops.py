@@ -1,19 +1,16 @@
 """Curvature operators of a model: kept states, and Monte-Carlo draws keyed on sample positions."""
 
-import os
-import time
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hesse
 from cases import CASES, DT, WITH_LOSS, dense, objective
+from ranks import run_ranks
 
 # ------------------------------------------------------------------ kept states
 
@@ -175,7 +172,7 @@ def test_mc_fisher_averages_to_the_ggn_over_seeds(name):
 
 # ------------------------------------------------------------------ one process and two
 
-WORLD, TIMEOUT_S = 2, 240
+WORLD = 2
 
 
 def _problem():
@@ -192,34 +189,18 @@ def _mc_products(obj):
     return hesse.FisherOperator(obj, "mc", seed=11, mc_samples=2) @ V
 
 
-def _worker(rank, folder):
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD
-    )
-    try:
-        model, batches = _problem()
-        obj = hesse.Objective(model, batches[2 * rank : 2 * rank + 2], loss=F.cross_entropy)
-        torch.save(_mc_products(obj), os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _work(rank):
+    model, batches = _problem()
+    obj = hesse.Objective(model, batches[2 * rank : 2 * rank + 2], loss=F.cross_entropy)
+    return _mc_products(obj)
 
 
 @pytest.mark.slow
 def test_mc_fisher_on_two_processes_equals_one(tmp_path):
-    ctx = mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    results = run_ranks(_work, tmp_path, WORLD)
     model, batches = _problem()
     want = _mc_products(hesse.Objective(model, batches, loss=F.cross_entropy))
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, got in enumerate(results):
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-13), (rank, (got - want).abs().max())
 
 
