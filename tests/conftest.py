@@ -84,3 +84,24 @@ def assert_operator_matches(op, dense, rtol=1e-10, count=True):
 @pytest.fixture(name="assert_operator_matches")
 def _assert_operator_matches_fixture():
     return assert_operator_matches
+
+
+LABELS = {"id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A saved BertForSequenceClassification with labels neg/pos and its tokenizer."""
+    pytest.importorskip("transformers")
+    from hf_folders import save_bert
+
+    return save_bert(tmp_path_factory.mktemp("bert"), **LABELS)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A saved GPT2LMHeadModel and a tokenizer without a padding token."""
+    pytest.importorskip("transformers")
+    from hf_folders import save_gpt2
+
+    return save_gpt2(tmp_path_factory.mktemp("gpt2"))

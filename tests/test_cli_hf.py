@@ -12,7 +12,7 @@ from hesse import hf
 from hesse.cli import main
 
 pytest.importorskip("transformers")
-from test_hf import save_bert, save_gpt2  # noqa: E402
+from hf_folders import save_bert  # noqa: E402
 
 FAST = ["--budget", "30", "--steps", "4", "--probes", "2", "--quiet", "--json"]
 SENTENCES = [
@@ -29,17 +29,6 @@ def run(argv, capsys):
     status = main(argv)
     out, err = capsys.readouterr()
     return status, out, err
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    labels = {"id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
-    return save_bert(tmp_path_factory.mktemp("bert"), **labels)
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    return save_gpt2(tmp_path_factory.mktemp("gpt2"))
 
 
 @pytest.fixture

@@ -11,66 +11,7 @@ import torch
 from hesse import hf
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-WORDS = "the a cat dog sat ran on mat fast slow good bad movie plot was is very not".split()
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def make_tokenizer():
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-
-
-def save_bert(folder, head="BertForSequenceClassification", **extra):
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=len(SPECIAL) + len(WORDS),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=32,
-        **extra,
-    )
-    getattr(transformers, head)(config).save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def save_gpt2(folder):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=len(SPECIAL) + len(WORDS), n_positions=32, n_embd=16, n_layer=1, n_head=2
-    )
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    tok = make_tokenizer()
-    tok.pad_token = None  # like GPT-2's own tokenizer
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    labels = {"id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
-    return save_bert(tmp_path_factory.mktemp("bert"), **labels)
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    return save_gpt2(tmp_path_factory.mktemp("gpt2"))
+from hf_folders import save_bert  # noqa: E402
 
 
 def test_task_comes_from_the_architecture(bert_dir, gpt2_dir):
