@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from hesse._positions import is_batch, sample_count
+
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 
 
@@ -182,24 +184,6 @@ def _loader(spec, dataset, samples, batch_size, loader: DataLoader | None):
     return DataLoader(dataset, batch_size=batch_size or 256, shuffle=False, collate_fn=collate)
 
 
-def is_batch(obj: object) -> bool:
-    """Whether ``obj`` is one batch: a dict, or ``(inputs, targets)`` with tensor targets.
-
-    Example:
-        >>> x, y = torch.zeros(4, 3), torch.zeros(4)
-        >>> is_batch((x, y)), is_batch([(x, y), (x, y)]), is_batch({"input_ids": x})
-        (True, False, True)
-    """
-    if isinstance(obj, Mapping):
-        return True
-    return (
-        isinstance(obj, (tuple, list))
-        and len(obj) == 2
-        and isinstance(obj[0], (torch.Tensor, Mapping))
-        and isinstance(obj[1], torch.Tensor)
-    )
-
-
 def split_batches(batches: list, samples: int | None, batch_size: int | None) -> list:
     """The first ``samples`` samples of ``batches``, no batch longer than ``batch_size``.
 
@@ -210,7 +194,7 @@ def split_batches(batches: list, samples: int | None, batch_size: int | None) ->
     """
     out, left = [], samples
     for batch in batches:
-        n = batch_length(batch)
+        n = sample_count(batch) or 0
         if left is not None:
             if left <= 0:
                 break
@@ -219,14 +203,6 @@ def split_batches(batches: list, samples: int | None, batch_size: int | None) ->
         size = batch_size or n
         out += [slice_batch(batch, a, a + size) for a in range(0, n, size)] if n > size else [batch]
     return out
-
-
-def batch_length(batch) -> int:
-    """Samples in a batch: the first dimension of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    items = batch.values() if isinstance(batch, Mapping) else batch
-    return next(batch_length(item) for item in items if isinstance(item, (torch.Tensor, Mapping)))
 
 
 def slice_batch(batch, start: int, stop: int):

@@ -31,14 +31,7 @@ def as_batches(data: Any, *, has_loss_fn: bool) -> Iterable[Any]:
     A pair ``(inputs, targets)`` is one batch, except with ``loss_fn=``, whose batches may
     be anything: the pair is then a list of two batches.
     """
-    single_pair = (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[0], (torch.Tensor, Mapping))
-        and isinstance(data[1], torch.Tensor)
-        and not has_loss_fn
-    )
-    if single_pair or isinstance(data, (Mapping, torch.Tensor)):
+    if (is_batch(data) and not has_loss_fn) or isinstance(data, (Mapping, torch.Tensor)):
         return [data]
     if isinstance(data, Iterator):
         raise ValueError(
@@ -51,6 +44,24 @@ def as_batches(data: Any, *, has_loss_fn: bool) -> Iterable[Any]:
             f"got {type(data).__name__}."
         )
     return data
+
+
+def is_batch(obj: object) -> bool:
+    """Whether ``obj`` is one batch: a dict, or ``(inputs, targets)`` with tensor targets.
+
+    Example:
+        >>> x, y = torch.zeros(4, 3), torch.zeros(4)
+        >>> is_batch((x, y)), is_batch([(x, y), (x, y)]), is_batch({"input_ids": x})
+        (True, False, True)
+    """
+    if isinstance(obj, Mapping):
+        return True
+    return (
+        isinstance(obj, (tuple, list))
+        and len(obj) == 2
+        and isinstance(obj[0], (torch.Tensor, Mapping))
+        and isinstance(obj[1], torch.Tensor)
+    )
 
 
 def distributed() -> bool:
@@ -139,7 +150,7 @@ def positions(data: Iterable, offset: int | None) -> list[torch.Tensor]:
     else:
         batches, start = [], 0
         for i, batch in enumerate(data):
-            n = _sample_count(batch)
+            n = sample_count(batch)
             if n is None:
                 raise ValueError(
                     f"Objective.sample_positions: batch {i} holds no tensor to count its samples "
@@ -166,14 +177,19 @@ def _check_padding(data: Iterable) -> None:
         )
 
 
-def _sample_count(batch) -> int | None:
-    """Samples in a batch: dim 0 of its first tensor (None when it holds none)."""
+def sample_count(batch: Any) -> int | None:
+    """Samples in a batch: dim 0 of its first tensor (None when it holds none).
+
+    Example:
+        >>> sample_count(({"input_ids": torch.zeros(3, 7)}, torch.zeros(3)))
+        3
+    """
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.dim() else 1
     items = batch.values() if isinstance(batch, Mapping) else batch
     if not isinstance(batch, (Mapping, list, tuple)):
         return None
-    return next((n for n in map(_sample_count, items) if n is not None), None)
+    return next((n for n in map(sample_count, items) if n is not None), None)
 
 
 def _local_count(data: Iterable) -> int:
@@ -187,7 +203,7 @@ def _local_count(data: Iterable) -> int:
             return -1
     if not isinstance(data, (list, tuple)):
         return -1
-    counts = [_sample_count(b) for b in data]
+    counts = [sample_count(b) for b in data]
     return -1 if None in counts else sum(counts)
 
 

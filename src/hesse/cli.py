@@ -150,8 +150,9 @@ def _add_method_options(group) -> None:
     )  # fmt: skip
     group.add_argument(
         "--max-time", type=float, metavar="SECONDS",
-        help="stop cleanly after this long: the sections done are reported, the others are "
-        "listed as partial (with --checkpoint, rerun to resume)",
+        help="stop cleanly after this long: eigenvalue runs stop within it (converged=False), "
+        "a section cut off and those after it are listed as partial (with --checkpoint, rerun "
+        "to resume)",
     )  # fmt: skip
     group.add_argument(
         "--threads", type=int, help="torch CPU threads (default: 1 for demos, else torch's)"
@@ -317,23 +318,25 @@ CLI_WORDS = (
 """API words in ``analyze``/``plan`` messages and the command-line options they mean."""
 
 
+HF_WORDS = (
+    ("task=", "--hf-task"),
+    ("text_column=", "--text-column"),
+    ("label_column=", "--label-column"),
+    ("label2id=", "the config's labels"),
+)
+"""``hesse.hf`` parameter names and the command-line options they mean."""
+
+
 def _hf_words(message: str) -> str:
     """A ``hesse.hf`` error in the words of the command line (``task='x'`` is ``--hf-task x``)."""
     message = re.sub(r"path=('[^']*')", r"\1", message)
     message = re.sub(r"task='([^']*)'", r"--hf-task \1", message)
-    for api, option in (
-        ("task=", "--hf-task"),
-        ("text_column=", "--text-column"),
-        ("label_column=", "--label-column"),
-        ("label2id=", "the config's labels"),
-    ):
-        message = message.replace(api, option)  # fmt: skip
-    return message
+    return _cli_words(message, HF_WORDS)
 
 
-def _cli_words(message: str) -> str:
-    """An ``analyze`` or ``plan`` error in the words of the command line."""
-    for api, option in CLI_WORDS:
+def _cli_words(message: str, words: tuple = CLI_WORDS) -> str:
+    """An ``analyze`` or ``plan`` error (or one with other ``words``) in the CLI's words."""
+    for api, option in words:
         message = message.replace(api, option)
     return message
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ._hf_losses import TASKS
+from .params import _shorten
 
 __all__ = ["MASK_RATE", "TASKS", "infer_task", "load_model", "text_batches"]
 
@@ -105,7 +106,6 @@ def _check_loaded(folder: Path, task: str, cls: str, info: dict[str, Any]) -> No
     missing = sorted(map(str, [*info.get("missing_keys", ()), *mismatched]))
     if not missing:
         return
-    more = f", ... ({len(missing) - _SHOWN} more)" if len(missing) > _SHOWN else ""
     config = _config(folder)
     saved = _saved_task(config)
     archs = ", ".join(config.get("architectures") or []) or "no architecture"
@@ -115,7 +115,7 @@ def _check_loaded(folder: Path, task: str, cls: str, info: dict[str, Any]) -> No
         fix = f"its config.json names {archs}: pass"
     raise ValueError(
         f"task={task!r}: path={str(folder)!r} holds no weights for {len(missing)} tensors of "
-        f"{cls} ({', '.join(missing[:_SHOWN])}{more}), which from_pretrained would fill with "
+        f"{cls} ({_shorten(missing, _SHOWN)}), which from_pretrained would fill with "
         f"random numbers; {fix} a folder saved with the {task} head."
     )
 

@@ -148,9 +148,8 @@ class Objective:
         self.params = {n: self._cast(named[n].detach()) for n in chosen}
         state = dict(model.named_parameters()) | dict(model.named_buffers())
         # train-mode batch-norm updates its running statistics in place: work on copies then
-        copy_buffers = allow_train_mode
         self.frozen = {
-            n: self._cast(t.detach().clone() if copy_buffers else t.detach())
+            n: self._cast(t.detach().clone() if allow_train_mode else t.detach())
             for n, t in state.items()
             if n not in self.params
         }
@@ -305,7 +304,7 @@ class Objective:
                 "loss_fn= objective does not expose; build the Objective with loss= instead."
             )
         out = logits_of(self._forward(params, _inputs(batch)))
-        task = self._resolved.task
+        task = self.task
         return out if task is None else task_outputs(task, out)
 
     def targets(self, batch: Batch) -> torch.Tensor:
@@ -317,7 +316,7 @@ class Objective:
         ``(n_b (T - 1),)``: output row ``(j, t)`` predicts label ``t + 1`` of sample ``j``.
         """
         y = batch["labels"] if isinstance(batch, Mapping) else batch[1]
-        return y if self._resolved.task is None else task_targets(self._resolved.task, y)
+        return y if self.task is None else task_targets(self.task, y)
 
     def batch_weight(self, batch: Batch) -> float:
         """What a batch's mean loss is over (:class:`LossSpec`); 0 when every label is ignored.
@@ -331,7 +330,7 @@ class Objective:
         """Sum-form loss of outputs: ``weight * loss(out, targets)`` (0 when ``weight`` is 0)."""
         if weight == 0:
             return out.sum() * 0.0  # the mean over no target is 0/0; the batch adds nothing
-        if self._resolved.task is not None:
+        if self.task is not None:
             out = upcast(out)
         return weight * self._resolved.call(out, targets)
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from ._positions import sample_count
 from .linalg.density import probe_group
 from .objective import Objective
 from .operators._cache import AUTO_CACHE_FRACTION
@@ -261,19 +262,9 @@ def _count(batches: Iterable) -> tuple[int, int, Any]:
     samples, count, first = 0, 0, None
     for batch in batches:
         first = batch if first is None else first
-        samples += _samples(batch)
+        samples += sample_count(batch) or 0
         count += 1
     return samples, count, first
-
-
-def _samples(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if not isinstance(batch, (list, tuple)):
-        return 0
-    return next((n for n in map(_samples, batch) if n), 0)
 
 
 def _eigs_vectors(ncv: int, k: int) -> int:

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from torch.func import grad, hessian, jacrev
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .objective import Batch, Objective
+from .operators._autograd import second_order
 
 
 def dense_hessian(obj: Objective) -> torch.Tensor:
@@ -112,8 +112,8 @@ def dense_fisher(obj: Objective) -> torch.Tensor:
 
 
 def _math_attention(obj: Objective, term: Callable[[int, Any], tuple]) -> torch.Tensor:
-    """``obj.accumulate(term)`` with attention on SDPA's math kernel."""
-    with sdpa_kernel(SDPBackend.MATH):
+    """``obj.accumulate(term)`` as the operators differentiate twice (SDPA's math kernel)."""
+    with second_order("hesse.reference"):
         return obj.accumulate(term)
 
 

@@ -88,8 +88,8 @@ class Lanczos:
         self.eps = torch.finfo(op.dtype).eps
         width = capacity + start.shape[1]
         self.V = torch.zeros(op.d, width, dtype=basis_dtype(op.device), device=op.device)
-        self.L = torch.zeros(op.d, 0, dtype=self.V.dtype, device=op.device)
-        self.L = self.L if locked is None else locked.to(self.V)
+        no_lock = torch.zeros(op.d, 0, dtype=self.V.dtype, device=op.device)
+        self.L = no_lock if locked is None else locked.to(self.V)
         self.n, self.b = 0, 0
         self.H = torch.zeros(0, 0, dtype=F64)
         self.C = torch.zeros(0, 0, dtype=F64)

@@ -213,5 +213,15 @@ def mean_ci(samples: torch.Tensor) -> tuple[float, float, tuple[float, float]]:
     if n < 2:
         return mean, float("inf"), (float("-inf"), float("inf"))
     se = float(x.std(unbiased=True)) / n**0.5
-    half = float(stats.t.ppf(0.975, n - 1)) * se
-    return mean, se, (mean - half, mean + half)
+    return mean, se, t_interval(mean, se, n)
+
+
+def t_quantile(n: int) -> float:
+    """The 97.5% quantile of Student's t with ``n - 1`` degrees of freedom (95%, two-sided)."""
+    return float(stats.t.ppf(0.975, n - 1))
+
+
+def t_interval(mean: float, se: float, n: int) -> tuple[float, float]:
+    """Student-t 95% interval of a mean of ``n`` samples (``mean +- se`` below two samples)."""
+    half = t_quantile(n) * se if n >= 2 else se
+    return mean - half, mean + half

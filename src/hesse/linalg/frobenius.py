@@ -8,14 +8,13 @@ from typing import Any
 
 import torch
 
+from ._util import t_interval, t_quantile
 from .trace import (
     TraceResult,
     _column_squares,
     _estimate,
     _Probes,
     _Sampled,
-    _t_interval,
-    _t_quantile,
 )
 
 
@@ -117,11 +116,11 @@ def _sample_squares(probes: _Probes, Q: torch.Tensor | None) -> _Sampled:
     r"""The samples :math:`\|APz_i\|^2` of :math:`\|AP\|_F^2` with Hall's interval (see above)."""
     parts = [_column_squares(APZ) for _, APZ in probes]
     x = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-    mean, se, ci = _skew_t_interval(x)
+    mean, se, ci = _skewt_interval(x)
     return _Sampled(mean, se, ci, mean, x.numel())
 
 
-def _skew_t_interval(x: torch.Tensor) -> tuple[float, float, tuple[float, float]]:
+def _skewt_interval(x: torch.Tensor) -> tuple[float, float, tuple[float, float]]:
     r"""Mean, standard error and Hall's (1992) skewness-corrected 95% interval of ``x`` (n,).
 
     With :math:`a = \hat\gamma / \sqrt n` (:math:`\hat\gamma` the sample skewness), the
@@ -133,18 +132,18 @@ def _skew_t_interval(x: torch.Tensor) -> tuple[float, float, tuple[float, float]
     n = x.numel()
     if n < 2:
         mean, se = float(x.sum()), (0.0 if n == 0 else math.inf)
-        return mean, se, _t_interval(mean, se, n)
+        return mean, se, t_interval(mean, se, n)
     mean, sd = float(x.mean()), float(x.std())
     se = sd / math.sqrt(n)
     a = float(((x - mean) ** 3).mean()) / sd**3 / math.sqrt(n) if sd > 0 else 0.0
     if abs(a) < 1e-8:
-        return mean, se, _t_interval(mean, se, n)
+        return mean, se, t_interval(mean, se, n)
 
     def g_inv(y: float) -> float:
         u = 1 + a * (y - a / 6)
         return 3 / a * (math.copysign(abs(u) ** (1 / 3), u) - 1)
 
-    q = _t_quantile(n)
+    q = t_quantile(n)
     return mean, se, (mean - se * g_inv(q), mean - se * g_inv(-q))
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from ..operators.base import PSD, SYMMETRIC, Operator
-from ._util import Counted, tags_of
+from ..operators.base import PSD, SYMMETRIC, DenseOperator, Operator
+from ._util import Counted, as_operator, tags_of
 from .eigs import eigs
 
 METHODS = ("cg", "minres", "lissa")
@@ -298,14 +298,18 @@ class InverseOperator(Operator):
         max_matvecs: int | None = None,
         allow_unconverged: bool = False,
     ):
-        _check(op, method, damping, "inverse")
+        # wrapped once: a raw matrix's structure (an eigvalsh) would be inferred on every product
+        A = as_operator(op)
+        A = DenseOperator(A) if isinstance(A, torch.Tensor) else A
+        _check(A, method, damping, "inverse")
         if max_matvecs is not None:
             _check_budget(max_matvecs, 2, "inverse", " per column")
-        tags = (SYMMETRIC, PSD) if PSD in tags_of(op) else (SYMMETRIC,)
+        tags = (SYMMETRIC, PSD) if PSD in tags_of(A) else (SYMMETRIC,)
         space = op.space if isinstance(op, Operator) else None
-        super().__init__(op.shape[0], op.dtype, op.device, tags, space)
-        self.op, self.damping, self.method = op, float(damping), method
-        self.tol = tol if tol is not None else default_tol(op.dtype)
+        super().__init__(A.shape[0], A.dtype, A.device, tags, space)
+        self.op = A
+        self.damping, self.method = float(damping), method
+        self.tol = tol if tol is not None else default_tol(A.dtype)
         self.max_matvecs, self.allow_unconverged = max_matvecs, allow_unconverged
         self.last: SolveResult | None = None
 

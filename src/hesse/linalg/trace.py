@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from scipy import stats
 
 from ..operators.base import Operator
-from ._util import Counted, generator, rademacher
+from ._util import Counted, generator, rademacher, t_interval
 
 METHODS = ("hutch++", "hutchinson", "exact")
 MIN_SAMPLES = 20  # fewest probes before target_stderr may stop sampling (see trace)
@@ -320,7 +319,7 @@ class _Spread:
     def summary(self, converged: bool = True) -> _Sampled:
         """Mean, standard error and t-interval (see ``trace``)."""
         mean, se = self.mean, self.stderr
-        return _Sampled(mean, se, _t_interval(mean, se, self.n), self.size, self.n, converged)
+        return _Sampled(mean, se, t_interval(mean, se, self.n), self.size, self.n, converged)
 
 
 def _sketch(op: Counted, gen: torch.Generator, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,17 +341,6 @@ def _probes(
 
 def _deflate(V: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
     return V if Q is None else V - Q @ (Q.T @ V)
-
-
-def _t_quantile(n: int) -> float:
-    """The 97.5% quantile of Student's t with ``n - 1`` degrees of freedom (95%, two-sided)."""
-    return float(stats.t.ppf(0.975, n - 1))
-
-
-def _t_interval(mean: float, se: float, n: int) -> tuple[float, float]:
-    """Student-t 95% interval of a mean of ``n`` samples (``mean +- se`` below two samples)."""
-    half = _t_quantile(n) * se if n >= 2 else se
-    return mean - half, mean + half
 
 
 def _column_squares(V: torch.Tensor) -> torch.Tensor:

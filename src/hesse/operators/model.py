@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from ..objective import Batch, Objective, loss_kind
+from ..objective import Batch, Objective
 from ._autograd import (
     Linearization,
     Tangents,
@@ -272,7 +272,7 @@ class _Linearized(ModelOperator):
     r"""A curvature :math:`J^\top M J` of the outputs, through each batch's kept linearization."""
 
     def __init__(self, objective: Objective, tags, block_size: int, max_cache_bytes):
-        if objective.loss is None and objective.loss_spec is None:
+        if objective.loss is None:
             raise ValueError(
                 f"{type(self).__name__}: needs the loss as a function of the model outputs; "
                 "build the Objective with loss= (e.g. torch.nn.functional.cross_entropy) "
@@ -426,5 +426,4 @@ class FisherOperator(_Linearized):
 
 
 def _loss_kind(objective: Objective) -> str | None:
-    spec = objective.loss_spec
-    return spec.kind if spec is not None else loss_kind(objective.loss)
+    return objective.loss_spec.kind if objective.loss_spec is not None else None
