@@ -29,6 +29,7 @@ from .operators import (
     IdentityOperator,
     Operator,
     ProductOperator,
+    WoodburyFisher,
 )
 from .params import ParamSpace
 from .plan import MemoryPlan, MemoryPlanError, plan
@@ -48,6 +49,7 @@ __all__ = [
     "DenseOperator",
     "IdentityOperator",
     "ProductOperator",
+    "WoodburyFisher",
     # memory before a run
     "plan",
     "MemoryPlan",

@@ -11,6 +11,7 @@ from .base import (
     SumOperator,
 )
 from .model import FisherOperator, GGNOperator, HessianOperator, ModelOperator
+from .woodbury import WoodburyFisher
 
 __all__ = [
     "PSD",
@@ -25,4 +26,5 @@ __all__ = [
     "ProductOperator",
     "ScaledOperator",
     "SumOperator",
+    "WoodburyFisher",
 ]
