@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -39,11 +40,22 @@ COMMANDS = {
     "trace": (("trace",), "Trace with standard error and 95% CI (Hutch++)."),
     "density": (("density",), "Spectral density by stochastic Lanczos quadrature."),
 }
+APPS = {
+    "quantize": "hesse.quant._cli",
+    "prune": "hesse.prune._cli",
+    "landscape": "hesse.dynamics._cli_landscape",
+    "train-demo": "hesse.dynamics._cli_train",
+    "influence": "hesse.influence._cli",
+}
+"""Application commands: ``{name: module}``; each module defines ``SUMMARY``, ``EXAMPLES``,
+``add_arguments(group)`` and ``run(args, problem) -> hesse.report.page.Page``."""
+HOLDOUT = 0.2
+"""Share of a demo's samples the application commands hold out to measure on."""
 DEFAULTS = {"k": 20, "budget": 100, "steps": 80, "probes": 4}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EXAMPLES = """examples:
   hesse {cmd} --demo digits
-  hesse {cmd} --hf ./my-bert --data reviews.csv --text-column sentence --label-column label \
+  hesse {cmd} --hf ./my-bert --data reviews.csv --text-column sentence --label-column label \\
               --params 'bert.encoder.layer.5.*,classifier' --samples 256 --k 5
   hesse {cmd} --hf ./my-gpt2 --data corpus.txt --max-length 64 --max-time 600
   hesse {cmd} --demo tiny-lm --k 5 --quiet --json
@@ -57,9 +69,11 @@ EXAMPLES = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all sub-commands, with their shared options."""
-    shared = argparse.ArgumentParser(add_help=False)
-    _add_source_options(shared.add_argument_group("model and data"))
-    _add_method_options(shared.add_argument_group("curvature and budget"))
+    source = argparse.ArgumentParser(add_help=False)
+    _add_source_options(source.add_argument_group("model and data"))
+    _add_common_options(source.add_argument_group("curvature and budget"))
+    shared = argparse.ArgumentParser(add_help=False, parents=[source])
+    _add_method_options(shared.add_argument_group("analysis"))
     _add_output_options(shared.add_argument_group("output"))
     parser = argparse.ArgumentParser(
         prog="hesse",
@@ -72,12 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser(
             name,
             parents=[shared],
-            help=summary,
+            help=summary.replace("%", "%%"),  # help strings are %-formatted by argparse
             description=summary,
             epilog=EXAMPLES.format(cmd=name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+    for name, app in _apps().items():
+        sub = commands.add_parser(
+            name,
+            parents=[source],
+            help=app.SUMMARY.replace("%", "%%"),
+            description=app.SUMMARY,
+            epilog=app.EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        app.add_arguments(sub.add_argument_group(name))
+        _add_output_options(sub.add_argument_group("output"))
     return parser
+
+
+def _apps() -> dict:
+    """The application commands whose module is installed: ``{name: module}``."""
+    found = {}
+    for name, module in APPS.items():
+        try:
+            found[name] = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module and not module.startswith(f"{err.name}."):
+                raise
+    return found
 
 
 def _add_source_options(group) -> None:
@@ -108,6 +145,11 @@ def _add_source_options(group) -> None:
         help="cross_entropy | mse | PKG.MOD:FN (default cross_entropy; with --hf the model's "
         "own loss)",
     )
+    group.add_argument(
+        "--test-data", metavar="FILE|PKG.MOD:FACTORY",
+        help="held-out data to measure on (as --data); demos hold out a fifth of their samples "
+        "for the application commands",
+    )  # fmt: skip
     group.add_argument("--samples", type=int, metavar="N", help="use the first N samples")
     group.add_argument("--batch-size", type=int, metavar="B", help="samples per data-pass batch")
     group.add_argument(
@@ -117,10 +159,19 @@ def _add_source_options(group) -> None:
     )  # fmt: skip
 
 
-def _add_method_options(group) -> None:
+def _add_common_options(group) -> None:
     group.add_argument("--curvature", choices=["hessian", "ggn", "fisher"], default="hessian")
-    group.add_argument("--k", type=int, help=f"eigenvalues (default {DEFAULTS['k']})")
     group.add_argument("--budget", type=int, help="products per estimate (default 100)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random probes")
+    group.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: model's)")
+    group.add_argument("--device", help="compute device, e.g. cpu or cuda (default: model's)")
+    group.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: 1 for demos, else torch's)"
+    )
+
+
+def _add_method_options(group) -> None:
+    group.add_argument("--k", type=int, help=f"eigenvalues (default {DEFAULTS['k']})")
     group.add_argument("--steps", type=int, help="Lanczos steps of the density (default 80)")
     group.add_argument("--probes", type=int, help="probes of the density (default 4)")
     group.add_argument(
@@ -139,9 +190,6 @@ def _add_method_options(group) -> None:
         help="how the model was trained, for the stability threshold (adam: no verdict)",
     )  # fmt: skip
     group.add_argument("--momentum", type=float, default=0.9, help="with --optimizer momentum")
-    group.add_argument("--seed", type=int, default=0, help="seed of the random probes")
-    group.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: model's)")
-    group.add_argument("--device", help="compute device, e.g. cpu or cuda (default: model's)")
     group.add_argument("--checkpoint", metavar="FILE", help="record products; rerun to resume")
     group.add_argument(
         "--max-memory", metavar="SIZE",
@@ -154,9 +202,6 @@ def _add_method_options(group) -> None:
         "a section cut off and those after it are listed as partial (with --checkpoint, rerun "
         "to resume)",
     )  # fmt: skip
-    group.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: 1 for demos, else torch's)"
-    )
 
 
 def _add_output_options(group) -> None:
@@ -183,6 +228,7 @@ class Problem:
     description: str | None
     training: dict | None
     defaults: dict
+    test_data: object = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,9 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_source(parser, args)
     try:
-        report = run(args)
-        report = dataclasses.replace(report, meta=report.meta | {"command": _command(argv)})
-        emit(args, report)
+        if args.command in COMMANDS:
+            report = run(args)
+            report = dataclasses.replace(report, meta=report.meta | {"command": _command(argv)})
+            emit(args, report)
+        else:
+            page = run_app(args)
+            emit_page(args, dataclasses.replace(page, doc=page.doc | {"command": _command(argv)}))
     except UsageError as err:
         return _fail(args, err, 2)
     except (ValueError, RuntimeError, OSError) as err:
@@ -214,8 +264,10 @@ def _check_source(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--data and --weights go with --model or --hf, not with --demo.")
     if args.hf_task and not args.hf:
         parser.error("--hf-task goes with --hf.")
-    if args.out is None and args.command == "analyze":
-        args.out = "hesse-report"
+    if args.test_data and (args.demo or args.command in COMMANDS):
+        parser.error("--test-data goes with --model or --hf and an application command.")
+    if args.out is None and args.command not in ("eigs", "trace", "density"):
+        args.out = "hesse-report" if args.command == "analyze" else f"hesse-{args.command}"
 
 
 def _fail(args: argparse.Namespace, err: Exception, status: int) -> int:
@@ -263,6 +315,25 @@ def run(args: argparse.Namespace):
     return job.run(
         progress=progress, checkpoint=args.checkpoint, max_time=args.max_time, on_first=first
     )
+
+
+def run_app(args: argparse.Namespace):
+    """Load the problem (demos with a held-out part) and run an application command.
+
+    Returns:
+        The command's ``hesse.report.page.Page``.
+    """
+    args.progress = not args.quiet and (args.progress or sys.stderr.isatty())
+    if args.out:
+        inputs.writable_folder(args.out)
+    threads = args.threads if args.threads is not None else (1 if args.demo else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if args.demo:
+        problem = _from_demo(args, args.progress, holdout=HOLDOUT)
+    else:
+        problem = _from_hf(args) if args.hf else _from_factories(args)
+    return _apps()[args.command].run(args, problem)
 
 
 def _estimate(command: str, job):
@@ -351,7 +422,7 @@ def _check_k(objective: Objective, options: Options, selection: list[str] | None
         )
 
 
-def _from_demo(args: argparse.Namespace, progress: bool) -> Problem:
+def _from_demo(args: argparse.Namespace, progress: bool, holdout: float = 0.0) -> Problem:
     args.loss = args.loss or "cross_entropy"
     if args.loss not in inputs.LOSSES:
         raise UsageError(
@@ -359,22 +430,24 @@ def _from_demo(args: argparse.Namespace, progress: bool) -> Problem:
             "a custom loss needs --model and --data."
         )
     try:
-        demo = load_demo(args.demo, loss=args.loss, progress=progress)
+        demo = load_demo(args.demo, loss=args.loss, holdout=holdout, progress=progress)
     except ValueError as err:
         raise UsageError(str(err)) from err
     samples = args.samples if args.samples is not None else demo.defaults.get("samples")
     data = demo.batches(samples=samples, batch_size=args.batch_size)
+    test = demo.test_batches(batch_size=args.batch_size) if holdout else None
     return Problem(
         f"{demo.name} demo", demo.model, data, demo.loss, demo.loss_fn, demo.lr, demo.n_classes,
-        demo.description, demo.training, demo.defaults,
+        demo.description, demo.training, demo.defaults, test,
     )  # fmt: skip
 
 
 def _from_factories(args: argparse.Namespace) -> Problem:
     model = inputs.load_model(args.model, args.weights)
     data = inputs.load_data(args.data, args.samples, args.batch_size)
+    test = inputs.load_data(args.test_data, None, args.batch_size) if args.test_data else None
     loss = inputs.load_loss(args.loss or "cross_entropy")
-    return Problem(args.model, model, data, loss, None, None, None, None, None, {})
+    return Problem(args.model, model, data, loss, None, None, None, None, None, {}, test)
 
 
 def _from_hf(args: argparse.Namespace) -> Problem:
@@ -384,21 +457,25 @@ def _from_hf(args: argparse.Namespace) -> Problem:
         model, tokenizer, task = hf.load_model(args.hf, args.hf_task)
         if args.weights:
             model.load_state_dict(inputs.load_weights(args.weights, model))
-        if ":" in args.data and not os.path.isfile(args.data):
-            data = inputs.load_data(args.data, args.samples, args.batch_size)
-        else:
-            data = hf.text_batches(
-                args.data, tokenizer, task, text_column=args.text_column,
-                label_column=args.label_column, label2id=model.config.label2id,
-                max_length=args.max_length, batch_size=args.batch_size or 16,
-                limit=args.samples, seed=args.seed,
-            )  # fmt: skip
+        data = _hf_data(args, args.data, model, tokenizer, task, args.samples)
+        test = _hf_data(args, args.test_data, model, tokenizer, task) if args.test_data else None
     except (ValueError, OSError) as err:
         raise UsageError(_hf_words(str(err))) from err
     loss = inputs.load_loss(args.loss) if args.loss else None
     classes = model.config.num_labels if task == "sequence-classification" else None
     name = f"{type(model).__name__} ({args.hf})"
-    return Problem(name, model, data, loss, None, None, classes, None, None, {})
+    return Problem(name, model, data, loss, None, None, classes, None, None, {}, test)
+
+
+def _hf_data(args: argparse.Namespace, source: str, model, tokenizer, task, limit=None):
+    """Batches from a text file (tokenized for ``task``) or from a factory."""
+    if ":" in source and not os.path.isfile(source):
+        return inputs.load_data(source, limit, args.batch_size)
+    return hf.text_batches(
+        source, tokenizer, task, text_column=args.text_column, label_column=args.label_column,
+        label2id=model.config.label2id, max_length=args.max_length,
+        batch_size=args.batch_size or 16, limit=limit, seed=args.seed,
+    )  # fmt: skip
 
 
 def _quiet_transformers() -> None:
@@ -417,6 +494,17 @@ def emit(args: argparse.Namespace, report) -> None:
         print(json.dumps(doc, indent=1))
     elif not args.quiet:
         print(report.summary())
+        if written:
+            print(f"\nwrote {', '.join(str(path) for path in written.values())}")
+
+
+def emit_page(args: argparse.Namespace, page) -> None:
+    """Write an application's page, then print its JSON, its tables, or nothing."""
+    written = page.save(args.out) if args.out else {}
+    if args.json:
+        print(json.dumps(page.to_dict(), indent=1, default=str))
+    elif not args.quiet:
+        print(page.text())
         if written:
             print(f"\nwrote {', '.join(str(path) for path in written.values())}")
 

@@ -53,6 +53,8 @@ class Demo:
         model: the trained model, in eval mode.
         inputs: all training inputs, stacked (first dimension = samples).
         targets: all training targets, stacked.
+        test_inputs: the held-out inputs (``load_demo(..., holdout=)``; empty when none).
+        test_targets: the held-out targets.
         loss: ``loss(outputs, targets)`` for tuple batches, or None when ``loss_fn`` is used.
         loss_fn: ``loss_fn(model, batch) -> (mean_loss, weight)``, or None.
         lr: the learning rate the model was trained with (plain SGD, no momentum).
@@ -68,6 +70,8 @@ class Demo:
     model: nn.Module
     inputs: torch.Tensor
     targets: torch.Tensor
+    test_inputs: torch.Tensor
+    test_targets: torch.Tensor
     loss: Callable | None
     loss_fn: Callable | None
     lr: float
@@ -88,9 +92,25 @@ class Demo:
             A list of ``(inputs, targets)`` tuples; the last one may be smaller.
         """
         n = len(self.inputs) if samples is None else min(samples, len(self.inputs))
-        size = batch_size or self.batch_size
-        ends = [(i, min(i + size, n)) for i in range(0, n, size)]
-        return [(self.inputs[a:b], self.targets[a:b]) for a, b in ends]
+        return _batches(self.inputs[:n], self.targets[:n], batch_size or self.batch_size)
+
+    def test_batches(self, *, batch_size: int | None = None) -> list:
+        """The held-out samples as a list of ``(inputs, targets)`` batches.
+
+        Raises:
+            ValueError: the demo was loaded without ``holdout``.
+        """
+        if not len(self.test_inputs):
+            raise ValueError(
+                f"Demo {self.name!r}: no held-out samples; load it with "
+                f"load_demo({self.name!r}, holdout=0.2)."
+            )
+        return _batches(self.test_inputs, self.test_targets, batch_size or self.batch_size)
+
+
+def _batches(inputs: torch.Tensor, targets: torch.Tensor, size: int) -> list:
+    ends = [(i, min(i + size, len(inputs))) for i in range(0, len(inputs), size)]
+    return [(inputs[a:b], targets[a:b]) for a, b in ends]
 
 
 def cache_dir() -> Path:
@@ -102,21 +122,29 @@ def cache_dir() -> Path:
 
 
 def load_demo(
-    name: str, *, loss: str = "cross_entropy", seed: int = 0, progress: bool = False
+    name: str,
+    *,
+    loss: str = "cross_entropy",
+    seed: int = 0,
+    holdout: float = 0.0,
+    progress: bool = False,
 ) -> Demo:
     """Train a demo model, or load it from the cache when this configuration was trained before.
 
     Args:
         name: ``"digits"`` or ``"tiny-lm"``.
         loss: ``"cross_entropy"`` or ``"mse"`` (digits only: squared loss on one-hot targets).
-        seed: seed of the initialisation and of the batch order.
+        seed: seed of the initialisation, of the batch order and of the held-out split.
+        holdout: fraction of the samples kept out of training (a seeded random split), for
+            measuring test loss and accuracy; their model is trained (and cached) on the rest.
         progress: show a tqdm bar while training.
 
     Returns:
         The trained ``Demo``.
 
     Raises:
-        ValueError: unknown demo name, or a loss the demo does not support.
+        ValueError: unknown demo name, a loss the demo does not support, or a holdout outside
+            [0, 1).
     """
     if name not in DEMOS:
         raise ValueError(
@@ -124,7 +152,9 @@ def load_demo(
             "List them with `hesse analyze --help`."
         )
     module = DEMOS[name]
-    config = module.Config(loss=loss, seed=seed)
+    if not 0 <= holdout < 1:
+        raise ValueError(f"load_demo: holdout must be in [0, 1), got {holdout}.")
+    config = module.Config(loss=loss, seed=seed, holdout=holdout)
     path = cache_dir() / f"{name}-{_config_hash(name, config)}.pt"
     model = module.build_model(config)
     if path.is_file():
@@ -156,10 +186,8 @@ def _one_thread():
 
 def _config_hash(name: str, config: object) -> str:
     """A short hash of everything that determines the trained weights."""
-    key = {
-        "demo": name,
-        "version": CACHE_VERSION,
-        "torch": torch.__version__,
-        **dataclasses.asdict(config),
-    }
+    settings = dataclasses.asdict(config)
+    if not settings["holdout"]:
+        del settings["holdout"]  # weights trained on all samples keep their earlier cache key
+    key = {"demo": name, "version": CACHE_VERSION, "torch": torch.__version__, **settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

@@ -11,6 +11,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from tqdm.auto import tqdm
 
+from hesse._demos import split
+
 N_CLASSES = 10
 
 
@@ -29,6 +31,7 @@ class Config:
     batch_size: int = 32
     max_epochs: int = 60
     target_loss: float | None = None
+    holdout: float = 0.0
 
     def target(self) -> float:
         """``target_loss``, or the loss's default: 0.1 for cross-entropy, 0.01 for MSE."""
@@ -79,9 +82,16 @@ def loss_function(config: Config):
     return losses[config.loss]
 
 
+def parts(config: Config) -> tuple[tuple, tuple]:
+    """``(inputs, targets)`` of the training part and of the held-out part (``config.holdout``)."""
+    inputs, targets = dataset(config)
+    train, test = split(len(inputs), config.holdout, config.seed)
+    return (inputs[train], targets[train]), (inputs[test], targets[test])
+
+
 def train(model: nn.Module, config: Config, *, progress: bool = False) -> dict:
     """Train with plain mini-batch SGD (no momentum) until ``target_loss`` or ``max_epochs``."""
-    inputs, targets = dataset(config)
+    (inputs, targets), _ = parts(config)
     loss = loss_function(config)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -103,6 +113,8 @@ def train(model: nn.Module, config: Config, *, progress: bool = False) -> dict:
 def _accuracy(model: nn.Module, config: Config) -> float:
     inputs, _ = dataset(config)
     labels = torch.tensor(load_digits().target)
+    train, _ = split(len(inputs), config.holdout, config.seed)
+    inputs, labels = inputs[train], labels[train]
     with torch.no_grad():
         return (model(inputs).argmax(-1) == labels).float().mean().item()
 
@@ -111,12 +123,15 @@ def make_demo(model: nn.Module, config: Config, training: dict):
     """Package the trained model as a ``hesse.demo.Demo``."""
     from hesse.demo import Demo
 
-    inputs, targets = dataset(config)
+    (inputs, targets), (test_inputs, test_targets) = parts(config)
+    held_out = f", holding out {len(test_inputs)} for testing," if len(test_inputs) else ""
     return Demo(
         name="digits",
         model=model,
         inputs=inputs,
         targets=targets,
+        test_inputs=test_inputs,
+        test_targets=test_targets,
         loss=loss_function(config),
         loss_fn=None,
         lr=config.lr,
@@ -124,7 +139,8 @@ def make_demo(model: nn.Module, config: Config, training: dict):
         description=(
             f"A {sum(p.numel() for p in model.parameters())}-parameter CNN trained with plain "
             f"SGD (lr {config.lr}, batch {config.batch_size}, {config.loss} loss) on "
-            f"scikit-learn's 1797 handwritten digits (8x8 pixels, {N_CLASSES} classes) until "
+            f"{len(inputs)} of scikit-learn's 1797 handwritten digits (8x8 pixels, {N_CLASSES} "
+            f"classes){held_out} until "
             f"the training loss reached {config.target()} ({training['epochs']} epochs)."
         ),
         training={"config": {**vars(config)}, **training},

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hesse._demos import split
+
 IGNORE = -100
 """Target of padding positions (``F.cross_entropy``'s default ``ignore_index``)."""
 
@@ -38,6 +40,7 @@ class Config:
     lr: float = 0.5
     batch_size: int = 32
     steps: int = 400
+    holdout: float = 0.0
 
 
 class Attention(nn.Module):
@@ -159,9 +162,16 @@ def build_model(config: Config) -> nn.Module:
     return TinyLM(len(vocabulary()), config)
 
 
+def parts(config: Config) -> tuple[tuple, tuple]:
+    """``(inputs, targets)`` of the training sequences and of the held-out ones."""
+    inputs, targets = dataset(config)
+    train, test = split(len(inputs), config.holdout, config.seed)
+    return (inputs[train], targets[train]), (inputs[test], targets[test])
+
+
 def train(model: nn.Module, config: Config, *, progress: bool = False) -> dict:
     """Train with plain SGD (no momentum) on random mini-batches of sequences."""
-    inputs, targets = dataset(config)
+    (inputs, targets), _ = parts(config)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     for _ in tqdm(range(config.steps), desc="training tiny-lm", disable=not progress):
@@ -178,14 +188,17 @@ def make_demo(model: nn.Module, config: Config, training: dict):
     """Package the trained model as a ``hesse.demo.Demo``."""
     from hesse.demo import Demo
 
-    inputs, targets = dataset(config)
+    (inputs, targets), (test_inputs, test_targets) = parts(config)
     vocab = len(vocabulary())
+    held_out = f" ({len(test_inputs)} more held out)" if len(test_inputs) else ""
     n_params = sum(p.numel() for p in model.parameters())
     return Demo(
         name="tiny-lm",
         model=model,
         inputs=inputs,
         targets=targets,
+        test_inputs=test_inputs,
+        test_targets=test_targets,
         loss=None,
         loss_fn=token_loss,
         lr=config.lr,
@@ -195,7 +208,7 @@ def make_demo(model: nn.Module, config: Config, training: dict):
             f"width {config.width}, {config.heads} heads, {vocab} characters) trained with "
             f"plain SGD (lr {config.lr}, {config.steps} steps of {config.batch_size} sequences) "
             f"on scikit-learn's dataset descriptions: {len(inputs)} sequences of up to "
-            f"{config.context} characters; the loss is the mean over tokens."
+            f"{config.context} characters{held_out}; the loss is the mean over tokens."
         ),
         training={"config": {**vars(config)}, **training},
         batch_size=128,
