@@ -55,3 +55,21 @@ def test_tiny_lm_weights_batches_by_tokens_and_splits_attention_from_mlp():
 def test_unknown_demo_names_the_choices():
     with pytest.raises(ValueError, match="digits, tiny-lm"):
         load_demo("mnist")
+
+
+def test_holdout_trains_on_the_rest_with_its_own_cache_entry():
+    digits = demo_module.DEMOS["digits"]
+    plain = demo_module._config_hash("digits", digits.Config())
+    assert demo_module._config_hash("digits", digits.Config(holdout=0.2)) != plain
+    demo = load_demo("digits", holdout=0.2)
+    assert len(demo.inputs) == 1438 and len(demo.test_inputs) == 359
+    everything = torch.cat([demo.inputs, demo.test_inputs]).flatten(1)
+    assert len(torch.unique(everything, dim=0)) == len(
+        torch.unique(load_demo("digits").inputs.flatten(1), dim=0)
+    )
+    assert sum(len(x) for x, _ in demo.test_batches(batch_size=100)) == 359
+    assert "holding out 359" in demo.description
+    with pytest.raises(ValueError, match="no held-out samples"):
+        load_demo("digits").test_batches()
+    with pytest.raises(ValueError, match=r"holdout must be in \[0, 1\)"):
+        load_demo("digits", holdout=1.0)
