@@ -19,19 +19,17 @@ import argparse
 import dataclasses
 import importlib
 import json
-import os
-import re
 import shlex
 import sys
-from dataclasses import dataclass
 
 import torch
 
 from hesse import _cli_inputs as inputs
 from hesse import hf
 from hesse._cli_inputs import UsageError
+from hesse._cli_problem import Problem, cli_words, from_demo, from_factories, from_hf
 from hesse.analysis import SECTIONS, Options, prepare
-from hesse.demo import DEMOS, load_demo
+from hesse.demo import DEMOS
 from hesse.objective import Objective
 
 COMMANDS = {
@@ -214,23 +212,6 @@ def _add_output_options(group) -> None:
     )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Problem:
-    """What to analyse, from a demo or from factories."""
-
-    name: str
-    model: torch.nn.Module
-    data: object
-    loss: object
-    loss_fn: object
-    lr: float | None
-    n_classes: int | None
-    description: str | None
-    training: dict | None
-    defaults: dict
-    test_data: object = None
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -292,9 +273,9 @@ def run(args: argparse.Namespace):
     if threads is not None:
         torch.set_num_threads(threads)
     if args.demo:
-        problem = _from_demo(args, progress)
+        problem = from_demo(args, progress)
     else:
-        problem = _from_hf(args) if args.hf else _from_factories(args)
+        problem = from_hf(args) if args.hf else from_factories(args)
     objective = _objective(args, problem, selection)
     options = _options(args, problem)
     _check_k(objective, options, selection)
@@ -308,7 +289,7 @@ def run(args: argparse.Namespace):
             **dataclasses.asdict(options),
         )  # fmt: skip
     except ValueError as err:
-        raise UsageError(_cli_words(str(err))) from err
+        raise UsageError(cli_words(str(err), CLI_WORDS)) from err
     if not args.quiet:
         print(f"hesse {args.command}: {job.describe()}", file=sys.stderr)
     first = None if args.quiet else _estimate(args.command, job)
@@ -330,9 +311,9 @@ def run_app(args: argparse.Namespace):
     if threads is not None:
         torch.set_num_threads(threads)
     if args.demo:
-        problem = _from_demo(args, args.progress, holdout=HOLDOUT)
+        problem = from_demo(args, args.progress, holdout=HOLDOUT)
     else:
-        problem = _from_hf(args) if args.hf else _from_factories(args)
+        problem = from_hf(args) if args.hf else from_factories(args)
     return _apps()[args.command].run(args, problem)
 
 
@@ -365,7 +346,7 @@ def _objective(args: argparse.Namespace, problem: Problem, selection: list[str] 
             params=selection, dtype=DTYPES.get(args.dtype), device=args.device,
         )  # fmt: skip
     except ValueError as err:
-        raise UsageError(_cli_words(str(err))) from err
+        raise UsageError(cli_words(str(err), CLI_WORDS)) from err
 
 
 def _options(args: argparse.Namespace, problem: Problem) -> Options:
@@ -376,7 +357,7 @@ def _options(args: argparse.Namespace, problem: Problem) -> Options:
     try:
         return Options(args.curvature, sections, seed=args.seed, **settings)
     except ValueError as err:
-        raise UsageError(_cli_words(str(err))) from err
+        raise UsageError(cli_words(str(err), CLI_WORDS)) from err
 
 
 CLI_WORDS = (
@@ -389,29 +370,6 @@ CLI_WORDS = (
 """API words in ``analyze``/``plan`` messages and the command-line options they mean."""
 
 
-HF_WORDS = (
-    ("task=", "--hf-task"),
-    ("text_column=", "--text-column"),
-    ("label_column=", "--label-column"),
-    ("label2id=", "the config's labels"),
-)
-"""``hesse.hf`` parameter names and the command-line options they mean."""
-
-
-def _hf_words(message: str) -> str:
-    """A ``hesse.hf`` error in the words of the command line (``task='x'`` is ``--hf-task x``)."""
-    message = re.sub(r"path=('[^']*')", r"\1", message)
-    message = re.sub(r"task='([^']*)'", r"--hf-task \1", message)
-    return _cli_words(message, HF_WORDS)
-
-
-def _cli_words(message: str, words: tuple = CLI_WORDS) -> str:
-    """An ``analyze`` or ``plan`` error (or one with other ``words``) in the CLI's words."""
-    for api, option in words:
-        message = message.replace(api, option)
-    return message
-
-
 def _check_k(objective: Objective, options: Options, selection: list[str] | None) -> None:
     d, k = objective.dim, options.k
     if k > d and {"eigs", "ggn"} & set(options.sections):
@@ -420,70 +378,6 @@ def _check_k(objective: Objective, options: Options, selection: list[str] | None
             f"--k {k} is larger than the number of parameters ({d}{chosen}); a {d}x{d} "
             f"curvature matrix has only {d} eigenvalues. Pass --k {min(d, DEFAULTS['k'])} or less."
         )
-
-
-def _from_demo(args: argparse.Namespace, progress: bool, holdout: float = 0.0) -> Problem:
-    args.loss = args.loss or "cross_entropy"
-    if args.loss not in inputs.LOSSES:
-        raise UsageError(
-            f"--loss {args.loss!r} with --demo: the demos train with cross_entropy or mse; "
-            "a custom loss needs --model and --data."
-        )
-    try:
-        demo = load_demo(args.demo, loss=args.loss, holdout=holdout, progress=progress)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    samples = args.samples if args.samples is not None else demo.defaults.get("samples")
-    data = demo.batches(samples=samples, batch_size=args.batch_size)
-    test = demo.test_batches(batch_size=args.batch_size) if holdout else None
-    return Problem(
-        f"{demo.name} demo", demo.model, data, demo.loss, demo.loss_fn, demo.lr, demo.n_classes,
-        demo.description, demo.training, demo.defaults, test,
-    )  # fmt: skip
-
-
-def _from_factories(args: argparse.Namespace) -> Problem:
-    model = inputs.load_model(args.model, args.weights)
-    data = inputs.load_data(args.data, args.samples, args.batch_size)
-    test = inputs.load_data(args.test_data, None, args.batch_size) if args.test_data else None
-    loss = inputs.load_loss(args.loss or "cross_entropy")
-    return Problem(args.model, model, data, loss, None, None, None, None, None, {}, test)
-
-
-def _from_hf(args: argparse.Namespace) -> Problem:
-    """A Hugging Face folder, with a text file (or a factory) as data; the model's own loss."""
-    _quiet_transformers()
-    try:
-        model, tokenizer, task = hf.load_model(args.hf, args.hf_task)
-        if args.weights:
-            model.load_state_dict(inputs.load_weights(args.weights, model))
-        data = _hf_data(args, args.data, model, tokenizer, task, args.samples)
-        test = _hf_data(args, args.test_data, model, tokenizer, task) if args.test_data else None
-    except (ValueError, OSError) as err:
-        raise UsageError(_hf_words(str(err))) from err
-    loss = inputs.load_loss(args.loss) if args.loss else None
-    classes = model.config.num_labels if task == "sequence-classification" else None
-    name = f"{type(model).__name__} ({args.hf})"
-    return Problem(name, model, data, loss, None, None, classes, None, None, {}, test)
-
-
-def _hf_data(args: argparse.Namespace, source: str, model, tokenizer, task, limit=None):
-    """Batches from a text file (tokenized for ``task``) or from a factory."""
-    if ":" in source and not os.path.isfile(source):
-        return inputs.load_data(source, limit, args.batch_size)
-    return hf.text_batches(
-        source, tokenizer, task, text_column=args.text_column, label_column=args.label_column,
-        label2id=model.config.label2id, max_length=args.max_length,
-        batch_size=args.batch_size or 16, limit=limit, seed=args.seed,
-    )  # fmt: skip
-
-
-def _quiet_transformers() -> None:
-    """Keep transformers' loading bars and notices off the command's stderr (one plan line)."""
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
 
 
 def emit(args: argparse.Namespace, report) -> None:
