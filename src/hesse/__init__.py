@@ -1,6 +1,6 @@
 """hesse: the curvature of neural-network losses, measured and put to use."""
 
-from . import hf, reference
+from . import hf, quant, reference
 from .analysis import Analysis, Report, analyze, prepare
 from .linalg import (
     DensityResult,
@@ -80,4 +80,6 @@ __all__ = [
     "Report",
     # Hugging Face folders and text files
     "hf",
+    # applications
+    "quant",
 ]

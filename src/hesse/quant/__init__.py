@@ -1,0 +1,47 @@
+"""Hessian-aware mixed-precision quantization: sensitivity, exact allocation, measured models.
+
+The pipeline of HAWQ (Dong et al. 2019), HAWQ-V2 (Dong et al. 2020), HAWQ-V3 (Yao et al.
+2021) and Q-BERT (Shen et al. 2020) on any model and loss: per-layer curvature with its error
+bar (:func:`sensitivity`), the exact optimum of the bit allocation under a size or BOPs
+budget (:func:`allocate`), a fake-quantized copy (:func:`quantize`) and its measured loss
+(:func:`evaluate`); a bisection on the measured metric along the Hessian frontier
+(:func:`search`); APHQ block reconstruction (:func:`reconstruct`) and bit switching
+(:class:`BitSwitch`).
+"""
+
+from .._evaluate import Evaluation, evaluate
+from ._layers import quantizable
+from .allocate import Allocation, FrontierPoint, allocate
+from .quantize import quantize
+from .quantizer import Codes, Quantizer
+from .reconstruct import reconstruct
+from .search import SearchResult, objective_loss, search
+from .sensitivity import LayerSensitivity, Sensitivity, sensitivity
+from .switch import BitSwitch, SwitchStep
+
+__all__ = [
+    # the grid
+    "Quantizer",
+    "Codes",
+    "quantizable",
+    # sensitivity
+    "sensitivity",
+    "Sensitivity",
+    "LayerSensitivity",
+    # allocation
+    "allocate",
+    "Allocation",
+    "FrontierPoint",
+    # the quantized model and its measurement
+    "quantize",
+    "evaluate",
+    "Evaluation",
+    "objective_loss",
+    # bisection on the measured metric
+    "search",
+    "SearchResult",
+    # post-training reconstruction and bit switching
+    "reconstruct",
+    "BitSwitch",
+    "SwitchStep",
+]

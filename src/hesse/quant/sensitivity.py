@@ -1,0 +1,296 @@
+"""Per-layer quantization sensitivity: HAWQ, HAWQ-V2 and Q-BERT from the Hessian."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from ..linalg import block_traces, eigs
+from ..objective import Objective
+from ..operators import FisherOperator, GGNOperator, HessianOperator
+from ._layers import macs_per_sample, quantizable
+from .quantizer import Quantizer, check_bits
+
+METHODS = ("trace", "eig", "qbert")
+CURVATURES = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": FisherOperator}
+RULE = (
+    "omega[b] = max(s, 0) * delta_sq[b]: a layer whose score s comes out negative (flag "
+    "'negative') is predicted to cost nothing when quantized; its estimate is reported as it is"
+)
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    r"""One quantizable layer (a weight matrix) and what quantizing it is predicted to cost.
+
+    Attributes:
+        name: Layer name (see :func:`hesse.quant.quantizable`).
+        param: The parameter quantized.
+        n_params: Its number of weights :math:`n_i`.
+        macs: Multiply-accumulates of the weight per sample (for ``cost="bops"``).
+        score: The curvature score :math:`s_i` of the method: ``trace_per_param`` (trace),
+            ``top_eig`` (eig) or ``eig_mean + eig_std`` (qbert).
+        negative: The score is below 0 (a non-convex direction or noise); see ``RULE``.
+        trace: Hutchinson estimate of :math:`\mathrm{tr}(H_{ii})` (trace method), else None.
+        trace_stderr: Its standard error.
+        trace_ci95: Its 95% interval.
+        trace_per_param: ``trace / n_params``.
+        per_param_stderr: ``trace_stderr / n_params``.
+        top_eig: Largest eigenvalue of the block (eig method), else None.
+        eig_converged: Whether that eigenvalue met Lanczos's tolerance.
+        eig_mean: Mean of the block's top eigenvalue over batches (qbert), else None.
+        eig_std: Their sample standard deviation (qbert), else None.
+        delta_sq: ``{bits: ||Q_b(W) - W||^2}`` of the quantizer ``quantize`` applies.
+        omega: ``{bits: max(score, 0) * delta_sq[bits]}``.
+    """
+
+    name: str
+    param: str
+    n_params: int
+    macs: int
+    score: float
+    negative: bool
+    delta_sq: dict[int, float]
+    omega: dict[int, float]
+    trace: float | None = None
+    trace_stderr: float | None = None
+    trace_ci95: tuple[float, float] | None = None
+    trace_per_param: float | None = None
+    per_param_stderr: float | None = None
+    top_eig: float | None = None
+    eig_converged: bool | None = None
+    eig_mean: float | None = None
+    eig_std: float | None = None
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Per-layer sensitivities, one row per quantizable layer, in the model's order.
+
+    Attributes:
+        method: ``"trace"``, ``"eig"`` or ``"qbert"``.
+        bits: The widths ``delta_sq`` and ``omega`` are given for.
+        layers: One :class:`LayerSensitivity` per layer.
+        quantizer: The grid ``delta_sq`` was measured with.
+        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
+        n_matvecs: Curvature products spent.
+        rule: How negative scores enter ``omega``.
+        settings: ``budget`` and ``seed`` of the run.
+    """
+
+    method: str
+    bits: tuple[int, ...]
+    layers: tuple[LayerSensitivity, ...]
+    quantizer: Quantizer
+    curvature: str
+    n_matvecs: int
+    rule: str = RULE
+    settings: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> LayerSensitivity:
+        for row in self.layers:
+            if row.name == name:
+                return row
+        raise KeyError(f"Sensitivity: no layer {name!r}; layers: {[r.name for r in self.layers]}")
+
+    @property
+    def names(self) -> list[str]:
+        """Layer names in order."""
+        return [row.name for row in self.layers]
+
+    def to_json(self) -> dict:
+        """A JSON-able dictionary of everything (bit keys as strings)."""
+        out = asdict(self)
+        out["quantizer"] = asdict(self.quantizer)
+        for row in out["layers"]:
+            row["delta_sq"] = {str(b): v for b, v in row["delta_sq"].items()}
+            row["omega"] = {str(b): v for b, v in row["omega"].items()}
+        return out
+
+    def columns(self) -> tuple[str, ...]:
+        """Column names of :meth:`rows`."""
+        head = ("layer", "n_params", "score", "+-", "negative")
+        return head + tuple(f"omega@{b}" for b in self.bits)
+
+    def rows(self) -> list[list]:
+        """The table's rows: name, size, score with its standard error, flag, omega per width."""
+        out = []
+        for r in self.layers:
+            err = r.per_param_stderr if self.method == "trace" else r.eig_std
+            out.append(
+                [r.name, r.n_params, r.score, err, "yes" if r.negative else ""]
+                + [r.omega[b] for b in self.bits]
+            )
+        return out
+
+    def table(self) -> str:
+        """The table as text, one line per layer."""
+        lines = ["  ".join(f"{c:>12}" for c in self.columns())]
+        for row in self.rows():
+            lines.append("  ".join(_cell(v) for v in row))
+        return "\n".join(lines)
+
+
+def sensitivity(
+    obj: Objective,
+    bits: Sequence[int] = (2, 3, 4, 8),
+    *,
+    method: str = "trace",
+    quantizer: Quantizer | None = None,
+    budget: int = 100,
+    seed: int = 0,
+    layers: Sequence[str] | None = None,
+    curvature: str = "hessian",
+) -> Sensitivity:
+    r"""How much the loss is predicted to rise when each layer is quantized to each width.
+
+    For layer :math:`i` with weights :math:`W_i` (:math:`n_i` of them) and width :math:`b`,
+
+    .. math:: \Omega_i(b) = \max(s_i, 0)\, \|Q_b(W_i) - W_i\|_2^2,
+
+    the second-order term :math:`\tfrac12 \Delta^\top H_{ii} \Delta` with :math:`H_{ii}`
+    replaced by :math:`s_i I` (the factor 1/2 dropped, as HAWQ-V2 does). The score :math:`s_i`:
+
+    - ``"trace"``: :math:`\mathrm{tr}(H_{ii}) / n_i` (Dong et al. 2020, "HAWQ-V2: Hessian
+      aware trace-weighted quantization of neural networks"), every block's Hutchinson trace
+      from one sweep of ``budget`` shared probes (:func:`hesse.block_traces`), with its
+      standard error and interval;
+    - ``"eig"``: :math:`\lambda_{\max}(H_{ii})` (Dong et al. 2019, "HAWQ: Hessian aware
+      quantization of neural networks with mixed-precision"), by Lanczos on each block with at
+      most ``budget`` products;
+    - ``"qbert"``: mean + standard deviation of the block's :math:`\lambda_{\max}` over the
+      batches (Shen et al. 2020, "Q-BERT"), ``budget`` products per block and batch.
+
+    Args:
+        obj: The loss, model and data; the layers' weights must be among its parameters.
+        bits: Widths to evaluate, 1 to 16.
+        method: ``"trace"``, ``"eig"`` or ``"qbert"``.
+        quantizer: The grid that ``quantize`` will apply (default ``Quantizer()``).
+        budget: Curvature products (see ``method``).
+        seed: Seed of the probes and start vectors.
+        layers: Layer names or globs (default: every quantizable layer that ``obj`` analyses).
+        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical).
+
+    Returns:
+        Sensitivity.
+
+    Raises:
+        ValueError: unknown method or curvature, bits outside 1-16, layers that match nothing
+            or whose weights ``obj`` does not analyse, or a group size that does not divide.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 1, bias=False).double().eval()
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> obj = Objective(model, (x, torch.zeros(2, 1, dtype=torch.float64)),
+        ...                 loss=nn.functional.mse_loss)
+        >>> row = sensitivity(obj, bits=(4,), budget=10)["weight"]  # H = diag(1, 4)
+        >>> row.trace, row.trace_per_param, row.trace_stderr
+        (5.0, 2.5, 0.0)
+    """
+    quantizer = quantizer or Quantizer()
+    bits = tuple(sorted({check_bits(b, "sensitivity") for b in bits}))
+    if method not in METHODS:
+        raise ValueError(f"sensitivity: method must be one of {METHODS}, got {method!r}.")
+    if curvature not in CURVATURES:
+        raise ValueError(
+            f"sensitivity: curvature must be one of {tuple(CURVATURES)}, got {curvature!r}."
+        )
+    chosen = _analysed(obj, layers)
+    sub = obj.restrict(list(chosen.values()))
+    scores, n_matvecs = _SCORES[method](sub, chosen, curvature, budget, seed)
+    macs = macs_per_sample(obj.model, chosen, lambda: obj.batch_loss(obj.params, _first(obj)))
+    weights = dict(obj.model.named_parameters())
+    rows = []
+    for name, param in chosen.items():
+        W = weights[param]
+        delta = {b: quantizer.error(W, b, name=name) for b in bits}
+        s = scores[name].pop("score")
+        omega = {b: max(s, 0.0) * d for b, d in delta.items()}
+        rows.append(
+            LayerSensitivity(
+                name, param, W.numel(), macs[name], s, s < 0, delta, omega, **scores[name]
+            )
+        )
+    settings = {"budget": budget, "seed": seed}
+    return Sensitivity(method, bits, tuple(rows), quantizer, curvature, n_matvecs, RULE, settings)
+
+
+def _analysed(obj: Objective, layers: Sequence[str] | None) -> dict[str, str]:
+    found = quantizable(obj.model, layers)
+    kept = {n: p for n, p in found.items() if p in obj.params}
+    missing = [n for n, p in found.items() if p not in obj.params]
+    if not kept or (layers is not None and missing):
+        raise ValueError(
+            f"sensitivity: the objective does not analyse the weights of {missing[:6]}; "
+            "build the Objective with params= that include them (or leave params= out)."
+        )
+    return kept
+
+
+def _first(obj: Objective):
+    return next(iter(obj.batches()))
+
+
+def _trace_scores(sub, chosen, curvature, budget, seed):
+    op = CURVATURES[curvature](sub)
+    groups = {name: [param] for name, param in chosen.items()}
+    found = block_traces(op, budget, groups=groups, seed=seed)
+    out = {}
+    for name, param in chosen.items():
+        t, n = found[name], sub.params[param].numel()
+        out[name] = {
+            "score": t.value / n,
+            "trace": t.value,
+            "trace_stderr": t.stderr,
+            "trace_ci95": t.ci95,
+            "trace_per_param": t.value / n,
+            "per_param_stderr": t.stderr / n,
+        }
+    return out, op.n_matvecs
+
+
+def _eig_scores(sub, chosen, curvature, budget, seed):
+    op, out = CURVATURES[curvature](sub), {}
+    for name, param in chosen.items():
+        r = eigs(op.restrict([param]), k=1, max_matvecs=budget, seed=seed, progress=False)
+        top = float(r.values[0])
+        out[name] = {"score": top, "top_eig": top, "eig_converged": r.converged}
+    return out, op.n_matvecs
+
+
+def _qbert_scores(sub, chosen, curvature, budget, seed):
+    tops: dict[str, list[float]] = {name: [] for name in chosen}
+    used = 0
+    for batch in sub.batches():
+        one = Objective(
+            sub.model,
+            [batch],
+            sub.loss if sub.loss_source == "loss=" else None,
+            loss_fn=sub.loss_fn,
+            params=list(chosen.values()),
+            dtype=sub.dtype,
+            device=sub.device,
+        )
+        found, n = _eig_scores(one, chosen, curvature, budget, seed)
+        used += n
+        for name in chosen:
+            tops[name].append(found[name]["top_eig"])
+    out = {}
+    for name, values in tops.items():
+        mean = statistics.fmean(values)
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[name] = {"score": mean + std, "eig_mean": mean, "eig_std": std}
+    return out, used
+
+
+_SCORES = {"trace": _trace_scores, "eig": _eig_scores, "qbert": _qbert_scores}
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:>12.4g}" if math.isfinite(v) else f"{v!s:>12}"
+    return f"{'' if v is None else v!s:>12}"
