@@ -20,6 +20,9 @@ import torch
 
 from .base import PSD, SYMMETRIC, Operator
 
+CHUNK = 1 << 16
+"""Columns converted to float64 at a time for the Gram matrix and the inverse diagonal."""
+
 
 class WoodburyFisher(Operator):
     r"""``F = damping * I + G^T G / m``: the damped empirical Fisher of ``m`` gradients.
@@ -72,24 +75,31 @@ class WoodburyFisher(Operator):
         _check_finite(grads, "grads")
         super().__init__(d, grads.dtype, grads.device, tags=(SYMMETRIC, PSD), space=space)
         self.damping, self.window = damping, window
-        self._G = grads.detach().clone()
-        self._K = self._G.to(torch.float64) @ self._G.to(torch.float64).T
+        # A ring buffer: row ``_head`` is the oldest once the window is full. Products and the
+        # Gram matrix K = G G^T use the rows in buffer order (a sum over rows does not care).
+        self._buf = grads.new_zeros((window, d))
+        self._buf[:m] = grads.detach()
+        self._count, self._head = m, 0
+        self._K = torch.zeros(window, window, dtype=torch.float64, device=grads.device)
+        self._K[:m, :m] = _gram(self._buf[:m], self._buf[:m])
         self._factor = None
 
     @property
     def m(self) -> int:
         """Number of gradients held."""
-        return self._G.shape[0]
+        return self._count
 
     @property
     def grads(self) -> torch.Tensor:
-        """The ``(m, d)`` gradients held, oldest first (a view; do not modify)."""
-        return self._G
+        """The ``(m, d)`` gradients held, oldest first (a copy once the window has wrapped)."""
+        G = self._buf[: self._count]
+        return G if self._head == 0 else torch.cat([G[self._head :], G[: self._head]])
 
     def update(self, g: torch.Tensor) -> WoodburyFisher:
         """Append the flat gradient ``g`` (d,), dropping the oldest if ``window`` are held.
 
-        Costs ``O(m d)`` (one new row and column of the Gram matrix). Returns ``self``.
+        Costs ``O(m d)``: one row of the buffer and one row and column of the Gram matrix
+        are overwritten in place. Returns ``self``.
         """
         d = self.shape[0]
         if g.shape != (d,):
@@ -98,26 +108,32 @@ class WoodburyFisher(Operator):
                 f"{tuple(g.shape)}."
             )
         _check_finite(g, "update(g)")
-        g = g.detach().to(self.dtype, copy=True)
-        keep = slice(1, None) if self.m == self.window else slice(None)
-        G, K = self._G[keep], self._K[keep, keep]
-        row = G.to(torch.float64) @ g.to(torch.float64)
-        corner = (g.to(torch.float64) @ g.to(torch.float64)).reshape(1, 1)
-        self._K = torch.cat([torch.cat([K, row[:, None]], 1), torch.cat([row[None], corner], 1)])
-        self._G = torch.cat([G, g[None]])
+        if self._count < self.window:
+            row, self._count = self._count, self._count + 1
+        else:
+            row, self._head = self._head, (self._head + 1) % self.window
+        self._buf[row] = g.detach()
+        k = _gram(self._buf[row : row + 1], self._buf[: self._count])[0]
+        self._K[row, : self._count] = k
+        self._K[: self._count, row] = k
         self._factor = None
         return self
+
+    def _G(self) -> torch.Tensor:
+        """The rows held, in buffer order."""
+        return self._buf[: self._count]
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         if self.m == 0:
             return self.damping * V
-        return self.damping * V + self._G.T @ (self._G @ V) / self.m
+        G = self._G()
+        return self.damping * V + G.T @ (G @ V) / self.m
 
     def diag(self) -> torch.Tensor:
         """The diagonal of ``F``: ``damping + (1/m) sum_j G_jq^2``, shape ``(d,)``."""
         if self.m == 0:
             return torch.full((self.shape[0],), self.damping, dtype=self.dtype, device=self.device)
-        return self.damping + (self._G**2).sum(0) / self.m
+        return self.damping + (self._G() ** 2).sum(0) / self.m
 
     def inverse_diag(self) -> torch.Tensor:
         r"""The diagonal of ``F^{-1}`` (for OBS/M-FAC saliencies ``w^2 / (2 [F^{-1}]_{qq})``).
@@ -129,7 +145,9 @@ class WoodburyFisher(Operator):
             return torch.full(
                 (self.shape[0],), 1 / self.damping, dtype=self.dtype, device=self.device
             )
-        W = torch.linalg.solve_triangular(self._cholesky(), self._G.to(torch.float64), upper=False)
+        W = torch.linalg.solve_triangular(
+            self._cholesky(), self._G().to(torch.float64), upper=False
+        )
         return ((1 - (W**2).sum(0)) / self.damping).to(self.dtype)
 
     def inverse(self, damping: float = 0.0, **options) -> Operator:
@@ -147,23 +165,26 @@ class WoodburyFisher(Operator):
         return _WoodburyInverse(F)
 
     def _with_damping(self, damping: float) -> WoodburyFisher:
-        F = WoodburyFisher(self._G[:0], damping, window=self.window, space=self.space)
-        F._G, F._K = self._G, self._K
+        F = WoodburyFisher(self._buf[:0], damping, window=self.window, space=self.space)
+        F._buf, F._K, F._count, F._head = self._buf, self._K, self._count, self._head
         return F
 
     def _cholesky(self) -> torch.Tensor:
         if self._factor is None:
             eye = torch.eye(self.m, dtype=torch.float64, device=self.device)
-            self._factor = torch.linalg.cholesky(self.m * self.damping * eye + self._K)
+            K = self._K[: self.m, : self.m]
+            self._factor = torch.linalg.cholesky(self.m * self.damping * eye + K)
         return self._factor
 
     def _solve(self, V: torch.Tensor) -> torch.Tensor:
         """``F^{-1} V`` for ``V`` (d, k)."""
         if self.m == 0:
             return V / self.damping
-        G = self._G.to(torch.float64)
-        inner = torch.cholesky_solve(G @ V.to(torch.float64), self._cholesky())
-        return ((V.to(torch.float64) - G.T @ inner) / self.damping).to(V.dtype)
+        # G @ V and G^T @ inner run in G's dtype (a float64 copy of G would double the memory
+        # and the time at d = 1e6); only the small m x m solve runs in float64.
+        G = self._G()
+        inner = torch.cholesky_solve((G @ V).to(torch.float64), self._cholesky())
+        return (V - G.T @ inner.to(G.dtype)) / self.damping
 
     def __repr__(self) -> str:
         return (
@@ -186,6 +207,18 @@ class _WoodburyInverse(Operator):
     def diag(self) -> torch.Tensor:
         """The diagonal of ``F^{-1}``, shape ``(d,)``."""
         return self.fisher.inverse_diag()
+
+
+def _gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A @ B.T`` in float64, over column chunks (no float64 copy of a whole ``(m, d)``).
+
+    The Gram matrix must be accurate far below float32's round-off: ``m * damping`` is often
+    1e-8 of its diagonal, and a float32 Gram matrix would not be positive definite.
+    """
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    for c in range(0, A.shape[1], CHUNK):
+        out += A[:, c : c + CHUNK].to(torch.float64) @ B[:, c : c + CHUNK].to(torch.float64).T
+    return out
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
