@@ -1,6 +1,6 @@
 """hesse: the curvature of neural-network losses, measured and put to use."""
 
-from . import hf, quant, reference
+from . import hf, prune, quant, reference
 from .analysis import Analysis, Report, analyze, prepare
 from .linalg import (
     DensityResult,
@@ -82,4 +82,5 @@ __all__ = [
     "hf",
     # applications
     "quant",
+    "prune",
 ]

@@ -158,7 +158,10 @@ def _add_source_options(group) -> None:
 
 
 def _add_common_options(group) -> None:
-    group.add_argument("--curvature", choices=["hessian", "ggn", "fisher"], default="hessian")
+    group.add_argument(
+        "--curvature", choices=["hessian", "ggn", "fisher"],
+        help="curvature matrix (default: hessian; application commands name their own default)",
+    )  # fmt: skip
     group.add_argument("--budget", type=int, help="products per estimate (default 100)")
     group.add_argument("--seed", type=int, default=0, help="seed of the random probes")
     group.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: model's)")
@@ -355,7 +358,7 @@ def _options(args: argparse.Namespace, problem: Problem) -> Options:
     settings |= {name: vars(args)[name] for name in DEFAULTS if vars(args)[name] is not None}
     sections = COMMANDS[args.command][0]
     try:
-        return Options(args.curvature, sections, seed=args.seed, **settings)
+        return Options(args.curvature or "hessian", sections, seed=args.seed, **settings)
     except ValueError as err:
         raise UsageError(cli_words(str(err), CLI_WORDS)) from err
 

@@ -55,14 +55,18 @@ class Attention(nn.Module):
         self.out_bias = nn.Parameter(torch.zeros(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, T, W) -> (B, T, W)``; written out (no fused kernel) so forward-mode AD works."""
-        B, T, W = x.shape
-        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(W, dim=-1)
+        """``(B, T, W) -> (B, T, W)``; written out (no fused kernel) so forward-mode AD works.
+
+        q, k and v are ``heads x head size`` wide, which is ``W`` until heads are pruned.
+        """
+        B, T, _ = x.shape
+        inner = self.out_weight.shape[1]
+        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(inner, dim=-1)
         q, k, v = (t.reshape(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         y = scores.masked_fill(causal, float("-inf")).softmax(-1) @ v
-        return F.linear(y.transpose(1, 2).reshape(B, T, W), self.out_weight, self.out_bias)
+        return F.linear(y.transpose(1, 2).reshape(B, T, inner), self.out_weight, self.out_bias)
 
 
 class MLP(nn.Module):

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
     budget = args.budget or problem.defaults.get("budget", 100)
     sens = sensitivity(
         obj, bits, method=args.method, quantizer=quantizer, budget=budget, seed=args.seed,
-        curvature=args.curvature, layers=layers,
+        curvature=args.curvature or "hessian", layers=layers,
     )  # fmt: skip
     cost, limit = _budget(args, sens)
     try:

@@ -1,0 +1,118 @@
+"""Per-sample (or mini-batch) gradients of an objective: the rows of the empirical Fisher."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ..objective import Objective
+
+
+def collect_gradients(
+    obj: Objective, m: int | None = 256, *, batch_size: int = 1, seed: int = 0
+) -> torch.Tensor:
+    r"""Gradients of the mean loss of ``m`` chunks of ``batch_size`` samples, stacked as rows.
+
+    The rows :math:`g_i` define the empirical Fisher
+    :math:`F = \frac1m \sum_i g_i g_i^\top = G^\top G / m` that M-FAC, WoodFisher and OBD use
+    (Frantar, Kurtic & Alistarh 2021, "M-FAC: Efficient Matrix-Free Approximations of
+    Second-Order Information"). Each batch of the data is cut into chunks of ``batch_size``
+    samples along dim 0; ``m`` of all chunks are drawn without replacement (seeded) and kept in
+    data order. A chunk's gradient is that of its own mean loss (samples, or tokens for a
+    token-weighted ``loss_fn``); a chunk whose labels are all ignored gives a zero row.
+
+    Args:
+        obj: The objective; its analysed parameters are the columns.
+        m: Number of gradients; None takes every chunk.
+        batch_size: Samples per chunk (1: per-sample gradients).
+        seed: Seed of the draw of chunks when ``m`` is smaller than their number.
+
+    Returns:
+        ``(m, d)`` tensor of ``obj.dtype``, columns in the layout of ``obj.space``.
+
+    Raises:
+        ValueError: ``m`` or ``batch_size`` below 1, or ``m`` larger than the number of chunks
+            the data holds (the message gives that number).
+
+    Example:
+        >>> x, y = torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0])
+        >>> obj = Objective(torch.nn.Linear(3, 2), [(x, y)], loss=torch.nn.functional.cross_entropy)
+        >>> G = collect_gradients(obj, m=None)
+        >>> tuple(G.shape), bool(torch.allclose(G.mean(0), obj.gradient(), atol=1e-6))
+        ((6, 8), True)
+    """
+    if batch_size < 1 or (m is not None and m < 1):
+        raise ValueError(
+            f"collect_gradients: m and batch_size must be >= 1, got m={m}, batch_size={batch_size}."
+        )
+    sizes = [sample_count(b) for b in obj.batches()]
+    n_chunks = sum(-(-n // batch_size) for n in sizes)
+    if m is not None and m > n_chunks:
+        raise ValueError(
+            f"collect_gradients: m={m} gradients asked for, but the data holds only "
+            f"{sum(sizes)} samples, i.e. {n_chunks} chunks of batch_size={batch_size}; pass "
+            f"m <= {n_chunks} (or a smaller batch_size, or more data)."
+        )
+    wanted = _drawn(n_chunks, m, seed)
+    chunks = (c for b in obj.batches() for c in _chunks(b, batch_size))
+    rows = [chunk_gradient(obj, c) for i, c in enumerate(chunks) if i in wanted]
+    return torch.stack(rows)
+
+
+def chunk_gradient(obj: Objective, batch: Any) -> torch.Tensor:
+    """The flat gradient of one batch's mean loss (zero when its weight is 0)."""
+    params = {n: p.detach().requires_grad_(True) for n, p in obj.params.items()}
+    with torch.enable_grad():
+        value, w = obj.batch_loss(params, batch)
+        g = torch.autograd.grad(value, list(params.values()), materialize_grads=True)
+    flat = torch.cat([t.reshape(-1) for t in g])
+    return flat / w if w else flat
+
+
+def objective_at(obj: Objective, params: dict[str, torch.Tensor]) -> Objective:
+    """The same objective with the analysed parameters set to ``params`` (a shallow copy).
+
+    Gradual pruning evaluates the curvature again at the pruned weights; ``Objective`` keeps
+    its parameters in ``params``, as ``Objective.restrict`` does for a subset.
+    """
+    moved = copy.copy(obj)
+    moved.params = {n: params[n].to(obj.params[n]) for n in obj.params}
+    return moved
+
+
+def _drawn(n: int, m: int | None, seed: int) -> set[int]:
+    if m is None or m == n:
+        return set(range(n))
+    gen = torch.Generator().manual_seed(seed)
+    return set(torch.randperm(n, generator=gen)[:m].tolist())
+
+
+def sample_count(batch: Any) -> int:
+    """Samples in a batch: dim 0 of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    for item in items:
+        n = sample_count(item) if isinstance(item, (torch.Tensor, Mapping, list, tuple)) else None
+        if n is not None:
+            return n
+    raise ValueError("collect_gradients: a batch holds no tensor to count samples from.")
+
+
+def _chunks(batch: Any, size: int) -> Iterator[Any]:
+    n = sample_count(batch)
+    for start in range(0, n, size):
+        yield _slice(batch, slice(start, min(start + size, n)))
+
+
+def _slice(batch: Any, rows: slice) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[rows]
+    if isinstance(batch, Mapping):
+        return {k: _slice(v, rows) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice(v, rows) for v in batch)
+    return batch
