@@ -2,6 +2,16 @@
 
 from . import hf, prune, quant, reference
 from .analysis import Analysis, Report, analyze, prepare
+from .influence import (
+    HypergradientResult,
+    InfluenceResult,
+    InverseDiagnostics,
+    TopInfluences,
+    UnlearnResult,
+    hypergradient,
+    influence,
+    unlearn,
+)
 from .linalg import (
     DensityResult,
     DiagonalResult,
@@ -83,4 +93,13 @@ __all__ = [
     # applications
     "quant",
     "prune",
+    # influence, unlearning and hypergradients (inverse-curvature products)
+    "influence",
+    "unlearn",
+    "hypergradient",
+    "InfluenceResult",
+    "TopInfluences",
+    "UnlearnResult",
+    "HypergradientResult",
+    "InverseDiagnostics",
 ]
