@@ -82,3 +82,15 @@ def test_test_data_with_a_demo_is_refused(fake, capsys):
         cli.main(["fake", "--demo", "digits", "--test-data", "x:y"])
     assert exit_info.value.code == 2
     assert "--test-data goes with --model or --hf" in capsys.readouterr().err
+
+
+def test_a_self_contained_command_needs_no_source_and_refuses_one(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "hesse_fake_app", _fake_app())
+    monkeypatch.setattr(cli, "APPS", {"fake": "hesse_fake_app"})
+    monkeypatch.setattr(cli, "SELF_CONTAINED", ("fake",))
+    SEEN.clear()
+    assert cli.main(["fake", "--quiet", "--out", ""]) == 0
+    assert SEEN["problem"] is None
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fake", "--demo", "digits"])
+    assert exit_info.value.code == 2 and "builds its own model" in capsys.readouterr().err

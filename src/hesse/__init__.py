@@ -1,7 +1,19 @@
 """hesse: the curvature of neural-network losses, measured and put to use."""
 
-from . import hf, prune, quant, reference
+from . import dynamics, hf, prune, quant, reference
 from .analysis import Analysis, Report, analyze, prepare
+from .dynamics import (
+    BatchSpectrum,
+    Landscape,
+    SharpnessMonitor,
+    SharpnessRecord,
+    SpectralCriteria,
+    Stability,
+    batch_spectrum,
+    landscape,
+    spectral_criteria,
+    stability,
+)
 from .influence import (
     HypergradientResult,
     InfluenceResult,
@@ -90,6 +102,18 @@ __all__ = [
     "Report",
     # Hugging Face folders and text files
     "hf",
+    # training dynamics and loss landscapes
+    "SharpnessMonitor",
+    "SharpnessRecord",
+    "stability",
+    "Stability",
+    "landscape",
+    "Landscape",
+    "batch_spectrum",
+    "BatchSpectrum",
+    "spectral_criteria",
+    "SpectralCriteria",
+    "dynamics",
     # applications
     "quant",
     "prune",

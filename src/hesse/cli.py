@@ -47,6 +47,8 @@ APPS = {
 }
 """Application commands: ``{name: module}``; each module defines ``SUMMARY``, ``EXAMPLES``,
 ``add_arguments(group)`` and ``run(args, problem) -> hesse.report.page.Page``."""
+SELF_CONTAINED = ("train-demo",)
+"""Application commands that build their own model and data (no --demo, --model or --hf)."""
 HOLDOUT = 0.2
 """Share of a demo's samples the application commands hold out to measure on."""
 DEFAULTS = {"k": 20, "budget": 100, "steps": 80, "probes": 4}
@@ -237,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_source(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if sum(map(bool, (args.demo, args.model, args.hf))) != 1:
+    sources = sum(map(bool, (args.demo, args.model, args.hf)))
+    if args.command in SELF_CONTAINED:
+        if sources or args.data or args.test_data:
+            parser.error(f"{args.command} builds its own model and data; drop --demo/--model/--hf.")
+    elif sources != 1:
         parser.error(
             "give one of --demo NAME, --hf DIR with --data FILE, or --model PKG.MOD:FACTORY "
             "with --data."
@@ -313,7 +319,9 @@ def run_app(args: argparse.Namespace):
     threads = args.threads if args.threads is not None else (1 if args.demo else None)
     if threads is not None:
         torch.set_num_threads(threads)
-    if args.demo:
+    if args.command in SELF_CONTAINED:
+        problem = None
+    elif args.demo:
         problem = from_demo(args, args.progress, holdout=HOLDOUT)
     else:
         problem = from_hf(args) if args.hf else from_factories(args)

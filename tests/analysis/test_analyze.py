@@ -46,11 +46,24 @@ def test_trace_and_layer_traces_are_consistent_with_the_dense_hessian(small):
     assert rows[0].trace_per_param == pytest.approx(rows[0].trace / 30)
 
 
+def test_spectral_criteria_follow_from_the_eigenvalues_and_the_density(small):
+    report, exact, _, _ = small
+    c = report.criteria
+    assert c["k"] == 4 and c["ratio"] == pytest.approx((exact[-1] / exact[-4]).item(), rel=1e-6)
+    negative = exact[exact < 0].abs().sum() / exact.abs().sum()
+    assert 0 <= c["negative_share"] <= 1 and c["negative_share"] == pytest.approx(
+        negative.item(), abs=0.1
+    )
+    assert set(c["definitions"]) == {"ratio", "negative_share", "trace_ratio"}
+    assert "criteria: λmax/λ4" in report.summary()
+
+
 def test_report_has_every_section_and_a_valid_document(small):
     report, _, _, _ = small
     doc = report.to_dict()
     assert validate(doc) == []
-    assert {"eigs", "trace", "density", "ggn", "layers", "outliers", "stability"} <= doc.keys()
+    sections = {"eigs", "trace", "density", "ggn", "layers", "outliers", "stability", "criteria"}
+    assert sections <= doc.keys()
     assert doc["ggn"]["available"] and doc["problem"]["n_classes"] == 3
     assert doc["problem"]["n_samples"] == 40
     assert [v["criterion"] for v in doc["stability"]["verdicts"]] == ["GD", "SGD"]

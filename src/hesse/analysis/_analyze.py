@@ -16,6 +16,7 @@ from hesse.analysis.layers import blocks_by, empty_modules, layer_table, layer_t
 from hesse.analysis.outliers import find_outliers
 from hesse.analysis.report import Report, parameters_line
 from hesse.analysis.stability import gd_verdict, omitted, sgd_verdict
+from hesse.dynamics import criteria_from
 from hesse.linalg import density, eigs, trace
 from hesse.objective import Objective
 from hesse.operators import FisherOperator, GGNOperator, HessianOperator
@@ -347,7 +348,8 @@ class _Run:
         return Report(
             meta=meta(), config=self.config(), problem=self.problem, **found,
             outliers=self.outliers(found), stability=self.stability(found),
-            notes=tuple(self.notes), timings=self.timings, plan=plan, partial=partial,
+            criteria=self.criteria(found), notes=tuple(self.notes), timings=self.timings,
+            plan=plan, partial=partial,
             layers_by="groups" if self.groups else self.by,
         )  # fmt: skip
 
@@ -395,6 +397,7 @@ class _Run:
         # under max_memory the plan's group; otherwise density's own default (1 GiB of bases)
         group = self.job.plan.group if self.job.max_memory is not None else None
         result = density(self.op, o.steps, o.probes, seed=o.seed, group=group, **QUIET)
+        self.density_result = result
         return density_dict(result, o.steps, o.probes)
 
     def layers(self) -> tuple:
@@ -423,6 +426,16 @@ class _Run:
         self.unconverged(f"GGN's {o.k} largest eigenvalues", top)
         return {"available": True, "reason": None, "eigs": eig_dict(top),
                 "trace": trace_dict(trace(G, o.budget, seed=o.seed, **QUIET))}  # fmt: skip
+
+    def criteria(self, found: dict) -> dict | None:
+        """LLA's spectral criteria from the eigenvalues and the density (no extra product)."""
+        if not {"eigs", "density"} <= found.keys():
+            return None
+        values = found["eigs"]["largest"]["values"]
+        if len(values) < 2 or not values[-1] > 0:
+            return None
+        found = criteria_from(values, self.density_result).as_dict()
+        return found | {"eigenvalues": list(found["eigenvalues"])}
 
     def outliers(self, found: dict):
         if "eigs" not in found:

@@ -37,6 +37,9 @@ class Report:
         layers: the per-module table.
         outliers: the bulk/outlier split of the top eigenvalues.
         stability: the GD and SGD verdicts at the training learning rate.
+        criteria: LLA's spectral criteria (``hesse.dynamics.SpectralCriteria`` as a dict:
+            λmax/λk, the negative share of the spectrum, Tr/λmax, with their definitions),
+            when the eigenvalues and the density were computed.
         notes: remarks on the run (skipped sections, caveats).
         timings: seconds per section.
         plan: the memory plan the run followed (``hesse.plan``), with a one-line ``summary``.
@@ -55,6 +58,7 @@ class Report:
     layers: tuple[LayerRow, ...] | None = None
     outliers: Outliers | None = None
     stability: tuple[Verdict, ...] | None = None
+    criteria: dict | None = None
     notes: tuple[str, ...] = ()
     timings: dict = field(default_factory=dict)
     plan: dict | None = None
@@ -75,6 +79,7 @@ class Report:
             "trace": self.trace,
             "density": self.density,
             "ggn": self.ggn,
+            "criteria": self.criteria,
         }
         if self.layers is not None:
             sections["layers"] = {"by": self.layers_by, "rows": [_plain(r) for r in self.layers]}

@@ -43,6 +43,7 @@ def render_html(doc: dict, plots: dict[str, bytes]) -> str:
         _problem(doc),
         _stability(doc),
         _outliers(doc),
+        _criteria(doc),
         _spectrum(doc, plots),
         _density(plots),
         _layers(doc, plots),
@@ -104,6 +105,16 @@ def _outliers(doc: dict) -> str:
     if "outliers" not in doc:
         return ""
     return f"<h2>Bulk and outliers</h2><p>{escape(doc['outliers']['text'])}</p>"
+
+
+def _criteria(doc: dict) -> str:
+    if "criteria" not in doc:
+        return ""
+    c = doc["criteria"]
+    rows = [[f"λmax / λ{c['k']}", c["ratio"], c["definitions"]["ratio"]],
+            ["negative share", c["negative_share"], c["definitions"]["negative_share"]],
+            ["Tr / λmax", c["trace_ratio"], c["definitions"]["trace_ratio"]]]  # fmt: skip
+    return "<h2>Spectral criteria (LLA)</h2>" + _table(["criterion", "value", "definition"], rows)
 
 
 def _spectrum(doc: dict, plots: dict[str, bytes]) -> str:

@@ -16,7 +16,8 @@ def render_text(doc: dict) -> str:
     Returns:
         The summary, lines joined by newlines (no trailing newline).
     """
-    sections = [_header(doc), _eigs(doc), _trace(doc), _outliers(doc), _layers(doc)]
+    sections = [_header(doc), _eigs(doc), _trace(doc), _outliers(doc), _criteria(doc)]
+    sections += [_layers(doc)]
     sections += [_stability(doc), [_wrap(f"note: {note}") for note in doc["notes"]]]
     return "\n".join(line for lines in sections for line in lines)
 
@@ -73,6 +74,14 @@ def _trace_line(symbol: str, t: dict) -> str:
 
 def _outliers(doc: dict) -> list[str]:
     return ["", _wrap("outliers: " + doc["outliers"]["text"])] if "outliers" in doc else []
+
+
+def _criteria(doc: dict) -> list[str]:
+    if "criteria" not in doc:
+        return []
+    c = doc["criteria"]
+    return ["", f"criteria: λmax/λ{c['k']} {_g(c['ratio'])}, negative share "
+            f"{_g(c['negative_share'])}, Tr/λmax {_g(c['trace_ratio'])}"]  # fmt: skip
 
 
 def _wrap(text: str, indent: str = "  ") -> str:
