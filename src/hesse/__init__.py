@@ -1,6 +1,6 @@
 """hesse: the curvature of neural-network losses, measured and put to use."""
 
-from . import dynamics, hf, prune, quant, reference
+from . import dynamics, hf, optim, prune, quant, reference, regularize
 from .analysis import Analysis, Report, analyze, prepare
 from .dynamics import (
     BatchSpectrum,
@@ -117,6 +117,9 @@ __all__ = [
     # applications
     "quant",
     "prune",
+    # training: second-order and sharpness-aware optimizers, curvature penalties
+    "optim",
+    "regularize",
     # influence, unlearning and hypergradients (inverse-curvature products)
     "influence",
     "unlearn",
