@@ -26,8 +26,9 @@ class NewtonCG(torch.optim.Optimizer):
     for an :math:`L`-Lipschitz Hessian; ``damping`` :math:`\lambda` is a floor. The Hessian is
     the mini-batch Hessian of the closure's loss, applied by double backward on one graph
     (``max_matvecs`` products at most). CG stops at the first direction of non-positive
-    curvature of :math:`H + \lambda_t I` and keeps the iterate it has, so an indefinite
-    Hessian still gives a descent direction. ``last_solve`` holds the last
+    curvature of :math:`H + \lambda_t I` and keeps the iterate it has, or takes :math:`-g`
+    when that happens on the first direction (Nocedal & Wright 2006, Algorithm 7.1), so an
+    indefinite Hessian still gives a descent direction. ``last_solve`` holds the last
     :class:`hesse.SolveResult` (converged, products, residual).
 
     Args:
@@ -84,6 +85,8 @@ class NewtonCG(torch.optim.Optimizer):
                 H, -g.detach(), damping=lam, method="cg", tol=self.tol, max_matvecs=self.max_matvecs
             )
         s, start = self.last_solve.value, 0
+        if not torch.any(s):  # negative curvature along -g itself: CG took no step
+            s = -g.detach()
         for group in self.param_groups:
             for p in (q for q in group["params"] if q.requires_grad):
                 p.add_(group["lr"] * s[start : start + p.numel()].view_as(p))

@@ -36,6 +36,9 @@ class ObsLayerResult:
         relative_damping: :math:`\lambda / \mathrm{mean}(\mathrm{diag}\, H)` as used; larger
             than asked when the Cholesky factorization needed more.
         raised: How many times the damping was multiplied by 10.
+        rule: Which candidate had the smallest ``error``: ``"obs"`` (the sweep's own mask,
+            :math:`w^2 / [U]_{qq}^2`), ``"magnitude+obs"`` (the magnitude mask with the
+            sweep's updates) or ``"magnitude"`` (the magnitude mask, no update).
     """
 
     weight: torch.Tensor
@@ -44,6 +47,7 @@ class ObsLayerResult:
     damping: float
     relative_damping: float
     raised: int
+    rule: str = "obs"
 
 
 class _Inputs(TorchFunctionMode):
@@ -174,6 +178,14 @@ def obs_layer(
     Compression"; 2023, "SparseGPT"). Inputs that are always zero (:math:`H_{qq} = 0`) are
     pruned first, as SparseGPT does.
 
+    The column sweep only adjusts weights to the right of a pruned one, and on strongly
+    correlated inputs its mask can leave a larger error than magnitude pruning without any
+    update (measured: 9208 against 5856 on a 8x16 layer at 50%). So the sweep also runs with
+    the magnitude mask, and magnitude pruning itself is a candidate (the updates minimize the
+    *damped* quadratic, so on their own they can come out a hair worse); the smallest exact
+    error :math:`\mathrm{tr}((W - \hat W) H (W - \hat W)^\top)` wins (``rule`` says which):
+    the result is never worse than magnitude pruning at the same sparsity and pattern.
+
     Args:
         W: ``(out, in)`` weight (a convolution's ``(out, C, k, k)`` is flattened to
             ``(out, C k k)``).
@@ -209,16 +221,22 @@ def obs_layer(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     U, lam, rho, raised = _inverse_factor(H, damping)
-    original, mask = W.clone(), torch.ones_like(W, dtype=torch.bool)
-    for start in range(0, W.shape[1], block):
-        cols = slice(start, min(start + block, W.shape[1]))
-        zeros = _zeros(sparsity, W.shape[0], cols) if group is None else None
-        mask[:, cols] = _block_mask(W[:, cols], U[cols, cols].diagonal(), zeros, keep_n, group)
-        _sweep(W, U, mask, cols)
-    W[~mask] = 0.0
-    D = original - W
-    error = float(torch.einsum("ri,ij,rj->", D, H, D))
-    return ObsLayerResult(W.reshape(shape), mask.reshape(shape), error, lam, rho, raised)
+    magnitude = _magnitude_mask(W, sparsity, keep_n, group)
+    results = [_candidate(W, H, W * magnitude, magnitude, "magnitude")]
+    for rule in ("obs", "magnitude+obs"):
+        Wr, mask = W.clone(), magnitude.clone()
+        for start in range(0, W.shape[1], block):
+            cols = slice(start, min(start + block, W.shape[1]))
+            if rule == "obs":
+                zeros = _zeros(sparsity, W.shape[0], cols) if group is None else None
+                mask[:, cols] = _block_mask(
+                    Wr[:, cols], U[cols, cols].diagonal(), zeros, keep_n, group
+                )
+            _sweep(Wr, U, mask, cols)
+        Wr[~mask] = 0.0
+        results.append(_candidate(W, H, Wr, mask, rule))
+    error, rule, W, mask = min(results, key=lambda r: r[0])
+    return ObsLayerResult(W.reshape(shape), mask.reshape(shape), error, lam, rho, raised, rule)
 
 
 def _check_layer(W: torch.Tensor, H: torch.Tensor, block: int, group: int | None) -> None:
@@ -269,6 +287,23 @@ def _block_mask(Wb, d, k, keep_n, group) -> torch.Tensor:
     if k:
         mask.view(-1)[score.view(-1).argsort()[:k]] = False
     return mask
+
+
+def _candidate(W, H, W_hat, mask, rule) -> tuple:
+    """``(error, rule, W_hat, mask)`` with the exact error of ``W_hat`` under ``H``."""
+    D = W - W_hat
+    return float(torch.einsum("ri,ij,rj->", D, H, D)), rule, W_hat, mask
+
+
+def _magnitude_mask(W: torch.Tensor, sparsity, keep_n, group) -> torch.Tensor:
+    """Kept weights of the whole layer by :math:`|w|` (as magnitude pruning keeps them)."""
+    return _block_mask(
+        W,
+        torch.ones(W.shape[1], dtype=W.dtype),
+        _zeros(sparsity, W.shape[0], slice(0, W.shape[1])) if group is None else None,
+        keep_n,
+        group,
+    )
 
 
 def _sweep(W: torch.Tensor, U: torch.Tensor, mask: torch.Tensor, cols: slice) -> None:
