@@ -1,19 +1,10 @@
 """The scripts in examples/ run, and say what the README says they do."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from example_scripts import load
 
 
 @pytest.mark.slow

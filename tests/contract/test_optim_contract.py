@@ -615,13 +615,6 @@ def test_regularizer_bad_input_is_an_error():
         regularize.hessian_alignment([(w**3).sum(), (w**2).sum()], [w], method="bogus")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NewtonCG docstring: 'an indefinite Hessian still gives a descent direction'. Here "
-    "g^T (H + 1e-3 I) g = -2.26 < 0 on the first CG direction, and the step is exactly 0 "
-    "(g = [-0.4, 1.3, -0.8, -1.1]): the optimizer never moves; Steihaug/Nocedal-Wright "
-    "Alg. 7.1 return -g in that case",
-)
 def test_newton_cg_on_an_indefinite_hessian_still_descends():
     A = torch.diag(torch.tensor([2.0, 1.0, -1.0, -3.0], dtype=DT))
     b = torch.tensor([1.0, -1.0, 0.5, 0.2], dtype=DT)

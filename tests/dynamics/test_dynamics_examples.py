@@ -1,21 +1,11 @@
 """The dynamics examples run at small settings and produce their figures."""
 
-import importlib.util
-from pathlib import Path
-
 import matplotlib
 import pytest
 
+from example_scripts import load
+
 matplotlib.use("Agg")
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_edge_of_stability_example(tmp_path):

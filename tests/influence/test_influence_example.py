@@ -1,18 +1,13 @@
 """examples/influence_logistic.py runs and shows what its docstring says."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "influence_logistic.py"
+from example_scripts import load
 
 
 @pytest.mark.slow
 def test_influence_logistic_example():
-    spec = importlib.util.spec_from_file_location("influence_logistic", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load("influence_logistic")
     out = module.main(n_train=200, n_checked=2)
     for predicted, actual in out["pairs"]:
         assert predicted > 0 and predicted == pytest.approx(actual, rel=0.3)

@@ -1,17 +1,13 @@
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+from example_scripts import load
 
 
 @pytest.mark.slow
 def test_quant_digits_example_runs_and_stays_within_budget(capsys):
-    spec = importlib.util.spec_from_file_location("quant_digits", EXAMPLES / "quant_digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load("quant_digits")
     out = module.main(samples=256, budget=20)
     assert set(out) == {"float", "uniform 3-bit", "Hessian"}
     assert out["Hessian"][0] <= 1.07 * out["uniform 3-bit"][0]
