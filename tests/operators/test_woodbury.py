@@ -97,3 +97,15 @@ def test_update_refuses_wrong_shape_and_solver_options():
         F.update(torch.ones(4))
     with pytest.raises(ValueError, match="exact"):
         F.inverse(method="cg")
+
+
+def test_state_dict_restores_products_to_the_bit():
+    G = _grads(9, 30)
+    F = WoodburyFisher(G[:2], damping=0.3, window=4)
+    for g in G[2:]:
+        F.update(g)
+    again = WoodburyFisher.from_state_dict(F.state_dict())
+    v = _grads(1, 30, seed=5)[0]
+    for g in _grads(3, 30, seed=6):
+        F.update(g), again.update(g)
+        assert torch.equal(F @ v, again @ v) and torch.equal(F.inverse() @ v, again.inverse() @ v)

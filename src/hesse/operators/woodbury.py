@@ -119,6 +119,22 @@ class WoodburyFisher(Operator):
         self._factor = None
         return self
 
+    def state_dict(self) -> dict:
+        """Everything that determines the products, to the bit (for resuming a run)."""
+        return {
+            "buffer": self._buf.clone(), "gram": self._K.clone(), "count": self._count,
+            "head": self._head, "damping": self.damping,
+        }  # fmt: skip
+
+    @classmethod
+    def from_state_dict(cls, state: dict, *, space=None) -> WoodburyFisher:
+        """The operator :meth:`state_dict` describes; its products equal the saved one's exactly."""
+        buffer = state["buffer"]
+        F = cls(buffer[:0], state["damping"], window=buffer.shape[0], space=space)
+        F._buf, F._K = buffer.clone(), state["gram"].clone()
+        F._count, F._head = int(state["count"]), int(state["head"])
+        return F
+
     def _G(self) -> torch.Tensor:
         """The rows held, in buffer order."""
         return self._buf[: self._count]

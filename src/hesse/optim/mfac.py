@@ -104,14 +104,14 @@ class MFAC(torch.optim.Optimizer):
                 p.sub_(group["lr"] * step)
 
     def state_dict(self) -> dict:
-        """The torch state plus the window of gradients."""
+        """The torch state plus the window of gradients (its exact Gram matrix too)."""
         out = super().state_dict()
-        out["hesse"] = {"grads": None if self.fisher is None else self.fisher.grads.clone()}
+        out["hesse"] = {"fisher": None if self.fisher is None else self.fisher.state_dict()}
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore what :meth:`state_dict` saved, the gradient window included."""
         state_dict = dict(state_dict)
-        grads = state_dict.pop("hesse", {}).get("grads")
+        fisher = state_dict.pop("hesse", {}).get("fisher")
         super().load_state_dict(state_dict)
-        self.fisher = None if grads is None else WoodburyFisher(grads, self.damping, window=self.m)
+        self.fisher = None if fisher is None else WoodburyFisher.from_state_dict(fisher)
