@@ -137,3 +137,16 @@ def test_hugging_face_bert_weights_by_every_method():
         pruned = plan.apply(model)
         loss = float(type(obj)(pruned, data).value())
         assert loss == loss and loss < 10, method  # finite and sane
+
+
+def test_default_gradient_count_fits_small_data():
+    import torch.nn.functional as F
+
+    from hesse import Objective
+    from hesse.prune import collect_gradients
+
+    model = torch.nn.Linear(3, 2)
+    data = [(torch.randn(10, 3), torch.randint(0, 2, (10,)))]
+    assert collect_gradients(Objective(model, data, F.cross_entropy)).shape == (10, 8)
+    with pytest.raises(ValueError, match="m=11 gradients asked for"):
+        collect_gradients(Objective(model, data, F.cross_entropy), m=11)

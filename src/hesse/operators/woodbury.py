@@ -33,8 +33,8 @@ class WoodburyFisher(Operator):
 
     Args:
         grads: ``(m, d)`` gradients (per sample or per mini-batch), or ``(0, d)``.
-        damping: :math:`\lambda > 0`, absolute (the caller scales it, e.g. by the mean of
-            :meth:`diag`).
+        damping: :math:`\lambda > 0`, absolute (default 1e-5, M-FAC's; scale it to the
+            gradients, e.g. by the mean of :meth:`diag`).
         window: Most gradients held (default: ``m``, at least 1).
         space: Parameter layout of the rows (a ``ParamSpace``), for ``restrict``-free naming.
 
@@ -52,7 +52,7 @@ class WoodburyFisher(Operator):
     """
 
     def __init__(
-        self, grads: torch.Tensor, damping: float, *, window: int | None = None, space=None
+        self, grads: torch.Tensor, damping: float = 1e-5, *, window: int | None = None, space=None
     ):
         if grads.dim() != 2:
             raise ValueError(

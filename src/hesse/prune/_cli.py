@@ -12,7 +12,6 @@ from .._cli_inputs import UsageError, parse_params
 from .._evaluate import Evaluation, evaluate
 from ..objective import Objective
 from ..report.page import Page, Section, png
-from ._gradients import sample_count
 from .plan import GROUP_METHODS, WEIGHT_METHODS, PrunePlan, prune
 
 SUMMARY = "Second-order pruning (OBD, OBS, M-FAC, layer-wise OBS, heads, neurons), measured."
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
     methods = _names(args.method or DEFAULT_METHODS["units" if structured else "weights"])
     patterned = not structured and args.structure != "unstructured"
     sparsities = [None] if patterned else _fractions(args.sparsity)
-    m = args.gradients or min(256, sum(sample_count(b) for b in obj.batches()))
+    m = args.gradients or "auto"
     dense = _measure(problem, problem.model)
     rows = []
     for method in methods:

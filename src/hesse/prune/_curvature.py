@@ -105,7 +105,7 @@ def damped(
     relative: float,
     *,
     form: str,
-    m: int | None = 256,
+    m: int | str | None = "auto",
     batch_size: int = 1,
     budget: int | None = None,
     seed: int = 0,
@@ -120,7 +120,8 @@ def damped(
             ``"ggn"`` or ``"hessian"``.
         relative: :math:`\rho > 0`.
         form: ``"diagonal"`` (OBD), ``"dense"`` (OBS) or ``"woodbury"`` (M-FAC; Fisher only).
-        m: Gradients of the empirical Fisher (None: one per chunk of the data).
+        m: Gradients of the empirical Fisher (``"auto"``: 256, or every chunk when the data
+            holds fewer; None: every chunk).
         batch_size: Samples per gradient.
         budget: Probes of the Hutchinson diagonal of the GGN or Hessian (None: exact, from the
             dense matrix).

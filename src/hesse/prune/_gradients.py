@@ -8,11 +8,15 @@ from typing import Any
 
 import torch
 
+from .._positions import sample_count
 from ..objective import Objective
+
+AUTO_M = 256
+"""Gradients of the empirical Fisher by default (M-FAC's and WoodFisher's usual window)."""
 
 
 def collect_gradients(
-    obj: Objective, m: int | None = 256, *, batch_size: int = 1, seed: int = 0
+    obj: Objective, m: int | str | None = "auto", *, batch_size: int = 1, seed: int = 0
 ) -> torch.Tensor:
     r"""Gradients of the mean loss of ``m`` chunks of ``batch_size`` samples, stacked as rows.
 
@@ -26,7 +30,8 @@ def collect_gradients(
 
     Args:
         obj: The objective; its analysed parameters are the columns.
-        m: Number of gradients; None takes every chunk.
+        m: Number of gradients; ``"auto"`` takes ``AUTO_M`` (256), or every chunk when the
+            data holds fewer; None takes every chunk.
         batch_size: Samples per chunk (1: per-sample gradients).
         seed: Seed of the draw of chunks when ``m`` is smaller than their number.
 
@@ -44,12 +49,19 @@ def collect_gradients(
         >>> tuple(G.shape), bool(torch.allclose(G.mean(0), obj.gradient(), atol=1e-6))
         ((6, 8), True)
     """
-    if batch_size < 1 or (m is not None and m < 1):
+    if (
+        batch_size < 1
+        or (isinstance(m, int) and m < 1)
+        or (m is not None and m != "auto" and not isinstance(m, int))
+    ):
         raise ValueError(
-            f"collect_gradients: m and batch_size must be >= 1, got m={m}, batch_size={batch_size}."
+            f"collect_gradients: m must be 'auto', None or >= 1 and batch_size >= 1, got "
+            f"m={m!r}, batch_size={batch_size}."
         )
-    sizes = [sample_count(b) for b in obj.batches()]
+    sizes = [_count(b) for b in obj.batches()]
     n_chunks = sum(-(-n // batch_size) for n in sizes)
+    if m == "auto":
+        m = min(AUTO_M, n_chunks)
     if m is not None and m > n_chunks:
         raise ValueError(
             f"collect_gradients: m={m} gradients asked for, but the data holds only "
@@ -90,20 +102,16 @@ def _drawn(n: int, m: int | None, seed: int) -> set[int]:
     return set(torch.randperm(n, generator=gen)[:m].tolist())
 
 
-def sample_count(batch: Any) -> int:
-    """Samples in a batch: dim 0 of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    items = batch.values() if isinstance(batch, Mapping) else batch
-    for item in items:
-        n = sample_count(item) if isinstance(item, (torch.Tensor, Mapping, list, tuple)) else None
-        if n is not None:
-            return n
-    raise ValueError("collect_gradients: a batch holds no tensor to count samples from.")
+def _count(batch: Any) -> int:
+    """Samples in a batch (dim 0 of its first tensor); a batch without a tensor is refused."""
+    n = sample_count(batch)
+    if n is None:
+        raise ValueError("collect_gradients: a batch holds no tensor to count samples from.")
+    return n
 
 
 def _chunks(batch: Any, size: int) -> Iterator[Any]:
-    n = sample_count(batch)
+    n = _count(batch)
     for start in range(0, n, size):
         yield _slice(batch, slice(start, min(start + size, n)))
 

@@ -23,7 +23,7 @@ def prune(
     params=None,
     curvature: str = "fisher",
     damping: float = 1e-2,
-    m: int | None = 256,
+    m: int | str | None = "auto",
     batch_size: int = 1,
     budget: int | None = None,
     block: int = 128,
@@ -57,7 +57,8 @@ def prune(
         curvature: ``"fisher"``, ``"ggn"`` or ``"hessian"`` (OBD and OBS).
         damping: Damping relative to the mean curvature diagonal (and to the mean diagonal of
             each layer's input Hessian for ``"layer_obs"``); raised where a Cholesky fails.
-        m: Gradients of the empirical Fisher per step.
+        m: Gradients of the empirical Fisher per step (``"auto"``: 256, or every chunk when
+            the data holds fewer; None: every chunk).
         batch_size: Samples per gradient.
         budget: Hutchinson probes of an OBD GGN/Hessian diagonal (None: exact).
         block: Columns per block of ``"layer_obs"``.

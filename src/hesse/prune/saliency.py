@@ -58,7 +58,7 @@ def saliency(
     *,
     curvature: str = "fisher",
     damping: float = 1e-2,
-    m: int | None = 256,
+    m: int | str | None = "auto",
     batch_size: int = 1,
     budget: int | None = None,
     fisher_block: int | None = 128,
@@ -74,7 +74,8 @@ def saliency(
             default), ``"ggn"`` or ``"hessian"`` (indefinite away from a minimum: OBS then
             needs a large damping, found automatically).
         damping: :math:`\rho`, the damping relative to the mean curvature diagonal.
-        m: Gradients of the empirical Fisher (None: one per chunk of the data).
+        m: Gradients of the empirical Fisher (``"auto"``: 256, or every chunk when the data
+            holds fewer; None: every chunk).
         batch_size: Samples per gradient.
         budget: OBD with the GGN or Hessian: Hutchinson probes of the diagonal (None: exact,
             from the dense matrix).

@@ -60,7 +60,7 @@ def group_saliency(
     obj: Objective,
     groups: str | Sequence[Unit] = "heads",
     *,
-    m: int | None = 256,
+    m: int | str | None = "auto",
     batch_size: int = 1,
     seed: int = 0,
 ) -> GroupSaliency:
@@ -69,7 +69,8 @@ def group_saliency(
     Args:
         obj: The objective; it must analyse every parameter the groups own.
         groups: ``"heads"``, ``"channels"`` (MLP neurons) of the known modules, or units.
-        m: Gradients (per chunk of ``batch_size`` samples; None: all).
+        m: Gradients (per chunk of ``batch_size`` samples; ``"auto"``: 256 or all when
+            fewer; None: all).
         batch_size: Samples per gradient.
         seed: Seed of the chunks drawn.
 
