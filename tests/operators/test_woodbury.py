@@ -109,3 +109,18 @@ def test_state_dict_restores_products_to_the_bit():
     for g in _grads(3, 30, seed=6):
         F.update(g), again.update(g)
         assert torch.equal(F @ v, again @ v) and torch.equal(F.inverse() @ v, again.inverse() @ v)
+
+
+def test_an_inverse_follows_updates_with_or_without_extra_damping():
+    G = _grads(6, 25)
+    F = WoodburyFisher(G[:3], damping=0.2, window=4)
+    plain, damped = F.inverse(), F.inverse(0.3)
+    v = _grads(1, 25, seed=8)[0]
+    plain @ v, damped @ v  # factor cached before the updates
+    for g in G[3:]:
+        F.update(g)
+    held = F.grads
+    assert torch.allclose(plain @ v, torch.linalg.solve(_dense(held, 0.2), v), rtol=1e-10)
+    assert torch.allclose(damped @ v, torch.linalg.solve(_dense(held, 0.5), v), rtol=1e-10)
+    inv = torch.linalg.inv(_dense(held, 0.5))
+    assert torch.allclose(damped.diag(), torch.diagonal(inv), rtol=1e-10)

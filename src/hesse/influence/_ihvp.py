@@ -245,7 +245,7 @@ def _lissa(op, B, damping, tol, max_matvecs, seed, who):
 def _woodbury(op, B, damping, tol, max_matvecs, seed, who):
     if not isinstance(op, WoodburyFisher):
         raise TypeError(f"{who}(ihvp='woodbury'): expected a WoodburyFisher, got {op!r}.")
-    X = op.inverse() @ B
-    rel = _relative(op, X, B, 0.0)
+    X = op.inverse(damping) @ B
+    rel = _relative(op, X, B, damping)
     ok = bool((rel <= max(tol, 1e-6)).all())
-    return X, InverseDiagnostics("woodbury", op.damping, ok, B.shape[1], rel, tol)
+    return X, InverseDiagnostics("woodbury", op.damping + damping, ok, B.shape[1], rel, tol)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._positions import sample_count
 from ..objective import Objective
 from ._ihvp import InverseDiagnostics, inverse_products
 from .scores import CURVATURES, curvature_operator
@@ -174,7 +175,11 @@ def _quadratic_step(op, g: torch.Tensor, d: torch.Tensor, lam: float) -> float:
 
 
 def _count(objective: Objective) -> int:
-    return sum(len(b[0]) if isinstance(b, (tuple, list)) else 1 for b in objective.batches())
+    """Samples in the objective's data (tuple, dict or tensor batches alike)."""
+    counts = [sample_count(b) for b in objective.batches()]
+    if None in counts:
+        raise ValueError("unlearn: a batch holds no tensor to count its samples from.")
+    return sum(counts)
 
 
 def _with_params(model: nn.Module, objective: Objective, theta: torch.Tensor) -> nn.Module:

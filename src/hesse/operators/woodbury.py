@@ -151,56 +151,57 @@ class WoodburyFisher(Operator):
             return torch.full((self.shape[0],), self.damping, dtype=self.dtype, device=self.device)
         return self.damping + (self._G() ** 2).sum(0) / self.m
 
-    def inverse_diag(self) -> torch.Tensor:
-        r"""The diagonal of ``F^{-1}`` (for OBS/M-FAC saliencies ``w^2 / (2 [F^{-1}]_{qq})``).
+    def inverse_diag(self, extra: float = 0.0) -> torch.Tensor:
+        r"""The diagonal of ``(F + extra I)^{-1}``, for saliencies ``w^2 / (2 [F^{-1}]_{qq})``.
 
         :math:`[F^{-1}]_{qq} = \frac{1}{\lambda}(1 - \sum_a W_{aq}^2)` with
-        :math:`W = L^{-1} G`, :math:`L L^\top = m\lambda I + G G^\top`. Costs ``O(m^2 d)``.
+        :math:`W = L^{-1} G`, :math:`L L^\top = m\lambda I + G G^\top`. Costs ``O(m^2 d)``,
+        over column chunks (no float64 copy of ``G``).
         """
+        lam = self.damping + extra
+        out = torch.full((self.shape[0],), 1 / lam, dtype=self.dtype, device=self.device)
         if self.m == 0:
-            return torch.full(
-                (self.shape[0],), 1 / self.damping, dtype=self.dtype, device=self.device
-            )
-        W = torch.linalg.solve_triangular(
-            self._cholesky(), self._G().to(torch.float64), upper=False
-        )
-        return ((1 - (W**2).sum(0)) / self.damping).to(self.dtype)
+            return out
+        L, G = self._cholesky(lam), self._G()
+        for c in range(0, G.shape[1], CHUNK):
+            W = torch.linalg.solve_triangular(L, G[:, c : c + CHUNK].to(torch.float64), upper=False)
+            out[c : c + CHUNK] = ((1 - (W**2).sum(0)) / lam).to(self.dtype)
+        return out
 
     def inverse(self, damping: float = 0.0, **options) -> Operator:
-        """``F^{-1}`` exactly, by the Woodbury identity (``O(m d)`` per product).
+        """``(F + damping I)^{-1}`` exactly, by the Woodbury identity (``O(m d)`` per product).
 
-        ``damping`` adds to this operator's own damping (``(F + damping I)^{-1}``); the
-        iterative-solver ``options`` of :meth:`Operator.inverse` do not apply and are refused.
+        The inverse follows :meth:`update`: its products always use the gradients held now.
+        The iterative-solver ``options`` of :meth:`Operator.inverse` do not apply and are
+        refused.
         """
         if options:
             raise ValueError(
                 f"WoodburyFisher.inverse: the inverse is exact (Woodbury); solver options "
                 f"{sorted(options)} do not apply. Call .inverse() or .inverse(damping)."
             )
-        F = self if damping == 0 else self._with_damping(self.damping + float(damping))
-        return _WoodburyInverse(F)
+        if not damping >= 0:
+            raise ValueError(f"WoodburyFisher.inverse: damping must be >= 0, got {damping}.")
+        return _WoodburyInverse(self, float(damping))
 
-    def _with_damping(self, damping: float) -> WoodburyFisher:
-        F = WoodburyFisher(self._buf[:0], damping, window=self.window, space=self.space)
-        F._buf, F._K, F._count, F._head = self._buf, self._K, self._count, self._head
-        return F
-
-    def _cholesky(self) -> torch.Tensor:
-        if self._factor is None:
+    def _cholesky(self, lam: float) -> torch.Tensor:
+        """Lower Cholesky factor of ``m lam I + G G^T`` (cached per ``lam`` until an update)."""
+        if self._factor is None or self._factor[0] != lam:
             eye = torch.eye(self.m, dtype=torch.float64, device=self.device)
             K = self._K[: self.m, : self.m]
-            self._factor = torch.linalg.cholesky(self.m * self.damping * eye + K)
-        return self._factor
+            self._factor = (lam, torch.linalg.cholesky(self.m * lam * eye + K))
+        return self._factor[1]
 
-    def _solve(self, V: torch.Tensor) -> torch.Tensor:
-        """``F^{-1} V`` for ``V`` (d, k)."""
+    def _solve(self, V: torch.Tensor, extra: float = 0.0) -> torch.Tensor:
+        """``(F + extra I)^{-1} V`` for ``V`` (d, k)."""
+        lam = self.damping + extra
         if self.m == 0:
-            return V / self.damping
+            return V / lam
         # G @ V and G^T @ inner run in G's dtype (a float64 copy of G would double the memory
         # and the time at d = 1e6); only the small m x m solve runs in float64.
         G = self._G()
-        inner = torch.cholesky_solve((G @ V).to(torch.float64), self._cholesky())
-        return (V - G.T @ inner.to(G.dtype)) / self.damping
+        inner = torch.cholesky_solve((G @ V).to(torch.float64), self._cholesky(lam))
+        return (V - G.T @ inner.to(G.dtype)) / lam
 
     def __repr__(self) -> str:
         return (
@@ -210,19 +211,19 @@ class WoodburyFisher(Operator):
 
 
 class _WoodburyInverse(Operator):
-    """``F^{-1}`` of a :class:`WoodburyFisher`, exact; symmetric positive definite."""
+    """``(F + extra I)^{-1}`` of a :class:`WoodburyFisher`, exact; symmetric positive definite."""
 
-    def __init__(self, fisher: WoodburyFisher):
+    def __init__(self, fisher: WoodburyFisher, extra: float):
         d = fisher.shape[0]
         super().__init__(d, fisher.dtype, fisher.device, tags=(SYMMETRIC, PSD), space=fisher.space)
-        self.fisher = fisher
+        self.fisher, self.extra = fisher, extra
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self.fisher._solve(V)
+        return self.fisher._solve(V, self.extra)
 
     def diag(self) -> torch.Tensor:
-        """The diagonal of ``F^{-1}``, shape ``(d,)``."""
-        return self.fisher.inverse_diag()
+        """The diagonal of ``(F + extra I)^{-1}``, shape ``(d,)``."""
+        return self.fisher.inverse_diag(self.extra)
 
 
 def _gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

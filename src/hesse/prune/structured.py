@@ -115,7 +115,10 @@ def expert_saliency(obj: Objective, mlp_modules: Sequence[str] | None = None) ->
         params = {n: p.detach().requires_grad_(True) for n, p in obj.params.items()}
         with torch.enable_grad():
             value, w = obj.batch_loss(params, batch)
-            value.backward()
+            # gradients with respect to the MLP outputs only: no .grad is left in the model
+            outputs = [probe.output for probe in probes]
+            for probe, gamma in zip(probes, torch.autograd.grad(value, outputs), strict=True):
+                probe.gamma = gamma.detach()
         return torch.cat([probe.take() for probe in probes]), w
 
     handles = [probe.attach() for probe in probes]
@@ -136,6 +139,7 @@ class _Probe:
         self.hooked = module if isinstance(module, tiny_lm.MLP) else module.output.dense
         self.h: torch.Tensor | None = None
         self.gamma: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
 
     def attach(self):
         return self.hooked.register_forward_hook(self._forward)
@@ -144,18 +148,14 @@ class _Probe:
         x = inputs[0].detach()
         if isinstance(module, tiny_lm.MLP):
             x = F.gelu(F.linear(x, module.in_weight.detach(), module.in_bias.detach()))
-        self.h, self.W = x, self._weight(module).detach()
-        output.register_hook(self._backward)
+        self.h, self.W, self.output = x, self._weight(module).detach(), output
 
     def _weight(self, module: nn.Module) -> torch.Tensor:
         return module.out_weight if isinstance(module, tiny_lm.MLP) else module.weight
-
-    def _backward(self, grad: torch.Tensor) -> None:
-        self.gamma = grad.detach()
 
     def take(self) -> torch.Tensor:
         r""":math:`\sum_t h_{tj}^2 (\gamma_t^\top W_{:j})^2` per neuron, for this batch."""
         P = self.gamma @ self.W  # (..., I)
         s = ((self.h * P) ** 2).reshape(-1, P.shape[-1]).sum(0)
-        self.h = self.gamma = None
+        self.h = self.gamma = self.output = None
         return s

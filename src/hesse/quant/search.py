@@ -92,6 +92,11 @@ def search(
     """
     if sens is None:
         sens = sensitivity(obj, bits, quantizer=quantizer)
+    elif quantizer is not None and quantizer != sens.quantizer:
+        raise ValueError(
+            f"search: quantizer={quantizer} differs from the one the sensitivity was measured "
+            f"with ({sens.quantizer}); pass one of them, or measure sens with this quantizer."
+        )
     quantizer = quantizer or sens.quantizer
     metric = metric or objective_loss(obj)
     if budget is None:
