@@ -90,3 +90,12 @@ def test_adahessian_first_step_follows_its_definition_on_a_conv_model():
         want, _ = adahessian_update(p.detach(), g.detach(), d, {}, **hyper)
         assert torch.allclose(got.detach(), want, rtol=1e-12, atol=1e-14)
     assert model[0].weight.dim() == 4  # the conv kernel went through the spatial average
+
+
+def test_hutchinson_skips_parameters_the_loss_does_not_reach():
+    used = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = AdaHessian([used, unused], lr=0.1, seed=0)
+    opt.step(lambda: (used**4).sum())
+    assert torch.equal(unused.detach(), torch.ones(3, dtype=torch.float64))
+    assert not torch.equal(used.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64))

@@ -72,6 +72,15 @@ def test_fixed_and_tied_layers_are_honoured_exactly():
     assert alloc.bits["l1"] == alloc.bits["l2"] == alloc.bits["l5"]
 
 
+def test_a_tie_with_one_fixed_member_fixes_the_others():
+    sens = random_sens(5, 4)
+    budget = 0.6 * sum(r.n_params for r in sens.layers)
+    fixed, tie = {"l0": 8}, [["l0", "l1"]]
+    alloc = quant.allocate(sens, budget, fixed=fixed, tie=tie, frontier=0)
+    assert alloc.bits["l0"] == alloc.bits["l1"] == 8
+    assert alloc.predicted == pytest.approx(brute(sens, budget, fixed=fixed, tie=tie)[0], rel=1e-9)
+
+
 def test_infeasible_budget_names_the_smallest_feasible_one():
     sens = random_sens(5, 2)
     least = sum(r.n_params * 2 / 8 for r in sens.layers if r.name != "l4") + sens["l4"].n_params
@@ -102,7 +111,7 @@ def test_bad_arguments_are_refused():
         quant.allocate(sens, 100, fixed={"head": 8})
     with pytest.raises(ValueError, match="unknown layer 'x'"):
         quant.allocate(sens, 100, tie=[["l0", "x"]])
-    with pytest.raises(ValueError, match="different fixed widths"):
+    with pytest.raises(ValueError, match="fixed to different widths"):
         quant.allocate(sens, 1e6, fixed={"l0": 2, "l1": 4}, tie=[["l0", "l1"]])
     with pytest.raises(ValueError, match="1 to 16"):
         quant.allocate(sens, 100, bits=(0, 2))

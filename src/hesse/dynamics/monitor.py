@@ -181,7 +181,7 @@ class SharpnessMonitor:
             tr = trace(op, self.trace_budget, seed=self.seed + step_index) if self.trace else None
             loss = float(obj.value())
         self.last = found
-        threshold = None if lr is None else (2.0 + 2.0 * momentum) / lr
+        threshold = (2.0 + 2.0 * momentum) / lr if lr else None  # none at lr 0 or unknown
         record = SharpnessRecord(
             step=int(step_index), lr=lr, momentum=momentum, loss=loss,
             lambda_max=float(found.values[0]), residual=float(found.residuals[0]),

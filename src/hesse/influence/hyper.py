@@ -125,6 +125,12 @@ def hypergradient(
         (torch.Size([]), True)
     """
     start = time.perf_counter()
+    if ihvp not in ("exact", "cg", "lissa"):
+        raise ValueError(
+            f"hypergradient: ihvp must be 'exact', 'cg' or 'lissa', got {ihvp!r} (the Woodbury "
+            "inverse is of the empirical Fisher, not of the Hessian the implicit function "
+            "theorem needs)."
+        )
     if outer.space.names != inner.space.names or outer.space.shapes != inner.space.shapes:
         raise ValueError(
             "hypergradient: the outer objective analyses other parameters than the inner one "

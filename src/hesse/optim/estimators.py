@@ -77,9 +77,16 @@ class Hutchinson:
         total = [torch.zeros_like(p) for p in params]
         for i, z in enumerate(probes):
             keep = i < len(probes) - 1
-            Hz = torch.autograd.grad(grads, params, grad_outputs=z, retain_graph=keep)
-            for t, zi, hi in zip(total, z, Hz, strict=True):
-                t.add_(zi * hi.detach(), alpha=1 / len(probes))
+            # gradients of parameters the loss does not reach have no graph: their Hessian
+            # rows are zero
+            live = [i for i, g in enumerate(grads) if g.requires_grad]
+            Hz = torch.autograd.grad(
+                [grads[i] for i in live], [params[i] for i in live],
+                grad_outputs=[z[i] for i in live], retain_graph=keep, allow_unused=True,
+            )  # fmt: skip
+            for i, hi in zip(live, Hz, strict=True):
+                if hi is not None:
+                    total[i].add_(z[i] * hi.detach(), alpha=1 / len(probes))
         return total
 
     def finish(self, total: Tensors, rows: int) -> Tensors:

@@ -112,6 +112,11 @@ class MFAC(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore what :meth:`state_dict` saved, the gradient window included."""
         state_dict = dict(state_dict)
-        fisher = state_dict.pop("hesse", {}).get("fisher")
+        if "hesse" not in state_dict:
+            raise ValueError(
+                "MFAC.load_state_dict: the state has no 'hesse' entry (the gradient window); "
+                "pass a dict from MFAC.state_dict(), not from another optimizer."
+            )
+        fisher = state_dict.pop("hesse")["fisher"]
         super().load_state_dict(state_dict)
         self.fisher = None if fisher is None else WoodburyFisher.from_state_dict(fisher)

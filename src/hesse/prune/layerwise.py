@@ -257,7 +257,7 @@ def _inverse_factor(H: torch.Tensor, damping: float) -> tuple[torch.Tensor, floa
     if not damping > 0:
         raise ValueError(f"obs_layer: damping must be > 0, got {damping}; 0.01 is typical.")
     scale = float(H.diagonal().mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     rho = damping
     for raised in range(_RAISES):
         L, info = torch.linalg.cholesky_ex(H + rho * scale * eye)
@@ -299,7 +299,7 @@ def _magnitude_mask(W: torch.Tensor, sparsity, keep_n, group) -> torch.Tensor:
     """Kept weights of the whole layer by :math:`|w|` (as magnitude pruning keeps them)."""
     return _block_mask(
         W,
-        torch.ones(W.shape[1], dtype=W.dtype),
+        torch.ones(W.shape[1], dtype=W.dtype, device=W.device),
         _zeros(sparsity, W.shape[0], slice(0, W.shape[1])) if group is None else None,
         keep_n,
         group,
@@ -308,7 +308,7 @@ def _magnitude_mask(W: torch.Tensor, sparsity, keep_n, group) -> torch.Tensor:
 
 def _sweep(W: torch.Tensor, U: torch.Tensor, mask: torch.Tensor, cols: slice) -> None:
     """Zero the block's pruned weights column by column, each error spread to its right."""
-    Err = torch.zeros(W.shape[0], cols.stop - cols.start, dtype=W.dtype)
+    Err = torch.zeros(W.shape[0], cols.stop - cols.start, dtype=W.dtype, device=W.device)
     for j, q in enumerate(range(cols.start, cols.stop)):
         w = W[:, q]
         err = torch.where(mask[:, q], 0.0, w) / U[q, q]

@@ -81,14 +81,20 @@ class _Program:
         self.rhs.append(rhs)
 
     def _tie(self, layers: list[int]) -> None:
+        """One width for all ``layers``: one a member is fixed to, else any they all allow."""
         first, *others = layers
+        common = set(self.choices[first]).intersection(*(self.choices[i] for i in others))
+        if not common:
+            names = [self.names[i] for i in layers]
+            raise ValueError(
+                f"allocate: tied layers {names} are fixed to different widths; fix them to the "
+                "same width or untie them."
+            )
+        for i in layers:
+            for b in set(self.choices[i]) - common:
+                self._equal({(i, b): 1.0}, 0.0)
         for other in others:
-            if self.choices[first] != self.choices[other]:
-                raise ValueError(
-                    f"allocate: tied layers {self.names[first]!r} and {self.names[other]!r} "
-                    "have different fixed widths; fix both to the same width or untie them."
-                )
-            for b in self.choices[first]:
+            for b in sorted(common):
                 self._equal({(first, b): 1.0, (other, b): -1.0}, 0.0)
 
     def solve(self, objective: Sequence[float], budget: float | None) -> np.ndarray | None:

@@ -61,6 +61,8 @@ def hessian_alignment(
     params = list(params)
     if method not in METHODS:
         raise ValueError(f"hessian_alignment: method must be one of {METHODS}, got {method!r}.")
+    if probes < 1:
+        raise ValueError(f"hessian_alignment: probes must be >= 1, got {probes}.")
     if len(env_losses) < 2:
         raise ValueError(
             f"hessian_alignment: needs the losses of at least two domains, got {len(env_losses)}."

@@ -24,6 +24,9 @@ from dataclasses import asdict, dataclass, field
 from html import escape
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from hesse import _atomic
 from hesse.report.html import STYLE, _img, _table
 
@@ -139,6 +142,6 @@ def _cell(value: object) -> str:
 
 def _plain(value: object) -> object:
     """JSON for tensors and numpy numbers that slipped into a document."""
-    if hasattr(value, "tolist"):
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
         return value.tolist()
     raise TypeError(f"Page.save: {type(value).__name__} is not JSON-able; convert it in the doc.")
