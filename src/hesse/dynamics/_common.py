@@ -1,4 +1,4 @@
-"""Helpers shared by the dynamics modules: the curvature operator of a name, eval mode."""
+"""Helpers shared by the dynamics modules: eval mode (and the curvature operator of a name)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,9 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from ..objective import Objective
-from ..operators import FisherOperator, GGNOperator, HessianOperator, Operator
+from ..operators import CURVATURES, curvature_operator
 
-CURVATURES = ("hessian", "ggn", "fisher")
-"""Curvature matrices the dynamics tools accept by name."""
-
-
-def curvature_operator(obj: Objective, curvature: str) -> Operator:
-    """The operator of ``obj`` named ``curvature`` (``"hessian"``, ``"ggn"`` or ``"fisher"``).
-
-    Raises:
-        ValueError: an unknown name.
-    """
-    if curvature == "hessian":
-        return HessianOperator(obj)
-    if curvature == "ggn":
-        return GGNOperator(obj)
-    if curvature == "fisher":
-        return FisherOperator(obj)
-    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+__all__ = ["CURVATURES", "curvature_operator", "eval_mode"]
 
 
 @contextmanager

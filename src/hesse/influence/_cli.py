@@ -10,9 +10,10 @@ import torch
 from .._cli_inputs import UsageError, parse_params
 from ..linalg import eigs
 from ..objective import Objective
+from ..operators import curvature_operator
 from ..report.page import Page, Section, png
 from ._ihvp import METHODS
-from .scores import InfluenceResult, curvature_operator, influence
+from .scores import InfluenceResult, influence
 
 SUMMARY = "Influence functions: the training points that most help and harm each test point."
 EXAMPLES = """examples:

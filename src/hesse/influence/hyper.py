@@ -27,10 +27,9 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from ..objective import Objective
-from ..operators import PSD, SYMMETRIC, Operator
+from ..operators import CURVATURES, PSD, SYMMETRIC, Operator, curvature_operator
 from ..params import ParamSpace
 from ._ihvp import InverseDiagnostics, inverse_products
-from .scores import CURVATURES, curvature_operator
 
 Penalty = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

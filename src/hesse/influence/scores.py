@@ -27,12 +27,10 @@ import torch
 from torch import nn
 
 from ..objective import Objective
-from ..operators import FisherOperator, GGNOperator, HessianOperator, Operator, WoodburyFisher
+from ..operators import CURVATURES, WoodburyFisher, curvature_operator
 from ..plan import plan
 from ._grads import check_same_layout, sample_gradients
 from ._ihvp import METHODS, InverseDiagnostics, inverse_products
-
-CURVATURES = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": FisherOperator}
 
 
 @dataclass(frozen=True)
@@ -280,8 +278,3 @@ def _memory(train: Objective, method: str, curvature: str, n: int, q: int, rows:
         p = plan(train, k=1, steps=1, probes=1, curvature=curvature)
         out["operator_graphs"] = p.graphs_bytes
     return out | {"total": sum(out.values())}
-
-
-def curvature_operator(objective: Objective, curvature: str) -> Operator:
-    """The ``hesse`` operator named ``curvature`` for ``objective``."""
-    return CURVATURES[curvature](objective)

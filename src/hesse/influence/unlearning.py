@@ -38,8 +38,8 @@ from torch import nn
 
 from .._positions import sample_count
 from ..objective import Objective
+from ..operators import CURVATURES, curvature_operator
 from ._ihvp import InverseDiagnostics, inverse_products
-from .scores import CURVATURES, curvature_operator
 
 METHODS = ("newton", "iau")
 

@@ -10,10 +10,18 @@ from .base import (
     ScaledOperator,
     SumOperator,
 )
-from .model import FisherOperator, GGNOperator, HessianOperator, ModelOperator
+from .model import (
+    CURVATURES,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    ModelOperator,
+    curvature_operator,
+)
 from .woodbury import WoodburyFisher
 
 __all__ = [
+    "CURVATURES",
     "PSD",
     "SYMMETRIC",
     "DenseOperator",
@@ -27,4 +35,5 @@ __all__ = [
     "ScaledOperator",
     "SumOperator",
     "WoodburyFisher",
+    "curvature_operator",
 ]

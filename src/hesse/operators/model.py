@@ -427,3 +427,21 @@ class FisherOperator(_Linearized):
 
 def _loss_kind(objective: Objective) -> str | None:
     return objective.loss_spec.kind if objective.loss_spec is not None else None
+
+
+CURVATURES = ("hessian", "ggn", "fisher")
+"""The curvature matrices the applications take by name (``curvature=``)."""
+
+
+def curvature_operator(obj, curvature: str, who: str = "curvature_operator") -> ModelOperator:
+    """The operator of ``obj`` named ``curvature``: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
+
+    ``"fisher"`` is the empirical Fisher (:class:`FisherOperator`'s default).
+
+    Raises:
+        ValueError: an unknown name (the message starts with ``who``).
+    """
+    kinds = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": FisherOperator}
+    if curvature not in kinds:
+        raise ValueError(f"{who}: curvature must be one of {CURVATURES}, got {curvature!r}.")
+    return kinds[curvature](obj)

@@ -14,7 +14,7 @@ import torch
 
 from ..linalg import diagonal
 from ..objective import Objective
-from ..operators import GGNOperator, HessianOperator, WoodburyFisher
+from ..operators import WoodburyFisher, curvature_operator
 from ._gradients import collect_gradients
 
 CURVATURES = ("fisher", "ggn", "hessian")
@@ -191,8 +191,7 @@ def _diagonal(obj, kind, m, batch_size, budget, seed) -> torch.Tensor:
         return (G**2).mean(0)
     if budget is None:
         return _dense(obj, kind, m, batch_size, seed).diagonal()
-    op = GGNOperator(obj) if kind == "ggn" else HessianOperator(obj)
-    return diagonal(op, budget, seed=seed).value
+    return diagonal(curvature_operator(obj, kind, "prune"), budget, seed=seed).value
 
 
 def _dense(obj, kind, m, batch_size, seed) -> torch.Tensor:
@@ -205,8 +204,7 @@ def _dense(obj, kind, m, batch_size, seed) -> torch.Tensor:
     if kind == "fisher":
         G = collect_gradients(obj, m, batch_size=batch_size, seed=seed)
         return G.T @ G / G.shape[0]
-    op = GGNOperator(obj) if kind == "ggn" else HessianOperator(obj)
-    C = op.to_dense()
+    C = curvature_operator(obj, kind, "prune").to_dense()
     return (C + C.T) / 2
 
 

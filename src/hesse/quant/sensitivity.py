@@ -9,12 +9,11 @@ from dataclasses import asdict, dataclass, field
 
 from ..linalg import block_traces, eigs
 from ..objective import Objective
-from ..operators import FisherOperator, GGNOperator, HessianOperator
+from ..operators import CURVATURES, curvature_operator
 from ._layers import macs_per_sample, quantizable
 from .quantizer import Quantizer, check_bits
 
 METHODS = ("trace", "eig", "qbert")
-CURVATURES = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": FisherOperator}
 RULE = (
     "omega[b] = max(s, 0) * delta_sq[b]: a layer whose score s comes out negative (flag "
     "'negative') is predicted to cost nothing when quantized; its estimate is reported as it is"
@@ -236,7 +235,7 @@ def _first(obj: Objective):
 
 
 def _trace_scores(sub, chosen, curvature, budget, seed):
-    op = CURVATURES[curvature](sub)
+    op = curvature_operator(sub, curvature, "sensitivity")
     groups = {name: [param] for name, param in chosen.items()}
     found = block_traces(op, budget, groups=groups, seed=seed)
     out = {}
@@ -254,7 +253,7 @@ def _trace_scores(sub, chosen, curvature, budget, seed):
 
 
 def _eig_scores(sub, chosen, curvature, budget, seed):
-    op, out = CURVATURES[curvature](sub), {}
+    op, out = curvature_operator(sub, curvature, "sensitivity"), {}
     for name, param in chosen.items():
         r = eigs(op.restrict([param]), k=1, max_matvecs=budget, seed=seed, progress=False)
         top = float(r.values[0])
