@@ -220,10 +220,24 @@ def _widths(sens: Sensitivity, bits: Sequence[int], what: str) -> tuple[int, ...
     return out
 
 
-def _frontier(program: _Program, points: int) -> tuple[FrontierPoint, ...]:
-    """Pareto set of (cost, Ω) over ``points`` budgets between the cheapest and dearest."""
+def frontier(
+    sens: Sensitivity, upper: float, *, cost: str, bits: Sequence[int], points: int
+) -> tuple[FrontierPoint, ...]:
+    """The Pareto set of Ω-optimal allocations at ``points`` budgets up to ``upper``."""
+    program = _Program(sens, _widths(sens, bits, "bits"), cost, {}, [], 8)
+    return _frontier(program, points, upper)
+
+
+def _frontier(
+    program: _Program, points: int, upper: float | None = None
+) -> tuple[FrontierPoint, ...]:
+    """Pareto set of (cost, Ω) over ``points`` budgets from the cheapest to ``upper``.
+
+    ``upper`` defaults to the dearest configuration's cost.
+    """
     least = program.total(program.cost, program.solve(program.cost, None))
     most = program.total(program.cost, program.solve([-c for c in program.cost], None))
+    most = most if upper is None else upper
     found = {}
     for budget in np.linspace(least, most, max(points, 2)):
         x = program.solve(program.omega, float(budget))

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..objective import Objective
-from .allocate import Allocation, FrontierPoint, allocate
+from .allocate import Allocation, FrontierPoint, allocate, frontier
 from .quantize import quantize
 from .quantizer import Quantizer
 from .sensitivity import Sensitivity, sensitivity
@@ -102,7 +101,7 @@ def search(
     if budget is None:
         budget = _total(sens, max(bits), cost)
     start = allocate(sens, budget, cost=cost, bits=bits, frontier=0)
-    path = _path(sens, budget, bits, cost, points)
+    path = list(frontier(sens, budget, cost=cost, bits=bits, points=points))
     baseline = metric(obj.model)
     target = baseline + tolerance
     seen: dict[int, float] = {}
@@ -138,24 +137,6 @@ def objective_loss(obj: Objective) -> Metric:
             return float(obj.accumulate(lambda i, batch: obj.batch_loss(params, batch)))
 
     return loss
-
-
-def _path(sens: Sensitivity, budget: float, bits, cost: str, points: int) -> list[FrontierPoint]:
-    """Pareto set of the Ω-optimal allocations at ``points`` budgets up to ``budget``."""
-    found = {}
-    for b in np.linspace(_total(sens, min(bits), cost), budget, max(points, 2)):
-        a = allocate(sens, float(b), cost=cost, bits=bits, frontier=0)
-        found[tuple(a.bits.items())] = FrontierPoint(_cost(a), a.predicted, a.bits)
-    path, best = [], np.inf
-    for p in sorted(found.values(), key=lambda p: (p.cost, p.predicted)):
-        if p.predicted < best:
-            path.append(p)
-            best = p.predicted
-    return path
-
-
-def _cost(alloc: Allocation) -> float:
-    return alloc.size_bytes if alloc.cost == "size" else alloc.bops
 
 
 def _total(sens: Sensitivity, b: int, cost: str) -> float:
