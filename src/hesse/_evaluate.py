@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hesse._losses import logits_of
-from hesse.objective import Objective, _inputs
+from hesse.objective import Objective, model_inputs
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def evaluate(
             if loss_fn is None:
                 out, y = obj.outputs(obj.params, batch), obj.targets(batch)
             else:
-                out, y = logits_of(model(_inputs(batch))), batch[1]
+                out, y = logits_of(model(model_inputs(batch))), batch[1]
             hits = _hits(out, y)
             if hits is None:
                 return Evaluation(obj.value().item(), None, 0)

@@ -303,7 +303,7 @@ class Objective:
                 "Objective: this curvature needs the model outputs apart from the loss, which a "
                 "loss_fn= objective does not expose; build the Objective with loss= instead."
             )
-        out = logits_of(self._forward(params, _inputs(batch)))
+        out = logits_of(self._forward(params, model_inputs(batch)))
         task = self.task
         return out if task is None else task_outputs(task, out)
 
@@ -463,7 +463,7 @@ class Objective:
         """The logits of a dict batch without its labels, and the model's own loss with them."""
         with torch.no_grad():
             own = own_loss(self._forward(self.params, batch))
-            return logits_of(self._forward(self.params, _inputs(batch))), own
+            return logits_of(self._forward(self.params, model_inputs(batch))), own
 
 
 def _zero(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -471,7 +471,7 @@ def _zero(params: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(p.sum() for p in params.values()) * 0.0
 
 
-def _inputs(batch: Batch) -> Any:
+def model_inputs(batch: Batch) -> Any:
     """What the model is called with: a dict batch less its ``labels``, or ``batch[0]``."""
     if isinstance(batch, Mapping):
         return {k: v for k, v in batch.items() if k != "labels"}
