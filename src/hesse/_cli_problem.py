@@ -49,14 +49,14 @@ class Problem:
 
 def from_demo(args: argparse.Namespace, progress: bool, holdout: float = 0.0) -> Problem:
     """A built-in demo (``--demo``), with ``holdout`` of its samples held out when > 0."""
-    args.loss = args.loss or "cross_entropy"
-    if args.loss not in inputs.LOSSES:
+    loss = args.loss or "cross_entropy"
+    if loss not in inputs.LOSSES:
         raise UsageError(
-            f"--loss {args.loss!r} with --demo: the demos train with cross_entropy or mse; "
+            f"--loss {loss!r} with --demo: the demos train with cross_entropy or mse; "
             "a custom loss needs --model and --data."
         )
     try:
-        demo = load_demo(args.demo, loss=args.loss, holdout=holdout, progress=progress)
+        demo = load_demo(args.demo, loss=loss, holdout=holdout, progress=progress)
     except ValueError as err:
         raise UsageError(str(err)) from err
     samples = args.samples if args.samples is not None else demo.defaults.get("samples")
