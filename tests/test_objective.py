@@ -554,3 +554,17 @@ def test_two_processes_empty_shard_and_sample_positions(tmp_path):
     # a non-shuffling DistributedSampler deals samples out in turn; positions stay global
     assert got[0]["loader"] == [[0, 2, 4, 6], [8, 10]]
     assert got[1]["loader"] == [[1, 3, 5, 7], [9, 11]]
+
+
+def test_with_data_is_the_same_objective_over_other_batches():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x, y = torch.randn(9, 3), torch.randint(0, 2, (9,))
+    obj = hesse.Objective(model, [(x[:5], y[:5]), (x[5:], y[5:])], F.cross_entropy, params=["2"])
+    one = obj.with_data([(x[5:], y[5:])])
+    fresh = hesse.Objective(model, [(x[5:], y[5:])], F.cross_entropy, params=["2"])
+    assert one.space.names == fresh.space.names
+    assert torch.allclose(one.value(), fresh.value()) and torch.allclose(
+        one.gradient(), fresh.gradient()
+    )
+    assert not torch.allclose(obj.value(), one.value())  # the original keeps its data

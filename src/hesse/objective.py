@@ -406,6 +406,19 @@ class Objective:
         sub.space = self.space.subspace(chosen)
         return sub
 
+    def with_data(self, data: Any) -> Objective:
+        """The same objective (model, loss, parameters, dtype) over other data, e.g. one batch.
+
+        Args:
+            data: What the constructor's ``data`` takes.
+        """
+        sub = copy.copy(self)
+        sub._data = as_batches(data, has_loss_fn=self.loss_fn is not None)
+        sub._positions = None
+        first = next(iter(sub._data), None)
+        sub._shard_offset = check_shards(first is None, sub._data, self.device)
+        return sub
+
     # ------------------------------------------------------------------ helpers
     def _forward(self, params: dict[str, torch.Tensor], inputs: Any) -> Any:
         if isinstance(inputs, Mapping):

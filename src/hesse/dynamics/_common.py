@@ -1,4 +1,4 @@
-"""Helpers shared by the dynamics modules: eval mode (and the curvature operator of a name)."""
+"""Helpers shared by the dynamics modules: eval mode for a measurement."""
 
 from __future__ import annotations
 
@@ -6,10 +6,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import nn
-
-from ..operators import CURVATURES, curvature_operator
-
-__all__ = ["CURVATURES", "curvature_operator", "eval_mode"]
 
 
 @contextmanager

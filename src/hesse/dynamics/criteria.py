@@ -7,7 +7,7 @@ from typing import Any
 
 from ..linalg import DensityResult, density, eigs
 from ..objective import Objective
-from ._common import curvature_operator
+from ..operators import curvature_operator
 
 DEFINITIONS = {
     "ratio": "λmax / λk: how far the top eigenvalue stands above the k-th (outlier dominance)",

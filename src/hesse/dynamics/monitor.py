@@ -15,7 +15,8 @@ from torch import nn
 
 from ..linalg import EigResult, eigs, trace
 from ..objective import Objective
-from ._common import CURVATURES, curvature_operator, eval_mode
+from ..operators import CURVATURES, curvature_operator
+from ._common import eval_mode
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 
 from ..linalg import eigs
 from ..objective import Objective
-from ._common import curvature_operator
+from ..operators import curvature_operator
 
 
 @dataclass(frozen=True)
@@ -138,16 +138,7 @@ def _summary(sizes, values, full: float, n: int, used: int) -> BatchSpectrum:
 
 def _top(obj: Objective, batch: Any, k: int, curvature: str, tol: float, seed: int):
     """Top-``k`` eigenpairs of the curvature of ``obj``'s model and loss on one batch."""
-    sub = Objective(
-        obj.model,
-        [batch],
-        obj.loss if obj.loss_source == "loss=" else None,
-        loss_fn=obj.loss_fn,
-        params=list(obj.params),
-        dtype=obj.dtype,
-        device=obj.device,
-    )
-    return eigs(curvature_operator(sub, curvature), k, tol=tol, seed=seed)
+    return eigs(curvature_operator(obj.with_data([batch]), curvature), k, tol=tol, seed=seed)
 
 
 def _concat(batches: list) -> Any:

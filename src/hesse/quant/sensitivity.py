@@ -265,16 +265,7 @@ def _qbert_scores(sub, chosen, curvature, budget, seed):
     tops: dict[str, list[float]] = {name: [] for name in chosen}
     used = 0
     for batch in sub.batches():
-        one = Objective(
-            sub.model,
-            [batch],
-            sub.loss if sub.loss_source == "loss=" else None,
-            loss_fn=sub.loss_fn,
-            params=list(chosen.values()),
-            dtype=sub.dtype,
-            device=sub.device,
-        )
-        found, n = _eig_scores(one, chosen, curvature, budget, seed)
+        found, n = _eig_scores(sub.with_data([batch]), chosen, curvature, budget, seed)
         used += n
         for name in chosen:
             tops[name].append(found[name]["top_eig"])
