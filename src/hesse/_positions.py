@@ -192,6 +192,22 @@ def sample_count(batch: Any) -> int | None:
     return next((n for n in map(sample_count, items) if n is not None), None)
 
 
+def rows_of(batch: Any, index: slice | torch.Tensor) -> Any:
+    """The samples ``index`` (a slice or an index tensor of dim 0) of every tensor of a batch.
+
+    Example:
+        >>> rows_of({"x": torch.arange(4), "n": 2}, slice(1, 3))
+        {'x': tensor([1, 2]), 'n': 2}
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch[index if isinstance(index, slice) else index.to(batch.device)]
+    if isinstance(batch, Mapping):
+        return {key: rows_of(value, index) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(rows_of(value, index) for value in batch)
+    return batch
+
+
 def _local_count(data: Iterable) -> int:
     """Samples this process holds, by which higher ranks' positions are offset (-1: unknown)."""
     if isinstance(data, DataLoader):

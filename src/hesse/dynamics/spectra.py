@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .._positions import rows_of, sample_count
 from ..linalg import eigs
 from ..objective import Objective
 from ..operators import curvature_operator
@@ -100,7 +101,7 @@ def batch_spectrum(
         (True, (4, 64))
     """
     data = _concat(list(obj.batches()))
-    n = _rows(data)
+    n = sample_count(data)
     sizes = tuple(n if B == "full" else int(B) for B in batch_sizes)
     if samples < 1 or any(not 1 <= B <= n for B in sizes):
         raise ValueError(
@@ -114,7 +115,7 @@ def batch_spectrum(
         row = []
         for _ in range(draws):
             index = torch.randperm(n, generator=gen)[:B].sort().values
-            found = _top(obj, _take(data, index), k, curvature, tol, seed)
+            found = _top(obj, rows_of(data, index), k, curvature, tol, seed)
             row.append(float(found.values[0]))
             used += found.n_matvecs
         values.append(tuple(row))
@@ -154,17 +155,3 @@ def _concat(batches: list) -> Any:
         f"batch_spectrum: batches must hold tensors (tuples, lists or dicts of them) to be "
         f"redrawn, got {type(first).__name__}."
     )
-
-
-def _take(batch: Any, index: torch.Tensor) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[index.to(batch.device)]
-    if isinstance(batch, Mapping):
-        return {key: _take(v, index) for key, v in batch.items()}
-    return type(batch)(_take(v, index) for v in batch)
-
-
-def _rows(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return len(batch)
-    return _rows(next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0])

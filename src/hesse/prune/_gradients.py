@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from .._positions import sample_count
+from .._positions import rows_of, sample_count
 from ..objective import Objective
 
 AUTO_M = 256
@@ -113,14 +113,4 @@ def _count(batch: Any) -> int:
 def _chunks(batch: Any, size: int) -> Iterator[Any]:
     n = _count(batch)
     for start in range(0, n, size):
-        yield _slice(batch, slice(start, min(start + size, n)))
-
-
-def _slice(batch: Any, rows: slice) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[rows]
-    if isinstance(batch, Mapping):
-        return {k: _slice(v, rows) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_slice(v, rows) for v in batch)
-    return batch
+        yield rows_of(batch, slice(start, min(start + size, n)))
