@@ -413,7 +413,7 @@ def test_the_plan_comes_first_and_goes_into_the_report(tmp_path, capsys):
 
 
 def test_max_memory_chooses_smaller_probe_groups_with_the_same_density(tmp_path, capsys):
-    from hesse.plan import plan
+    from hesse.operators.plan import plan
 
     demo = load_demo("digits")
     objective = Objective(demo.model, demo.batches(samples=100), loss=demo.loss)

@@ -38,6 +38,7 @@ from .linalg import (
     diagonal,
     eigs,
     frobenius_norm,
+    inverse,
     power_iteration,
     solve,
     trace,
@@ -54,7 +55,7 @@ from .operators import (
     WoodburyFisher,
 )
 from .params import ParamSpace
-from .plan import MemoryPlan, MemoryPlanError, plan
+from .operators.plan import MemoryPlan, MemoryPlanError, plan
 
 __version__ = "0.1.0"
 
@@ -85,6 +86,7 @@ __all__ = [
     "density",
     "frobenius_norm",
     "solve",
+    "inverse",
     "InverseOperator",
     "NotConvergedError",
     "EigResult",

@@ -6,7 +6,7 @@ import torch
 
 import hesse
 from cases import DT, dense, objective, sym_matrix
-from hesse.linalg.solve import InverseOperator, NotConvergedError
+from hesse.linalg import InverseOperator, NotConvergedError
 from hesse.operators import DenseOperator, Operator, ProductOperator
 
 D = 30
@@ -180,7 +180,7 @@ def test_division_by_zero_and_non_finite_scalars():
 
 def test_inverse_of_a_psd_operator(assert_operator_matches):
     B = spd()
-    inv = DenseOperator(B).inverse(tol=1e-12)
+    inv = hesse.inverse(DenseOperator(B), tol=1e-12)
     assert isinstance(inv, InverseOperator)
     assert inv.tags == frozenset({"symmetric", "psd"}) and inv.T is inv
     assert_operator_matches(inv, torch.linalg.inv(B), rtol=1e-9)
@@ -192,7 +192,7 @@ def test_inverse_of_a_psd_operator(assert_operator_matches):
 def test_damped_inverse_of_an_indefinite_operator(method):
     A = indefinite()  # eigenvalues in [-2, 3]; A + 2.5 I has them in [0.5, 5.5]
     a = DenseOperator(A)
-    inv = a.inverse(2.5, method=method, tol=1e-11, max_matvecs=20_000)
+    inv = hesse.inverse(a, 2.5, method=method, tol=1e-11, max_matvecs=20_000)
     assert inv.tags == frozenset({"symmetric"})
     V = vectors()
     assert close(inv @ V, torch.linalg.solve(A + 2.5 * EYE, V), 1e-8)
@@ -201,30 +201,30 @@ def test_damped_inverse_of_an_indefinite_operator(method):
 
 def test_minres_inverse_without_damping():
     A = indefinite() + 0.05 * EYE  # no eigenvalue at 0
-    inv = DenseOperator(A).inverse(method="minres", tol=1e-12)
+    inv = hesse.inverse(DenseOperator(A), method="minres", tol=1e-12)
     assert close(inv @ vectors(), torch.linalg.solve(A, vectors()), 1e-9)
 
 
 def test_inverse_is_refused_where_solve_would_be():
     with pytest.raises(ValueError, match="damping"):
-        DenseOperator(indefinite()).inverse()
+        hesse.inverse(DenseOperator(indefinite()))
     with pytest.raises(ValueError, match="damping"):
-        hesse.HessianOperator(objective("mlp_ce")).inverse(method="cg")
+        hesse.inverse(hesse.HessianOperator(objective("mlp_ce")), method="cg")
     with pytest.raises(ValueError, match="symmetric"):
-        DenseOperator(nonsymmetric()).inverse(1.0)
+        hesse.inverse(DenseOperator(nonsymmetric()), 1.0)
     with pytest.raises(ValueError, match="damping must be >= 0"):
-        DenseOperator(spd()).inverse(-1.0)
+        hesse.inverse(DenseOperator(spd()), -1.0)
     with pytest.raises(ValueError, match="method"):
-        DenseOperator(spd()).inverse(method="lu")
+        hesse.inverse(DenseOperator(spd()), method="lu")
 
 
 def test_unconverged_inverse_raises_unless_allowed():
     b = DenseOperator(spd())
-    inv = b.inverse(tol=1e-12, max_matvecs=10)
+    inv = hesse.inverse(b, tol=1e-12, max_matvecs=10)
     with pytest.raises(NotConvergedError, match="max_matvecs.*damping.*allow_unconverged") as err:
         inv @ vectors(1)[:, 0]
     assert err.value.result is inv.last and inv.last.converged is False
-    lax = b.inverse(tol=1e-12, max_matvecs=10, allow_unconverged=True)
+    lax = hesse.inverse(b, tol=1e-12, max_matvecs=10, allow_unconverged=True)
     x = lax @ vectors(1)[:, 0]
     assert x.shape == (D,) and lax.last.converged is False and lax.last.n_matvecs <= 10
 
@@ -234,7 +234,7 @@ def test_inverse_of_a_damped_model_hessian():
     h = dense("hessian", "mlp_ce")
     lam = max(0.0, -torch.linalg.eigvalsh(h)[0].item()) + 0.1
     H = hesse.HessianOperator(obj)
-    inv = H.inverse(lam, tol=1e-12, max_matvecs=5000)
+    inv = hesse.inverse(H, lam, tol=1e-12, max_matvecs=5000)
     V = torch.randn(obj.dim, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
     want = torch.linalg.solve(h + lam * torch.eye(obj.dim, dtype=DT), V)
     assert close(inv @ V, want, 1e-9)
@@ -246,7 +246,7 @@ def test_inverse_of_a_damped_model_hessian():
 def test_inverses_compose_with_products_scalars_eigs_and_trace():
     A, B = indefinite(), spd()
     a, b = DenseOperator(A), DenseOperator(B)
-    inv = b.inverse(0.5, tol=1e-12)
+    inv = hesse.inverse(b, 0.5, tol=1e-12)
     Binv = torch.linalg.inv(B + 0.5 * EYE)
     V = vectors()
     assert close((inv @ a) @ V, Binv @ A @ V, 1e-9)
@@ -261,7 +261,7 @@ def test_inverses_compose_with_products_scalars_eigs_and_trace():
 
 def test_inverse_budget_is_per_column():
     M = torch.diag(torch.arange(1.0, 6.0, dtype=DT))  # CG: 5 steps + 1 residual per column
-    inv = DenseOperator(M).inverse(max_matvecs=8)
+    inv = hesse.inverse(DenseOperator(M), max_matvecs=8)
     V = torch.ones(5, 5, dtype=DT)
     assert close(inv @ V, torch.linalg.solve(M, V), 1e-8)
     assert inv.last.converged and inv.last.n_matvecs <= 5 * 8
@@ -272,13 +272,13 @@ def test_inverse_budget_is_per_column():
 @pytest.mark.parametrize("budget", [0, 1])
 def test_inverse_with_a_budget_below_two_is_refused_when_built(budget):
     with pytest.raises(ValueError, match="inverse: max_matvecs must be at least 2 per column"):
-        DenseOperator(spd()).inverse(max_matvecs=budget)
+        hesse.inverse(DenseOperator(spd()), max_matvecs=budget)
 
 
 def test_inverse_takes_the_layout_of_an_operator_only():
     space = objective("mlp_ce").space
     B = sym_matrix(torch.logspace(-1, 1, space.dim, dtype=DT), seed=2)
-    assert DenseOperator(B, space=space).inverse().space is space
+    assert hesse.inverse(DenseOperator(B, space=space)).space is space
     assert InverseOperator(B, 0.0).space is None  # a dense tensor has no layout
 
     class Duck:  # shape, dtype, device and @: an operator to solve, whatever else it holds
@@ -301,3 +301,8 @@ def test_gram_products_of_a_non_symmetric_operator_are_symmetric_psd(assert_oper
     assert (n @ n).tags == frozenset()
     r = hesse.eigs(n @ n.T, k=2, tol=1e-10)
     assert torch.allclose(r.values.to(DT), torch.linalg.eigvalsh(N @ N.T).flip(0)[:2], rtol=1e-8)
+
+
+def test_an_operator_without_an_exact_inverse_names_hesse_inverse():
+    with pytest.raises(NotImplementedError, match=r"hesse.inverse\(op, damping=...\)"):
+        DenseOperator(spd()).inverse(1.0)

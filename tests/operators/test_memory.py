@@ -72,7 +72,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from transformers import BertConfig, BertForSequenceClassification
     import hesse
-    from hesse.plan import plan
+    from hesse.operators.plan import plan
 
     def peak_mb():
         with open("/proc/self/status") as f:

@@ -20,7 +20,7 @@ from hesse.dynamics import criteria_from
 from hesse.linalg import density, eigs, trace
 from hesse.objective import Objective
 from hesse.operators import FisherOperator, GGNOperator, HessianOperator
-from hesse.plan import MemoryPlan, plan
+from hesse.operators.plan import MemoryPlan, plan
 
 SECTIONS = ("eigs", "trace", "density", "layers", "ggn")
 CURVATURES = ("hessian", "ggn", "fisher")

@@ -1,9 +1,11 @@
 """Numerical algorithms on any symmetric operator (or dense tensor)."""
 
 from .density import DensityResult, density
-from .eigs import EigResult, eigs, power_iteration
+from .eigs import EigResult, eigs
 from .frobenius import FrobeniusResult, frobenius_norm
-from .solve import InverseOperator, NotConvergedError, SolveResult, solve
+from .inverse import InverseOperator, inverse
+from .power import power_iteration
+from .solve import NotConvergedError, SolveResult, solve
 from .trace import DiagonalResult, TraceResult, block_traces, diagonal, trace
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "diagonal",
     "eigs",
     "frobenius_norm",
+    "inverse",
     "power_iteration",
     "solve",
     "trace",

@@ -8,11 +8,10 @@ from typing import Any
 
 import torch
 
+from ..operators._memory import probe_group
 from ._lanczos import Lanczos, basis_dtype, step
 from ._util import Counted, as_operator, generator, mean_ci, rademacher, require_symmetric
 from .trace import TraceResult
-
-GROUP_BYTES = 1 << 30  # default memory of the float64 bases of one group of probes
 
 
 @dataclass(frozen=True)
@@ -153,19 +152,3 @@ def _quadratures(op: Counted, gen: torch.Generator, steps: int, count: int):
         theta, S = torch.linalg.eigh(lz.H)
         nodes[i, : lz.n], weights[i, : lz.n] = theta, S[0] ** 2
     return nodes, weights
-
-
-def probe_group(d: int, steps: int, probes: int, group: int | None = None) -> int:
-    """Probes per product of :func:`density`: ``group``, else as many as fit ``GROUP_BYTES``.
-
-    Args:
-        d: Dimension of the operator.
-        steps: Lanczos steps per probe (at most ``d``).
-        probes: Number of probes.
-        group: The caller's choice, or None.
-
-    Example:
-        >>> probe_group(10**8, 80, 10)  # 81 float64 vectors of 1e8 entries exceed 1 GiB
-        1
-    """
-    return min(probes, group or max(1, GROUP_BYTES // ((steps + 1) * d * 8)))

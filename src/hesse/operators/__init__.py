@@ -3,21 +3,17 @@
 from .base import (
     PSD,
     SYMMETRIC,
-    DenseOperator,
     IdentityOperator,
     Operator,
     ProductOperator,
     ScaledOperator,
     SumOperator,
 )
-from .model import (
-    CURVATURES,
-    FisherOperator,
-    GGNOperator,
-    HessianOperator,
-    ModelOperator,
-    curvature_operator,
-)
+from .curvatures import CURVATURES, curvature_operator
+from .dense import DenseOperator, infer_tags
+from .gauss_newton import FisherOperator, GGNOperator
+from .hessian import HessianOperator
+from .model import ModelOperator
 from .woodbury import WoodburyFisher
 
 __all__ = [
@@ -36,4 +32,5 @@ __all__ = [
     "SumOperator",
     "WoodburyFisher",
     "curvature_operator",
+    "infer_tags",
 ]

@@ -8,6 +8,7 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+GROUP_BYTES = 1 << 30  # default memory of the float64 bases of one group of SLQ probes
 
 
 def format_bytes(n: int) -> str:
@@ -98,3 +99,19 @@ def saved_bytes(build: Callable[[], T], resident: set[int]) -> tuple[T, int]:
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def probe_group(d: int, steps: int, probes: int, group: int | None = None) -> int:
+    """Probes per product of :func:`hesse.density`: ``group``, else as many as fit ``GROUP_BYTES``.
+
+    Args:
+        d: Dimension of the operator.
+        steps: Lanczos steps per probe (at most ``d``).
+        probes: Number of probes.
+        group: The caller's choice, or None.
+
+    Example:
+        >>> probe_group(10**8, 80, 10)  # 81 float64 vectors of 1e8 entries exceed 1 GiB
+        1
+    """
+    return min(probes, group or max(1, GROUP_BYTES // ((steps + 1) * d * 8)))

@@ -23,7 +23,7 @@ class Operator:
     Subclasses implement ``_matmat(V)`` for ``V`` of shape ``(d, k)``; this class gives
     ``@``, ``matvec``, ``matmat``, sums, scaling by a scalar (a number, a numpy scalar or a 0-d
     tensor) and division by one, products ``A @ B`` of operators, the transpose ``.T``,
-    damping, the inverse ``inverse()``, restriction to parameter blocks, product counting
+    damping, restriction to parameter blocks, product counting
     (``n_matvecs`` counts columns) and conversion to SciPy and dense.
 
     Attributes:
@@ -134,44 +134,18 @@ class Operator:
             "operators that have one (symmetric ones, DenseOperator, their sums and products)."
         )
 
-    def inverse(
-        self,
-        damping: float = 0.0,
-        *,
-        method: str = "cg",
-        tol: float | None = None,
-        max_matvecs: int | None = None,
-        allow_unconverged: bool = False,
-    ) -> Operator:
-        r"""The operator :math:`x \mapsto (A + \lambda I)^{-1} x`, each product a ``hesse.solve``.
+    def inverse(self, damping: float = 0.0, **options: Any) -> Operator:
+        """An exact inverse, where the operator has one (``WoodburyFisher``, Kronecker factors).
 
-        ``method="cg"`` (or ``"lissa"``) needs an operator declared PSD or ``damping > 0``;
-        ``"minres"`` takes any symmetric one. A product whose solve does not converge raises
-        ``NotConvergedError`` unless ``allow_unconverged=True``; the ``SolveResult`` of the most
-        recent product is in ``.last``. See ``hesse.linalg.solve.InverseOperator``.
+        A curvature operator seen only through products has none: ``hesse.inverse(A, damping)``
+        builds the iterative one (each product a CG, MINRES or LiSSA solve).
 
-        Args:
-            damping: :math:`\lambda \ge 0`.
-            method: ``"cg"``, ``"minres"`` or ``"lissa"``.
-            tol: Relative residual tolerance of each solve (``solve``'s default if None).
-            max_matvecs: Products of ``A`` allowed per column of a product, at least 2
-                (``solve``'s default if None); ``inv @ V`` with ``k`` columns may spend ``k``
-                times as many.
-            allow_unconverged: Return unconverged solves instead of raising.
-
-        Returns:
-            An ``InverseOperator``.
+        Raises:
+            NotImplementedError: always here; operators with an exact inverse override it.
         """
-        # Lazy import: operators/ must not import linalg/ at module level (the layering of DESIGN).
-        from ..linalg.solve import InverseOperator
-
-        return InverseOperator(
-            self,
-            damping,
-            method=method,
-            tol=tol,
-            max_matvecs=max_matvecs,
-            allow_unconverged=allow_unconverged,
+        raise NotImplementedError(
+            f"{type(self).__name__} has no exact inverse; hesse.inverse(op, damping=...) builds "
+            "one whose products are solves (method='cg', 'minres' or 'lissa')."
         )
 
     def damped(self, lam: float) -> Operator:
@@ -231,47 +205,6 @@ class Operator:
     def __repr__(self) -> str:
         tags = ", ".join(sorted(self.tags))
         return f"{type(self).__name__}(d={self.shape[0]}, dtype={self.dtype}, tags={{{tags}}})"
-
-
-class DenseOperator(Operator):
-    """A dense matrix as an operator.
-
-    Args:
-        matrix: ``(d, d)`` tensor.
-        tags: Declared structure; by default ``"symmetric"`` when the matrix is symmetric and
-            ``"psd"`` when, in addition, its smallest eigenvalue is not below round-off.
-        space: Optional parameter layout, which enables ``restrict`` and ``blocks``.
-    """
-
-    def __init__(self, matrix: torch.Tensor, *, tags: Sequence[str] | None = None, space=None):
-        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"DenseOperator: expected a square matrix, got {tuple(matrix.shape)}.")
-        if space is not None and space.dim != matrix.shape[0]:
-            raise ValueError(
-                f"DenseOperator: space has {space.dim} entries, matrix {matrix.shape[0]}."
-            )
-        super().__init__(
-            matrix.shape[0],
-            matrix.dtype,
-            matrix.device,
-            infer_tags(matrix) if tags is None else tags,
-            space,
-        )
-        self.matrix = matrix
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self.matrix @ V
-
-    def _restrict(self, names: list[str]) -> Operator:
-        slices = self.space.slices()
-        idx = torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
-        idx = idx.to(self.matrix.device)
-        return DenseOperator(
-            self.matrix[idx][:, idx], tags=self.tags, space=self.space.subspace(names)
-        )
-
-    def _transpose(self) -> Operator:
-        return DenseOperator(self.matrix.T, tags=self.tags, space=self.space)
 
 
 class IdentityOperator(Operator):
@@ -431,17 +364,6 @@ def _scalar(c: Any) -> float | None:
             return None
         c = c.item()
     return float(c) if isinstance(c, numbers.Real) and not isinstance(c, bool) else None
-
-
-def infer_tags(matrix: torch.Tensor) -> frozenset[str]:
-    """Structure of a dense matrix: symmetric, and PSD up to round-off."""
-    scale = matrix.abs().max().clamp_min(torch.finfo(matrix.dtype).tiny)
-    eps = 100 * torch.finfo(matrix.dtype).eps * matrix.shape[0]
-    if (matrix - matrix.T).abs().max() > eps * scale:
-        return frozenset()
-    if torch.linalg.eigvalsh(matrix).min() >= -eps * scale:
-        return frozenset({SYMMETRIC, PSD})
-    return frozenset({SYMMETRIC})
 
 
 def copy_with(op: Operator, **changes) -> Operator:

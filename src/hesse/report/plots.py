@@ -7,9 +7,12 @@ plotting needs no display, leaves no global state behind and works in threads.
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def render_plots(doc: dict) -> dict[str, bytes]:
@@ -33,7 +36,7 @@ def render_plots(doc: dict) -> dict[str, bytes]:
 
 def spectrum_figure(doc: dict) -> Figure:
     """Top eigenvalues (Hessian and GGN, with residual bounds) and the most negative ones."""
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    fig = figure(figsize=(9, 3.6), layout="constrained")
     top, bottom = fig.subplots(1, 2, width_ratios=(2, 1))
     largest = doc["eigs"]["largest"]
     index = np.arange(1, len(largest["values"]) + 1)
@@ -74,7 +77,7 @@ def _mark_threshold(ax, stability: dict | None, label: str) -> None:
 def density_figure(doc: dict) -> Figure:
     """The smoothed spectral density (log scale), as in Ghorbani et al. 2019, Fig. 1."""
     density = doc["density"]
-    fig = Figure(figsize=(9, 3.2), layout="constrained")
+    fig = figure(figsize=(9, 3.2), layout="constrained")
     ax = fig.subplots()
     values = np.maximum(np.asarray(density["values"]), 1e-12)
     ax.semilogy(density["grid"], values, color="C0")
@@ -90,7 +93,7 @@ def layers_figure(doc: dict) -> Figure:
     """Per-block trace per parameter and top eigenvalue (horizontal bars, log scale)."""
     rows = doc["layers"]["rows"]
     names = [row["name"] for row in rows]
-    fig = Figure(figsize=(9, 0.9 + 0.3 * len(rows)), layout="constrained")
+    fig = figure(figsize=(9, 0.9 + 0.3 * len(rows)), layout="constrained")
     per_param, top = fig.subplots(1, 2, sharey=True)
     y = np.arange(len(rows))
     per_param.barh(y, [abs(r["trace_per_param"]) for r in rows], color="C0")
@@ -105,3 +108,10 @@ def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
     return buffer.getvalue()
+
+
+def figure(**kwargs: Any) -> Figure:
+    """A new ``matplotlib.figure.Figure`` (matplotlib is imported on the first plot, not with hesse)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)

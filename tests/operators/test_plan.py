@@ -11,7 +11,7 @@ from torch import nn
 import hesse
 from cases import DT, objective, sym_matrix
 from hesse.operators import DenseOperator
-from hesse.plan import BLOCK_FACTOR, MemoryPlan, MemoryPlanError, plan
+from hesse.operators.plan import BLOCK_FACTOR, MemoryPlan, MemoryPlanError, plan
 
 
 def test_items_follow_the_formulas():
@@ -70,7 +70,7 @@ def test_default_group_is_the_one_density_takes(monkeypatch, per_probes):
     obj, steps, probes = objective("mlp_ce"), 5, 8
     d = obj.dim
     room = per_probes * (steps + 1) * d * 8 + 7
-    monkeypatch.setattr(importlib.import_module("hesse.linalg.density"), "GROUP_BYTES", room)
+    monkeypatch.setattr(importlib.import_module("hesse.operators._memory"), "GROUP_BYTES", room)
     p = plan(obj, steps=steps, probes=probes)
     op = _Widths(sym_matrix(torch.linspace(1, 2, d)))
     hesse.density(op, steps=steps, probes=probes)

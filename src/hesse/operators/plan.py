@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from ._positions import sample_count
-from .linalg.density import probe_group
-from .objective import Objective
-from .operators._cache import AUTO_CACHE_FRACTION
-from .operators._memory import available_bytes
-from .operators._memory import format_bytes as _size
-from .operators.model import FisherOperator, GGNOperator, HessianOperator
+from .._positions import sample_count
+from ..objective import Objective
+from ._cache import AUTO_CACHE_FRACTION
+from ._memory import available_bytes, probe_group
+from ._memory import format_bytes as _size
+from .gauss_newton import FisherOperator, GGNOperator
+from .hessian import HessianOperator
 
 BLOCK_FACTOR = 4
 """Copies of a ``(d, block_size)`` block alive during a product: the input, its per-parameter
@@ -138,7 +138,7 @@ def plan(
     ``density`` run one after the other), so ``M`` is an upper bound of the peak.
 
     Without ``group`` the probe group is the one ``density`` takes by default: as many probes as
-    fit in ``linalg.density.GROUP_BYTES`` of basis, at least one. Without ``max_memory`` the
+    fit in ``GROUP_BYTES`` (1 GiB) of basis, at least one. Without ``max_memory`` the
     graphs are planned as kept when they fit the operators' default cache cap (half of the free
     memory), and ``block_size`` is taken as given. With ``max_memory`` the largest settings that
     fit are chosen, in this order: the probe group is halved (unless ``group`` is given), then
@@ -167,7 +167,7 @@ def plan(
         >>> import torch
         >>> from torch import nn
         >>> from hesse import Objective
-        >>> from hesse.plan import plan
+        >>> from hesse import plan
         >>> x, y = torch.randn(8, 3), torch.zeros(8, dtype=torch.long)
         >>> obj = Objective(nn.Linear(3, 2).eval(), [(x, y)], loss=nn.functional.cross_entropy)
         >>> p = plan(obj, k=2, steps=5, probes=4)
