@@ -4,6 +4,11 @@ Damping is relative: :math:`\lambda = \rho \cdot \mathrm{mean}(\mathrm{diag}\, C
 ``damping=`` value means the same on every model. A dense matrix is factorized by Cholesky;
 when :math:`C + \lambda I` is not positive definite (the exact Hessian of a trained network
 rarely is) :math:`\rho` grows tenfold until it is, and the value used is reported.
+
+Weights the loss never reaches (their row of :math:`C` is zero: a zero gradient on every
+sample drawn, for the Fisher) are marked: every saliency puts them first, since removing them
+changes nothing the curvature sees. Damping alone would rank them by :math:`\lambda w^2`,
+above weights the loss does use.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class Damped:
         relative: :math:`\rho = \lambda / \mathrm{mean}(\mathrm{diag}\, C)` as used (larger
             than asked when a Cholesky factorization needed more).
         diag: :math:`\mathrm{diag}(C) + \lambda`, ``(d,)``.
+        reached: ``(d,)`` bool, False where the row of :math:`C` is zero (a weight the loss
+            never reaches, or one already pruned).
         cholesky: Lower Cholesky factor of the dense :math:`C + \lambda I`, or None.
         woodbury: ``(slice, WoodburyFisher)`` for each diagonal block of the Fisher (one block
             for a global Woodbury), or ``()``.
@@ -43,6 +50,7 @@ class Damped:
     damping: float
     relative: float
     diag: torch.Tensor
+    reached: torch.Tensor
     cholesky: torch.Tensor | None = None
     woodbury: tuple[tuple[slice, WoodburyFisher], ...] = ()
 
@@ -149,7 +157,7 @@ def damped(
     if form == "diagonal":
         diag = _diagonal(obj, kind, m, batch_size, budget, seed) * alive.to(obj.dtype)
         lam = relative * _scale(diag[alive])
-        return Damped(kind, lam, relative, diag + lam)
+        return Damped(kind, lam, relative, diag + lam, diag != 0)
     if form != "dense":
         raise ValueError(f"prune: unknown curvature form {form!r}.")
     C = _dense(obj, kind, m, batch_size, seed)
@@ -170,19 +178,27 @@ def _woodbury(obj, kind, relative, m, batch_size, seed, alive, fisher_block) -> 
     G = G * alive.to(G)
     d = G.shape[1]
     size = d if fisher_block is None else fisher_block
+    C_diag = (G**2).mean(0)
+    overall = _scale(C_diag[alive])
     blocks = tuple(
-        _block(G, alive, slice(i, min(i + size, d)), relative) for i in range(0, d, size)
+        _block(G, C_diag, alive, slice(i, min(i + size, d)), relative, relative * overall)
+        for i in range(0, d, size)
     )
     diag = torch.cat([F.diag() for _, F in blocks])
     lam = sum(F.damping * F.shape[0] for _, F in blocks) / d
-    return Damped(kind, lam, relative, diag, woodbury=blocks)
+    return Damped(kind, lam, relative, diag, (G != 0).any(0), woodbury=blocks)
 
 
-def _block(G: torch.Tensor, alive: torch.Tensor, part: slice, relative: float):
-    """One diagonal block of the Fisher, damped relative to its own mean diagonal."""
-    Gb = G[:, part]
-    lam = relative * _scale((Gb**2).sum(0)[alive[part]] / G.shape[0])
-    return part, WoodburyFisher(Gb, lam)
+def _block(G, C_diag, alive, part: slice, relative: float, fallback: float):
+    """One diagonal block of the Fisher, damped relative to its own mean diagonal.
+
+    A block the loss never reaches (its diagonal is zero) gets ``fallback``, the damping
+    relative to the mean diagonal of the whole Fisher, not an absolute 0.01.
+    """
+    own = C_diag[part][alive[part]]
+    mean = float(own.mean()) if own.numel() else 0.0
+    lam = relative * mean if mean > 0 else fallback
+    return part, WoodburyFisher(G[:, part], lam)
 
 
 def _diagonal(obj, kind, m, batch_size, budget, seed) -> torch.Tensor:
@@ -210,11 +226,13 @@ def _dense(obj, kind, m, batch_size, seed) -> torch.Tensor:
 
 def _factorized(kind: str, C: torch.Tensor, relative: float, scale: float) -> Damped:
     eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    reached = (C != 0).any(0)
     rho = relative
     for _ in range(_RAISES):
         L, info = torch.linalg.cholesky_ex(C + rho * scale * eye)
         if info == 0:
-            return Damped(kind, rho * scale, rho, C.diagonal() + rho * scale, cholesky=L)
+            lam = rho * scale
+            return Damped(kind, lam, rho, C.diagonal() + lam, reached, cholesky=L)
         rho *= 10
     raise RuntimeError(
         f"prune: the {kind} plus damping up to {rho / 10:.3g} x its mean diagonal is not "
@@ -223,6 +241,10 @@ def _factorized(kind: str, C: torch.Tensor, relative: float, scale: float) -> Da
 
 
 def _scale(diag: torch.Tensor) -> float:
-    """Mean of a curvature diagonal, the unit of relative damping (1 when it is 0)."""
+    """Mean of a curvature diagonal, the unit of relative damping.
+
+    1 when it is 0: then the loss reaches no weight, every saliency is 0, and the damping
+    only keeps the factorizations finite.
+    """
     mean = float(diag.abs().mean()) if diag.numel() else 0.0
     return mean if mean > 0 else 1.0

@@ -1,10 +1,19 @@
-"""Sparsity patterns: checks of the sparsity and ``"n:m"`` masks (keep n of every m)."""
+"""Sparsity patterns: checks of the sparsity and ``"n:m"`` masks (keep n of every m).
+
+The ``m`` consecutive weights of a group run along the reduction dimension of one output
+unit: a row of :func:`hesse._weights.as_rows`, whose output axis is not always 0 (Hugging Face
+``Conv1D`` stores its weight ``(in, out)``).
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import torch
+from torch import nn
+
+from .._weights import as_rows, from_rows, output_axis
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -74,3 +83,26 @@ def group_mask(score: torch.Tensor, keep: int, m: int) -> torch.Tensor:
     top = groups.topk(keep, dim=-1).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
     return mask.reshape(score.shape)
+
+
+def output_axes(model: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """The output axis of each named parameter, from the module that owns it."""
+    return {
+        name: output_axis(model.get_submodule(name.rpartition(".")[0]), p)
+        for name, p in params.items()
+    }
+
+
+def row_length(shape: torch.Size, axis: int) -> int:
+    """Weights per output unit: the length of a row that ``n:m`` groups must divide."""
+    return shape.numel() // shape[axis] if shape else 1
+
+
+def nm_masks(
+    scores: Mapping[str, torch.Tensor], axes: Mapping[str, int], keep: int, m: int
+) -> dict[str, torch.Tensor]:
+    """:func:`group_mask` of each named score tensor, its groups along the rows of ``axes``."""
+    return {
+        name: from_rows(group_mask(as_rows(s, axes[name]), keep, m), s.shape, axes[name])
+        for name, s in scores.items()
+    }

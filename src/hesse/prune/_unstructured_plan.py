@@ -9,7 +9,7 @@ from torch import nn
 
 from ..objective import Objective
 from ._gradients import objective_at
-from ._patterns import group_mask, parse_pattern
+from ._patterns import nm_masks, output_axes, parse_pattern, row_length
 from ._result import PrunePlan
 from .layerwise import obs_layer, record_hessians
 from .saliency import METHODS, curvature_for, scored
@@ -56,7 +56,8 @@ def prune_weights(
         sparsity = 0.5
     keep, group = parse_pattern(pattern, sparsity, None, "prune")
     scope = _scope(scope, s.method)
-    names, skipped = _prunable(obj, params, group)
+    axes = output_axes(obj.model, obj.params)
+    names, skipped = _prunable(obj, params, group, axes)
     target = obj.restrict(names)
     w = target.space.join(target.params).detach().clone()
     alive = torch.ones(w.shape[0], dtype=torch.bool)
@@ -65,9 +66,9 @@ def prune_weights(
         step = _step_target(sparsity, keep, group, t / recompute)
         at = objective_at(target, target.space.split(w))
         if s.method == "layer_obs":
-            w, alive, lam, rho = _layer_step(at, w, step, s)
+            w, alive, lam, rho = _layer_step(at, w, step, s, axes)
         else:
-            w, alive, lam, rho, pred = _saliency_step(at, w, alive, step, scope, s)
+            w, alive, lam, rho, pred = _saliency_step(at, w, alive, step, scope, s, axes)
             predicted += [pred] if s.method in ("obs", "mfac") else []
         lams, rhos = lams + [lam], rhos + [rho]
     reads = s.method != "magnitude"
@@ -108,17 +109,27 @@ def _step_target(sparsity, keep, group, progress: float) -> _Target:
     return _Target(zeros / group, group - zeros, group)
 
 
-def _prunable(obj: Objective, params, group: int | None) -> tuple[list[str], list[str]]:
-    """Names to prune, and those an ``n:m`` pattern leaves out (default selection only)."""
+def _prunable(
+    obj: Objective, params, group: int | None, axes: dict[str, int]
+) -> tuple[list[str], list[str]]:
+    """Names to prune, and those an ``n:m`` pattern leaves out (default selection only).
+
+    A pattern's groups run along each output unit's reduction dimension: their size must
+    divide the weights per output unit (``axes`` gives each parameter's output axis).
+    """
     shapes = dict(zip(obj.space.names, obj.space.shapes, strict=True))
+
+    def undivided(names: list[str]) -> list[str]:
+        return [n for n in names if group and row_length(shapes[n], axes[n]) % group]
+
     if params is not None:
         names = obj.space.select(params)
-        bad = [n for n in names if group and _row(shapes[n]) % group]
+        bad = undivided(names)
         if bad:
             raise ValueError(
                 f"prune: the pattern's groups of {group} do not divide the rows of {bad[0]!r} "
-                f"({_row(shapes[bad[0]])} weights a row); leave it out of params= or prune it "
-                "unstructured."
+                f"({row_length(shapes[bad[0]], axes[bad[0]])} weights per output unit); leave "
+                "it out of params= or prune it unstructured."
             )
         return names, []
     embeddings = {
@@ -127,7 +138,7 @@ def _prunable(obj: Objective, params, group: int | None) -> tuple[list[str], lis
         if isinstance(module, nn.Embedding)
     }
     names = [n for n in obj.space.names if len(shapes[n]) >= 2 and n not in embeddings]
-    skipped = [n for n in names if group and _row(shapes[n]) % group]
+    skipped = undivided(names)
     names = [n for n in names if n not in skipped]
     if not names:
         raise ValueError(
@@ -137,11 +148,7 @@ def _prunable(obj: Objective, params, group: int | None) -> tuple[list[str], lis
     return names, skipped
 
 
-def _row(shape: torch.Size) -> int:
-    return shape.numel() // shape[0] if len(shape) >= 2 else shape.numel()
-
-
-def _saliency_step(at: Objective, w, alive, step: _Target, scope: str, s: Settings):
+def _saliency_step(at: Objective, w, alive, step: _Target, scope: str, s: Settings, axes):
     """Score, choose the new zeros among the weights still alive, and move the others."""
     if s.method == "magnitude":
         scores, H = w.abs(), None
@@ -151,7 +158,7 @@ def _saliency_step(at: Objective, w, alive, step: _Target, scope: str, s: Settin
             s.fisher_block, alive,
         )  # fmt: skip
         scores = scored(at, w, H, s.method).flat
-    kept = _select(scores, alive, at.space, step, scope)
+    kept = _select(scores, alive, at.space, step, scope, axes)
     pred = float("nan")
     if s.method in ("obs", "mfac"):
         delta, pred = H.obs_update(w, (alive & ~kept).nonzero().flatten())
@@ -160,16 +167,12 @@ def _saliency_step(at: Objective, w, alive, step: _Target, scope: str, s: Settin
     return w * kept, kept, lam, rho, pred
 
 
-def _select(scores, alive, space, step: _Target, scope: str) -> torch.Tensor:
+def _select(scores, alive, space, step: _Target, scope: str, axes) -> torch.Tensor:
     """Kept weights: the pruned stay pruned, the least salient of the others join them."""
     scores = scores.detach().to(torch.float64).masked_fill(~alive, -torch.inf)
     parts = space.split(scores)
     if step.group is not None:
-        masks = {
-            n: group_mask(p.reshape(p.shape[0] if p.dim() > 1 else 1, -1), step.keep, step.group)
-            for n, p in parts.items()
-        }
-        return space.join({n: m.reshape(parts[n].shape) for n, m in masks.items()})
+        return space.join(nm_masks(parts, axes, step.keep, step.group))
     if scope == "global":
         return _keep_largest(scores, step.fraction)
     kept = {n: _keep_largest(p.reshape(-1), step.fraction) for n, p in parts.items()}
@@ -183,7 +186,7 @@ def _keep_largest(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     return kept
 
 
-def _layer_step(at: Objective, w, step: _Target, s: Settings):
+def _layer_step(at: Objective, w, step: _Target, s: Settings, axes):
     """One OBC/SparseGPT sweep of every pruned weight, with input Hessians at ``w``."""
 
     def data_pass() -> None:
@@ -191,21 +194,19 @@ def _layer_step(at: Objective, w, step: _Target, s: Settings):
             at.batch_loss(at.params, batch)
 
     Hs = record_hessians(data_pass, at.params)
-    new, lam, rho = {}, 0.0, 0.0
+    # a gradual n:m step may not prune yet (keep == group): sparsity 0
+    pattern = f"{step.keep}:{step.group}" if step.group and step.keep < step.group else None
+    new, kept, lam, rho = {}, {}, 0.0, 0.0
     for name, W in at.params.items():
-        if step.group is not None and step.keep == step.group:
-            new[name] = W
-            continue
-        pattern = f"{step.keep}:{step.group}" if step.group else None
         r = obs_layer(
-            W.reshape(W.shape[0], -1) if W.dim() > 1 else W[None],
+            W,
             Hs[name],
             sparsity=None if pattern else step.fraction,
             pattern=pattern,
             block=s.block,
             damping=s.damping,
+            axis=axes[name],
         )
-        new[name] = r.weight.reshape(W.shape).to(W)
+        new[name], kept[name] = r.weight.to(W), r.mask
         lam, rho = max(lam, r.damping), max(rho, r.relative_damping)
-    w = at.space.join(new)
-    return w, w != 0, lam, rho
+    return at.space.join(new), at.space.join(kept), lam, rho

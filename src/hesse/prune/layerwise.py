@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .._weights import as_rows, from_rows
 from ._patterns import group_mask, parse_pattern
 
 _CONV = (torch.conv2d, F.conv2d)
@@ -53,9 +54,10 @@ class ObsLayerResult:
 class _Inputs(TorchFunctionMode):
     r"""Accumulates :math:`X X^\top` and the row count of the inputs of given weights.
 
-    It watches ``F.linear`` and ``conv2d`` calls by the identity of their weight, so it also
-    sees weights a module applies itself (``F.linear(x, self.qkv_weight)``), not only those of
-    ``nn.Linear`` and ``nn.Conv2d`` sub-modules.
+    It watches ``F.linear``, ``conv2d`` and ``torch.addmm`` (Hugging Face ``Conv1D``:
+    ``addmm(bias, x, weight)``) calls by the identity of their weight, so it also sees weights
+    a module applies itself (``F.linear(x, self.qkv_weight)``), not only those of
+    ``nn.Linear``, ``nn.Conv2d`` and ``Conv1D`` sub-modules.
     """
 
     def __init__(self, weights: Mapping[str, torch.Tensor]):
@@ -66,10 +68,10 @@ class _Inputs(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        weight = args[1] if len(args) > 1 else kwargs.get("weight")
-        name = self.names.get(id(weight)) if func in (F.linear, *_CONV) else None
+        x, weight = _operands(func, args, kwargs)
+        name = self.names.get(id(weight)) if weight is not None else None
         if name is not None:
-            X = _rows(func, args, kwargs).detach().to(torch.float64)
+            X = _rows(func, x, args, kwargs).detach().to(torch.float64)
             self.gram[name] = self.gram.get(name, 0) + X.T @ X
             self.rows[name] = self.rows.get(name, 0) + X.shape[0]
         return func(*args, **kwargs)
@@ -79,16 +81,28 @@ class _Inputs(TorchFunctionMode):
         if missing:
             raise ValueError(
                 f"layer_hessian: no inputs were recorded for {missing[:3]}; the forward pass "
-                "never called F.linear or conv2d with that weight (is the module used by the "
-                "model's forward, and is the data non-empty?)."
+                "never called F.linear, conv2d or torch.addmm with that weight (is the module "
+                "used by the model's forward, and is the data non-empty?)."
             )
         return {n: 2 * self.gram[n] / self.rows[n] for n in names}
 
 
-def _rows(func, args, kwargs) -> torch.Tensor:
-    """The inputs as rows ``(n, in)`` matching ``weight.reshape(out, -1)``."""
-    x = args[0]
-    if func is F.linear:
+def _operands(func, args, kwargs) -> tuple[Any, Any]:
+    """``(inputs, weight)`` of a call that applies a weight, else ``(None, None)``."""
+
+    def arg(i: int, key: str) -> Any:
+        return args[i] if len(args) > i else kwargs.get(key)
+
+    if func is torch.addmm:
+        return arg(1, "mat1"), arg(2, "mat2")
+    if func is F.linear or func in _CONV:
+        return arg(0, "input"), arg(1, "weight")
+    return None, None
+
+
+def _rows(func, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+    """The inputs as rows ``(n, in)``, matching the weight's ``(out, in)`` rows (``as_rows``)."""
+    if func is F.linear or func is torch.addmm:
         return x.reshape(-1, x.shape[-1])
     opts = dict(_CONV_DEFAULTS)
     opts.update(zip(_CONV_DEFAULTS, args[2:], strict=False))
@@ -113,8 +127,8 @@ def layer_hessian(
 
     Args:
         model: The network; it is run on each batch under ``torch.no_grad()``.
-        module: An ``nn.Linear`` or ``nn.Conv2d`` (its ``weight``), or a weight that the model
-            passes to ``F.linear`` itself.
+        module: An ``nn.Linear``, ``nn.Conv2d`` or Hugging Face ``Conv1D`` (its ``weight``),
+            or a weight that the model passes to ``F.linear`` itself.
         data: Batches: ``(inputs, targets)`` (``model(inputs)``), dicts (``model(**batch)``
             less ``labels``), or tensors.
 
@@ -165,18 +179,24 @@ def obs_layer(
     pattern: str | None = None,
     block: int = 128,
     damping: float = 0.01,
+    axis: int = 0,
 ) -> ObsLayerResult:
     r"""Prune a layer's weight by the OBS column sweep of OBC / SparseGPT.
 
-    Columns are visited left to right in blocks of ``block``. At the start of a block the
-    weights to prune are chosen by :math:`w_{rq}^2 / [U]_{qq}^2` (:math:`U` the upper Cholesky
-    factor of :math:`(H + \lambda I)^{-1}`): the ``sparsity`` fraction of the block, or for
-    ``pattern="n:m"`` the :math:`m - n` smallest of every :math:`m` consecutive weights of a row.
+    The columns (the inputs, along which each output unit reduces) are visited left to right
+    in blocks of ``block``. Weights are chosen for pruning by :math:`w_{rq}^2 / [U]_{qq}^2`
+    (:math:`U` the upper Cholesky factor of :math:`(H + \lambda I)^{-1}`) on the weights as
+    updated so far: the ``sparsity`` fraction of a block when the sweep enters the block, or
+    for ``pattern="n:m"`` the :math:`m - n` smallest of each group of :math:`m` consecutive
+    weights of a row when the sweep reaches the group, as SparseGPT does (choosing a whole
+    block's groups up front measured 1.5 to 3.5 times SparseGPT's error at ``block=128``).
     Each column's error is then spread over the columns to its right,
     :math:`W_{:, q:} \mathrel{-}= \frac{w_{:q} - \hat w_{:q}}{U_{qq}} U_{q, q:}`, the OBS update
     restricted to the weights not yet visited (Frantar & Alistarh 2022, "Optimal Brain
-    Compression"; 2023, "SparseGPT"). Inputs that are always zero (:math:`H_{qq} = 0`) are
-    pruned first, as SparseGPT does.
+    Compression"; 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+    One-Shot"). Inputs that are always zero (:math:`H_{qq} = 0`) are pruned first, as in
+    SparseGPT: their weights cost nothing on the calibration data. They are zeroed only when
+    the sparsity asks for it, so at sparsity 0 the weights come back unchanged.
 
     The column sweep only adjusts weights to the right of a pruned one, and on strongly
     correlated inputs its mask can leave a larger error than magnitude pruning without any
@@ -184,25 +204,29 @@ def obs_layer(
     the magnitude mask, and magnitude pruning itself is a candidate (the updates minimize the
     *damped* quadratic, so on their own they can come out a hair worse); the smallest exact
     error :math:`\mathrm{tr}((W - \hat W) H (W - \hat W)^\top)` wins (``rule`` says which):
-    the result is never worse than magnitude pruning at the same sparsity and pattern.
+    the result is never worse than magnitude pruning at the same sparsity and pattern (with
+    the weights of always-zero inputs pruned first there too).
 
     Args:
-        W: ``(out, in)`` weight (a convolution's ``(out, C, k, k)`` is flattened to
-            ``(out, C k k)``).
+        W: The weight; its ``axis`` holds the output units, the other axes flattened in order
+            are the inputs (``(out, in)`` for ``nn.Linear``, ``(out, C, k, k)`` for a
+            convolution, ``(in, out)`` with ``axis=1`` for Hugging Face ``Conv1D``).
         H: ``(in, in)`` input Hessian (:func:`layer_hessian`).
         sparsity: Fraction of weights to zero in ``[0, 1)``; with a pattern, None or
             :math:`1 - n/m`.
-        pattern: ``"n:m"`` (keep ``n`` of every ``m`` consecutive weights of a row), or None.
+        pattern: ``"n:m"`` (keep ``n`` of every ``m`` consecutive inputs of an output unit),
+            or None.
         block: Columns per block (a multiple of ``m`` with a pattern).
         damping: :math:`\lambda` relative to the mean of :math:`\mathrm{diag}(H)`; multiplied by
             10 until the Cholesky factorization succeeds.
+        axis: The output axis of ``W`` (:func:`hesse._weights.output_axis` of its module).
 
     Returns:
-        :class:`ObsLayerResult`.
+        :class:`ObsLayerResult`, its weight and mask in the shape of ``W``.
 
     Raises:
         ValueError: sparsity outside ``[0, 1)`` or inconsistent with the pattern, a pattern
-            that does not divide the row length or the block, shapes that do not match.
+            that does not divide the inputs or the block, shapes that do not match.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -213,37 +237,31 @@ def obs_layer(
         (16, torch.Size([4, 8]))
     """
     shape = W.shape
-    W = W.detach().reshape(shape[0], -1).to(torch.float64).clone()
+    W = as_rows(W.detach(), axis).to(torch.float64)
     keep_n, group = parse_pattern(pattern, sparsity, W.shape[1], "obs_layer")
     _check_layer(W, H, block, group)
-    H = H.detach().to(torch.float64).clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    U, lam, rho, raised = _inverse_factor(H, damping)
-    magnitude = _magnitude_mask(W, sparsity, keep_n, group)
-    results = [_candidate(W, H, W * magnitude, magnitude, "magnitude")]
-    for rule in ("obs", "magnitude+obs"):
-        Wr, mask = W.clone(), magnitude.clone()
-        for start in range(0, W.shape[1], block):
-            cols = slice(start, min(start + block, W.shape[1]))
-            if rule == "obs":
-                zeros = _zeros(sparsity, W.shape[0], cols) if group is None else None
-                mask[:, cols] = _block_mask(
-                    Wr[:, cols], U[cols, cols].diagonal(), zeros, keep_n, group
-                )
-            _sweep(Wr, U, mask, cols)
-        Wr[~mask] = 0.0
-        results.append(_candidate(W, H, Wr, mask, rule))
-    error, rule, W, mask = min(results, key=lambda r: r[0])
-    return ObsLayerResult(W.reshape(shape), mask.reshape(shape), error, lam, rho, raised, rule)
+    H = H.detach().to(torch.float64)
+    live = H.diagonal() != 0
+    U, lam, rho, raised = _inverse_factor(H, live, damping)
+    ones = torch.ones_like(live, dtype=W.dtype)
+    magnitude = _Rule(ones, live, sparsity, keep_n, group).whole(W)
+    sweep = _Rule(U.diagonal(), live, sparsity, keep_n, group)
+    results = [
+        _candidate(W, H, W * magnitude, magnitude, "magnitude"),
+        _candidate(W, H, *_swept(W, U, magnitude.clone(), block, sweep), "obs"),
+        _candidate(W, H, *_swept(W, U, magnitude.clone(), block, None), "magnitude+obs"),
+    ]
+    error, rule, W_hat, mask = min(results, key=lambda r: r[0])
+    return ObsLayerResult(
+        from_rows(W_hat, shape, axis), from_rows(mask, shape, axis), error, lam, rho, raised, rule
+    )
 
 
 def _check_layer(W: torch.Tensor, H: torch.Tensor, block: int, group: int | None) -> None:
     if H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(
             f"obs_layer: H must be ({W.shape[1]}, {W.shape[1]}) for W of {W.shape[1]} "
-            f"columns, got {tuple(H.shape)}."
+            f"inputs per output unit, got {tuple(H.shape)}."
         )
     if block < 1 or (group is not None and block % group):
         raise ValueError(
@@ -252,10 +270,18 @@ def _check_layer(W: torch.Tensor, H: torch.Tensor, block: int, group: int | None
         )
 
 
-def _inverse_factor(H: torch.Tensor, damping: float) -> tuple[torch.Tensor, float, float, int]:
-    r"""Upper Cholesky factor of :math:`(H + \lambda I)^{-1}`, raising the damping until PD."""
+def _inverse_factor(
+    H: torch.Tensor, live: torch.Tensor, damping: float
+) -> tuple[torch.Tensor, float, float, int]:
+    r"""Upper Cholesky factor of :math:`(H + \lambda I)^{-1}`, raising the damping until PD.
+
+    An always-zero input gets :math:`H_{qq} = 1` (SparseGPT's rule): its row and column of the
+    factor are then those of the identity, so no update reaches its weights or leaves them.
+    """
     if not damping > 0:
         raise ValueError(f"obs_layer: damping must be > 0, got {damping}; 0.01 is typical.")
+    H = H.clone()
+    H.diagonal()[~live] = 1.0
     scale = float(H.diagonal().mean())
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     rho = damping
@@ -273,45 +299,76 @@ def _inverse_factor(H: torch.Tensor, damping: float) -> tuple[torch.Tensor, floa
     )
 
 
+@dataclass(frozen=True)
+class _Rule:
+    r"""Which weights to prune: the smallest :math:`w^2 / d^2`, always-zero inputs first.
+
+    ``d`` is :math:`\mathrm{diag}\, U` for the sweep's own choice, ones for magnitude.
+    """
+
+    d: torch.Tensor
+    live: torch.Tensor
+    sparsity: float | None
+    keep: int | None
+    group: int | None
+
+    def whole(self, W: torch.Tensor) -> torch.Tensor:
+        """Kept weights of the whole layer at once (magnitude pruning's mask)."""
+        score = self._score(W, slice(None))
+        if self.group is not None:
+            return group_mask(score, self.keep, self.group)
+        return _kept(score, _zeros(self.sparsity, W.shape[0], slice(0, W.shape[1])))
+
+    def choose(self, W: torch.Tensor, mask: torch.Tensor, cols: slice, q: int) -> None:
+        """Set the mask of what the sweep reaches at column ``q`` of block ``cols``.
+
+        Unstructured: the whole block, on entering it. ``n:m``: each group of ``m`` on reaching
+        its first column, from the weights the sweep has updated so far (SparseGPT).
+        """
+        if self.group is None and q == cols.start:
+            k = _zeros(self.sparsity, W.shape[0], cols)
+            mask[:, cols] = _kept(self._score(W[:, cols], cols), k)
+        elif self.group is not None and (q - cols.start) % self.group == 0:
+            span = slice(q, q + self.group)
+            mask[:, span] = group_mask(self._score(W[:, span], span), self.keep, self.group)
+
+    def _score(self, W: torch.Tensor, cols: slice) -> torch.Tensor:
+        return (W / self.d[cols]) ** 2 * self.live[cols]
+
+
 def _zeros(sparsity: float, rows: int, cols: slice) -> int:
     """Weights to zero in a block, rounded so that the blocks add up to the layer's total."""
     return round(sparsity * rows * cols.stop) - round(sparsity * rows * cols.start)
 
 
-def _block_mask(Wb, d, k, keep_n, group) -> torch.Tensor:
-    r"""Kept weights of a block by :math:`w^2 / d^2`: all but ``k``, or ``keep_n`` per group."""
-    score = Wb**2 / d[None, :] ** 2
-    if group is not None:
-        return group_mask(score, keep_n, group)
+def _kept(score: torch.Tensor, k: int) -> torch.Tensor:
+    """All but the ``k`` smallest scores."""
     mask = torch.ones_like(score, dtype=torch.bool)
-    if k:
-        mask.view(-1)[score.view(-1).argsort()[:k]] = False
+    mask.view(-1)[score.reshape(-1).argsort()[:k]] = False
     return mask
+
+
+def _swept(W: torch.Tensor, U: torch.Tensor, mask: torch.Tensor, block: int, rule: _Rule | None):
+    """``(W_hat, mask)`` of the column sweep: each pruned weight's error spread to its right.
+
+    ``rule`` chooses the mask as the sweep goes (None: ``mask`` as given).
+    """
+    W = W.clone()
+    for start in range(0, W.shape[1], block):
+        cols = slice(start, min(start + block, W.shape[1]))
+        Err = torch.zeros(W.shape[0], cols.stop - start, dtype=W.dtype, device=W.device)
+        for j, q in enumerate(range(start, cols.stop)):
+            if rule is not None:
+                rule.choose(W, mask, cols, q)
+            err = torch.where(mask[:, q], 0.0, W[:, q]) / U[q, q]
+            W[:, q : cols.stop] -= err[:, None] * U[q, q : cols.stop][None, :]
+            Err[:, j] = err
+        W[:, cols.stop :] -= Err @ U[cols, cols.stop :]
+    W[~mask] = 0.0
+    return W, mask
 
 
 def _candidate(W, H, W_hat, mask, rule) -> tuple:
     """``(error, rule, W_hat, mask)`` with the exact error of ``W_hat`` under ``H``."""
     D = W - W_hat
     return float(torch.einsum("ri,ij,rj->", D, H, D)), rule, W_hat, mask
-
-
-def _magnitude_mask(W: torch.Tensor, sparsity, keep_n, group) -> torch.Tensor:
-    """Kept weights of the whole layer by :math:`|w|` (as magnitude pruning keeps them)."""
-    return _block_mask(
-        W,
-        torch.ones(W.shape[1], dtype=W.dtype, device=W.device),
-        _zeros(sparsity, W.shape[0], slice(0, W.shape[1])) if group is None else None,
-        keep_n,
-        group,
-    )
-
-
-def _sweep(W: torch.Tensor, U: torch.Tensor, mask: torch.Tensor, cols: slice) -> None:
-    """Zero the block's pruned weights column by column, each error spread to its right."""
-    Err = torch.zeros(W.shape[0], cols.stop - cols.start, dtype=W.dtype, device=W.device)
-    for j, q in enumerate(range(cols.start, cols.stop)):
-        w = W[:, q]
-        err = torch.where(mask[:, q], 0.0, w) / U[q, q]
-        W[:, q : cols.stop] -= err[:, None] * U[q, q : cols.stop][None, :]
-        Err[:, j] = err
-    W[:, cols.stop :] -= Err @ U[cols, cols.stop :]

@@ -11,6 +11,9 @@ GGN or Hessian), the predicted loss increase of setting weight :math:`q` to zero
 Surgeon"); OBS lets the other weights move, OBD does not. ``"mfac"`` is OBS with the empirical
 Fisher of ``m`` gradients inverted by Woodbury (Singh & Alistarh 2020, "WoodFisher"; Frantar
 et al. 2021, "M-FAC").
+
+A weight the loss never reaches (its row of the curvature is zero: for the Fisher, a zero
+gradient on every sample drawn) scores 0 under every curvature method, so it is pruned first.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Saliency:
 
     Attributes:
         scores: ``{name: tensor of the parameter's shape}``; the smallest are pruned first.
+            Weights the loss never reaches (a zero row of the curvature) score 0.
         method: ``"magnitude"``, ``"obd"``, ``"obs"`` or ``"mfac"``.
         curvature: ``"fisher"``, ``"ggn"`` or ``"hessian"``; None for magnitude.
         damping: The absolute damping :math:`\lambda` used (0 for magnitude; for M-FAC blocks,
@@ -131,6 +135,8 @@ def scored(obj: Objective, w: torch.Tensor, H: Damped, method: str) -> Saliency:
         flat = 0.5 * H.diag * w**2
     else:
         flat = w**2 / (2 * H.inverse_diag())
+    # a weight the loss never reaches costs nothing to remove; damping alone would score it
+    flat = torch.where(H.reached, flat, 0.0)
     return _named(obj, flat, method, H.kind, H.damping, H.relative)
 
 
