@@ -42,12 +42,7 @@ def choose(model: nn.Module, selection: Selection | None) -> tuple[list[str], di
     chosen = list(named)
     if selection is not None:
         space = ParamSpace.from_named(named, aliases(model))
-        frozen = [n for n, _ in model.named_parameters() if n not in named]
-        wanted = names_of(model, selection, named, caller="Objective(params=)")
-        try:
-            chosen = space.select(wanted, others=frozen)
-        except ValueError as err:
-            raise ValueError(f"Objective: params= {err}") from None
+        chosen = resolve(model, selection, space, caller="Objective(params=)")
     for n in chosen:
         if named[n].is_complex():
             raise ValueError(
@@ -56,6 +51,32 @@ def choose(model: nn.Module, selection: Selection | None) -> tuple[list[str], di
                 "it out with params=, or store it as two real parameters."
             )
     return chosen, named
+
+
+def resolve(model: nn.Module, selection: Selection, space: ParamSpace, *, caller: str) -> list[str]:
+    """The names of ``space`` that ``selection`` picks, in the space's order.
+
+    The one resolution of a ``params=`` selection: :func:`names_of` turns objects into names,
+    :meth:`ParamSpace.select` resolves names, prefixes and patterns, and an entry that matches
+    only parameters outside ``space`` (frozen, or not analysed) is named as such.
+
+    Args:
+        model: The network the selection refers to.
+        selection: What ``params=`` takes (see :func:`names_of`).
+        space: The parameters that may be chosen.
+        caller: The call and argument the errors start with (``"Objective(params=)"``).
+
+    Raises:
+        ValueError: an entry that matches nothing in ``space``, or an object that is not the
+            model's; the message starts with ``caller``.
+    """
+    candidates = dict.fromkeys(space.names)
+    others = [n for n, _ in model.named_parameters() if n not in candidates]
+    wanted = names_of(model, selection, candidates, caller=caller)
+    try:
+        return space.select(wanted, others=others)
+    except ValueError as err:
+        raise ValueError(f"{caller}: {err}") from None
 
 
 def names_of(

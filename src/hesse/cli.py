@@ -375,8 +375,8 @@ CLI_WORDS = (
     ("analyze: ", ""),
     ("max_memory=", "--max-memory "),
     ("raise max_memory", "raise --max-memory"),
+    ("Objective(params=): ", "--params "),
     ("(params=)", "(--params)"),
-    ("Objective: params= ", "--params "),
 )
 """API words in ``analyze``/``plan`` messages and the command-line options they mean."""
 

@@ -23,7 +23,7 @@ from ._losses import (
     target_weight,
 )
 from ._positions import all_reduce, as_batches, check_shards, positions
-from ._selection import Selection, aliases, choose, names_of
+from ._selection import Selection, aliases, choose, resolve
 from .params import ParamSpace
 
 __all__ = ["Batch", "LossFn", "LossSpec", "Objective", "loss_kind"]
@@ -394,12 +394,7 @@ class Objective:
             names: What ``params=`` takes (names, module prefixes, glob patterns, ``Parameter``
                 or ``Module`` objects), among the analysed parameters.
         """
-        others = [n for n, _ in self.model.named_parameters() if n not in self.params]
-        wanted = names_of(self.model, names, self.params, caller="Objective.restrict(names=)")
-        try:
-            chosen = self.space.select(wanted, others=others)
-        except ValueError as err:
-            raise ValueError(f"Objective.restrict: {err}") from None
+        chosen = resolve(self.model, names, self.space, caller="Objective.restrict(names=)")
         sub = copy.copy(self)
         sub.params = {n: self.params[n] for n in chosen}
         sub.frozen = self.frozen | {n: t for n, t in self.params.items() if n not in sub.params}
