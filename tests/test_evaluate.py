@@ -36,7 +36,7 @@ def test_regression_has_no_accuracy():
 
 
 def test_token_loss_fn_ignores_padding():
-    from hesse._demos import tiny_lm
+    from hesse.demo import tiny_lm
 
     config = tiny_lm.Config(width=16, layers=1, heads=2, context=8)
     model = tiny_lm.build_model(config).eval()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 import hesse
-from hesse._demos.digits import Config, build_model
+from hesse.demo.digits import Config, build_model
 from hesse.influence import influence
 
 

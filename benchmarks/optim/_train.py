@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hesse import HessianOperator, Objective, eigs, optim, regularize, trace
-from hesse._demos import digits, tiny_lm
+from hesse.demo import digits, tiny_lm
 from hesse._evaluate import evaluate
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hesse
-from hesse._checkpoint import Checkpoint, ProductLog, RecordingOperator, TimeUp
+from hesse.analysis._checkpoint import Checkpoint, ProductLog, RecordingOperator, TimeUp
 
 
 def dense(d=6, seed=0):
@@ -60,7 +60,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
 
 def test_time_budget_is_spent_at_the_mean_rate(monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr("hesse._checkpoint.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("hesse.analysis._checkpoint.time.monotonic", lambda: clock[0])
     log = ProductLog(max_time=10.0)
     assert log.affordable(50) == 50  # no product yet: no rate to go by
     log.columns, log.seconds = 10, 2.0  # 5 columns per second

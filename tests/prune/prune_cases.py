@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hesse import Objective
-from hesse._demos import tiny_lm
+from hesse.demo import tiny_lm
 
 
 def trained_mlp(steps: int = 50, seed: int = 0):

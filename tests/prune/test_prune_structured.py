@@ -7,7 +7,7 @@ import torch
 from prune_cases import tiny_bert, tiny_transformer, zero_units
 
 from hesse import Objective
-from hesse._demos import tiny_lm
+from hesse.demo import tiny_lm
 from hesse.prune import expert_saliency, group_saliency, prune
 from hesse.prune._units import find_units
 

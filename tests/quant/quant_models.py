@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hesse import Objective
-from hesse._demos import tiny_lm
+from hesse.demo import tiny_lm
 
 
 def mlp(seed: int = 0) -> nn.Sequential:

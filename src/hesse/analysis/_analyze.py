@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from hesse._checkpoint import Checkpoint, ProductLog, RecordingOperator, TimeUp
+from hesse.analysis._checkpoint import Checkpoint, ProductLog, RecordingOperator, TimeUp
 from hesse.analysis._documents import density_dict, eig_dict, meta, no_ggn, trace_dict
 from hesse.analysis.layers import blocks_by, empty_modules, layer_table, layer_table_cost
 from hesse.analysis.outliers import find_outliers

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hesse import _atomic
-from hesse.operators import Operator
+from ..operators import Operator
+from ..report import atomic
 
 FORMAT = "hesse.checkpoint/1"
 
@@ -51,7 +51,7 @@ class Checkpoint:
             _check_manifest(self.path, manifest)
         self.parts.mkdir(parents=True, exist_ok=True)
         if not resumed:
-            _atomic.write_text(self.path, json.dumps(manifest, indent=1, sort_keys=True))
+            atomic.write_text(self.path, json.dumps(manifest, indent=1, sort_keys=True))
 
     def part(self, index: int) -> Path:
         """File of product ``index``."""
@@ -69,7 +69,7 @@ class Checkpoint:
 
     def put(self, index: int, digest: str, output: torch.Tensor) -> None:
         """Store product ``index`` atomically."""
-        _atomic.torch_save(self.part(index), {"input_sha256": digest, "output": output.cpu()})
+        atomic.torch_save(self.part(index), {"input_sha256": digest, "output": output.cpu()})
 
     def truncate(self, index: int) -> None:
         """Forget products ``index`` and later."""

@@ -26,91 +26,22 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from hesse import _atomic
-from hesse._demos import digits, tiny_lm
+from ..report import atomic
+from . import digits, tiny_lm
+from ._demo import Demo
+
+__all__ = ["DEMOS", "Demo", "cache_dir", "load_demo"]
 
 DEMOS = {"digits": digits, "tiny-lm": tiny_lm}
 """The demo modules by name; each defines ``Config``, ``dataset``, ``build_model`` and ``train``."""
 
 CACHE_VERSION = 1
 """Bump when a demo's training code changes, so that stale cached weights are not reused."""
-
-
-@dataclass(frozen=True)
-class Demo:
-    """A trained demo model with its training data.
-
-    Attributes:
-        name: the demo's name (a key of ``DEMOS``).
-        model: the trained model, in eval mode.
-        inputs: all training inputs, stacked (first dimension = samples).
-        targets: all training targets, stacked.
-        test_inputs: the held-out inputs (``load_demo(..., holdout=)``; empty when none).
-        test_targets: the held-out targets.
-        loss: ``loss(outputs, targets)`` for tuple batches, or None when ``loss_fn`` is used.
-        loss_fn: ``loss_fn(model, batch) -> (mean_loss, weight)``, or None.
-        lr: the learning rate the model was trained with (plain SGD, no momentum).
-        n_classes: number of classes (vocabulary size for the language model).
-        description: one paragraph for the report.
-        training: how training went: configuration, epochs or steps, final loss, cache file.
-        batch_size: default batch size for the analysis data passes.
-        defaults: analysis settings that keep this demo fast (``samples``, ``k``, ``budget``,
-            ``steps``, ``probes``); the CLI uses them unless told otherwise.
-    """
-
-    name: str
-    model: nn.Module
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    test_inputs: torch.Tensor
-    test_targets: torch.Tensor
-    loss: Callable | None
-    loss_fn: Callable | None
-    lr: float
-    n_classes: int
-    description: str
-    training: dict = field(default_factory=dict)
-    batch_size: int = 256
-    defaults: dict = field(default_factory=dict)
-
-    def batches(self, *, samples: int | None = None, batch_size: int | None = None) -> list:
-        """The first ``samples`` training samples as a list of ``(inputs, targets)`` batches.
-
-        Args:
-            samples: number of samples (all when None).
-            batch_size: samples per batch (``self.batch_size`` when None).
-
-        Returns:
-            A list of ``(inputs, targets)`` tuples; the last one may be smaller.
-        """
-        n = len(self.inputs) if samples is None else min(samples, len(self.inputs))
-        return _batches(self.inputs[:n], self.targets[:n], batch_size or self.batch_size)
-
-    def test_batches(self, *, batch_size: int | None = None) -> list:
-        """The held-out samples as a list of ``(inputs, targets)`` batches.
-
-        Raises:
-            ValueError: the demo was loaded without ``holdout``.
-        """
-        if not len(self.test_inputs):
-            raise ValueError(
-                f"Demo {self.name!r}: no held-out samples; load it with "
-                f"load_demo({self.name!r}, holdout=0.2)."
-            )
-        return _batches(self.test_inputs, self.test_targets, batch_size or self.batch_size)
-
-
-def _batches(inputs: torch.Tensor, targets: torch.Tensor, size: int) -> list:
-    ends = [(i, min(i + size, len(inputs))) for i in range(0, len(inputs), size)]
-    return [(inputs[a:b], targets[a:b]) for a, b in ends]
 
 
 def cache_dir() -> Path:
@@ -165,7 +96,7 @@ def load_demo(
         with _one_thread():
             training = module.train(model, config, progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic.torch_save(path, {"state_dict": model.state_dict(), "training": training})
+        atomic.torch_save(path, {"state_dict": model.state_dict(), "training": training})
     return module.make_demo(model.eval(), config, {**training, "cache_file": str(path)})
 
 

@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from tqdm.auto import tqdm
 
-from hesse._demos import split
+from ._demo import Demo, split
 
 N_CLASSES = 10
 
@@ -121,8 +121,6 @@ def _accuracy(model: nn.Module, config: Config) -> float:
 
 def make_demo(model: nn.Module, config: Config, training: dict):
     """Package the trained model as a ``hesse.demo.Demo``."""
-    from hesse.demo import Demo
-
     (inputs, targets), (test_inputs, test_targets) = parts(config)
     held_out = f", holding out {len(test_inputs)} for testing," if len(test_inputs) else ""
     return Demo(

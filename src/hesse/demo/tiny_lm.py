@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hesse._demos import split
+from ._demo import Demo, split
 
 IGNORE = -100
 """Target of padding positions (``F.cross_entropy``'s default ``ignore_index``)."""
@@ -190,8 +190,6 @@ def train(model: nn.Module, config: Config, *, progress: bool = False) -> dict:
 
 def make_demo(model: nn.Module, config: Config, training: dict):
     """Package the trained model as a ``hesse.demo.Demo``."""
-    from hesse.demo import Demo
-
     (inputs, targets), (test_inputs, test_targets) = parts(config)
     vocab = len(vocabulary())
     held_out = f" ({len(test_inputs)} more held out)" if len(test_inputs) else ""

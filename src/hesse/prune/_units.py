@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._demos import tiny_lm
+from ..demo import tiny_lm
 
 STRUCTURES = ("heads", "channels")
 

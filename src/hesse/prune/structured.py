@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._demos import tiny_lm
+from ..demo import tiny_lm
 from ..objective import Objective
 from ._gradients import collect_gradients
 from ._units import Unit, find_units, unit_index

@@ -14,11 +14,12 @@ import json
 import os
 from pathlib import Path
 
-from hesse import _atomic
 from hesse.report.html import render_html
 from hesse.report.plots import render_plots
 from hesse.report.schema import SCHEMA_NAME, SCHEMA_VERSION, validate
 from hesse.report.text import render_text
+
+from . import atomic
 
 __all__ = [
     "SCHEMA_NAME",
@@ -42,13 +43,13 @@ def write_json(doc: dict, path: str | os.PathLike) -> Path:
     errors = validate(doc)
     if errors:
         raise ValueError("results document does not match its schema: " + "; ".join(errors))
-    return _atomic.write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    return atomic.write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
 
 
 def write_html(doc: dict, path: str | os.PathLike, plots: dict[str, bytes] | None = None) -> Path:
     """Write the self-contained HTML page atomically (plots are drawn when not given)."""
     plots = render_plots(doc) if plots is None else plots
-    return _atomic.write_text(path, render_html(doc, plots))
+    return atomic.write_text(path, render_html(doc, plots))
 
 
 def write_all(doc: dict, folder: str | os.PathLike) -> dict[str, Path]:
@@ -65,6 +66,6 @@ def write_all(doc: dict, folder: str | os.PathLike) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     plots = render_plots(doc)
     written = {"results.json": write_json(doc, folder / "results.json")}
-    written |= {name: _atomic.write_bytes(folder / name, png) for name, png in plots.items()}
+    written |= {name: atomic.write_bytes(folder / name, png) for name, png in plots.items()}
     written["report.html"] = write_html(doc, folder / "report.html", plots)
     return written

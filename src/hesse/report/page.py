@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hesse import _atomic
 from hesse.report.html import STYLE, _img, _table
+
+from . import atomic
 
 PAGE_SCHEMA = "hesse-page/1"
 
@@ -110,10 +111,10 @@ class Page:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         doc = json.dumps(self.to_dict(), indent=1, default=_plain)
-        written = {"results.json": _atomic.write_text(folder / "results.json", doc + "\n")}
+        written = {"results.json": atomic.write_text(folder / "results.json", doc + "\n")}
         for name, png in self.figures.items():
-            written[name] = _atomic.write_bytes(folder / name, png)
-        written["report.html"] = _atomic.write_text(folder / "report.html", self.html())
+            written[name] = atomic.write_bytes(folder / name, png)
+        written["report.html"] = atomic.write_text(folder / "report.html", self.html())
         return written
 
 

@@ -111,7 +111,7 @@ def _png(fig: Figure) -> bytes:
 
 
 def figure(**kwargs: Any) -> Figure:
-    """A new ``matplotlib.figure.Figure`` (matplotlib is imported on the first plot, not with hesse)."""
+    """A new ``matplotlib.figure.Figure`` (matplotlib loads with the first plot, not hesse)."""
     from matplotlib.figure import Figure
 
     return Figure(**kwargs)
