@@ -45,8 +45,11 @@ def gradients(
     *,
     create_graph: bool = False,
     retain_graph: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """``d loss / d params``; zeros for parameters the loss does not reach.
+) -> tuple[torch.Tensor | None, ...]:
+    """``d loss / d params``; None for parameters the loss does not reach.
+
+    None, not zeros, as in ``torch.optim``: a parameter without a gradient is skipped by the
+    optimizers (no update, no state), so that momentum and weight decay do not move it.
 
     ``create_graph`` keeps the gradient differentiable (for Hessian-vector products);
     ``retain_graph`` keeps the graph for one more backward (e.g. through the logits).
@@ -69,7 +72,7 @@ def gradients(
             f"{who}: the closure called backward(), which freed the graph. Return the loss "
             f"without calling backward(). {HINT}."
         ) from err
-    return tuple(torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g, strict=True))
+    return g
 
 
 def _check_loss(loss, who: str) -> None:
@@ -103,6 +106,8 @@ def _what(x) -> str:
 def first_order(closure: Callable | None, params: Sequence[torch.Tensor], who: str):
     """Gradients of the closure's loss at the current parameters: ``(loss, grads)``.
 
+    ``grads`` holds None for the parameters that the loss does not reach.
+
     A first-order optimizer accepts both kinds of closure: one that returns the loss (it is
     differentiated here), and one that calls ``backward()`` itself, possibly once per
     micro-batch for gradient accumulation (its accumulated ``.grad`` are used).
@@ -116,6 +121,6 @@ def first_order(closure: Callable | None, params: Sequence[torch.Tensor], who: s
     if any(p.grad is not None for p in params):
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(f"{who}: the closure must return the loss; it returned {_what(loss)}.")
-        return loss, [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        return loss, [p.grad for p in params]
     _check_loss(loss, who)
     return loss, list(gradients(loss, params, who))

@@ -15,7 +15,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     Subclasses give ``_update(p, g, estimate, state, group) -> (new_p, new_state)`` (a pure
     update from :mod:`hesse.optim.updates`) and ``_transform(estimate, p)``. The estimate is
     refreshed on steps ``0, update_every, 2 update_every, ...``; between refreshes ``estimate``
-    is None.
+    is None. A parameter that no micro-batch's loss reaches has no gradient and is skipped, as
+    in ``torch.optim``: no update (weight decay and momentum included) and no state.
 
     Two ways to take a step:
 
@@ -111,13 +112,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         estimate = None
         if self.estimate_due:
             estimate = self.estimator.finish(pending.estimate, pending.rows)
-        i = 0
-        for group in self.param_groups:
-            for p in (q for q in group["params"] if q.requires_grad):
-                d = None if estimate is None else self._transform(estimate[i], p)
-                new_p, self.state[p] = self._update(p, pending.grads[i], d, self.state[p], group)
-                p.copy_(new_p)
-                i += 1
+        live = [
+            (p, group) for group in self.param_groups for p in group["params"] if p.requires_grad
+        ]
+        for i, ((p, group), g) in enumerate(zip(live, pending.grads, strict=True)):
+            if g is None:  # as torch.optim: no gradient, no update and no state
+                continue
+            d = None if estimate is None else self._transform(estimate[i], p)
+            new_p, self.state[p] = self._update(p, g, d, self.state[p], group)
+            p.copy_(new_p)
 
     def _transform(self, estimate: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return estimate
@@ -155,10 +158,10 @@ class _Pending:
         self.rows = 0
 
     def add_grads(self, grads) -> None:
-        g = [gi.detach() for gi in grads]
-        self.grads = (
-            g if self.grads is None else [a + b for a, b in zip(self.grads, g, strict=True)]
-        )
+        g = [None if gi is None else gi.detach() for gi in grads]
+        if self.grads is not None:
+            g = [_plus(a, b) for a, b in zip(self.grads, g, strict=True)]
+        self.grads = g
 
     def add_estimate(self, share, rows: int) -> None:
         self.rows += rows
@@ -167,3 +170,10 @@ class _Pending:
             if self.estimate is None
             else [a + b for a, b in zip(self.estimate, share, strict=True)]
         )
+
+
+def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``a + b``, where None (no gradient in that micro-batch) adds nothing."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b

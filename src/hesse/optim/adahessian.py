@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from ._shell import CurvatureOptimizer
 from .estimators import Hutchinson, spatial_average
 from .updates import adahessian_update
@@ -26,6 +29,12 @@ class AdaHessian(CurvatureOptimizer):
         seed: Seed of the probe generator (its state is in ``state_dict``).
         estimator: Hessian-diagonal estimator (default ``Hutchinson()``).
         spatial_averaging: Average the estimate over convolution kernels (the paper's choice).
+        model: The module that owns ``params``: the convolution weights to average are the
+            weights of its ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` modules,
+            found by module type, so that a ViT's ``(1, N, D)`` position embedding is not
+            taken for a kernel. Without it, the 4-D parameters are (the official code's rule,
+            right for ``Conv2d``): pass it for 1-D or 3-D convolutions, or for 4-D parameters
+            that are not convolution weights.
 
     Raises:
         ValueError: a hyper-parameter out of range.
@@ -57,6 +66,7 @@ class AdaHessian(CurvatureOptimizer):
         *,
         estimator=None,
         spatial_averaging: bool = True,
+        model: nn.Module | None = None,
     ):
         _check_common(lr, betas, eps, weight_decay)
         if not 0 < hessian_power <= 1:
@@ -69,13 +79,37 @@ class AdaHessian(CurvatureOptimizer):
             params, defaults, estimator=estimator, update_every=update_every, seed=seed
         )
         self.spatial_averaging = spatial_averaging
+        # id -> weight: holding the weights keeps their ids from being reused
+        self._kernels = None if model is None else {id(w): w for w in _convolution_weights(model)}
 
     def _transform(self, estimate, p):
-        return spatial_average(estimate, p) if self.spatial_averaging else estimate
+        return spatial_average(estimate, p) if self._is_kernel(p) else estimate
+
+    def _is_kernel(self, p: torch.Tensor) -> bool:
+        if not self.spatial_averaging:
+            return False
+        if self._kernels is None:  # only tensors to go by: the official code's rule
+            return p.dim() == 4
+        return id(p) in self._kernels
 
     def _update(self, p, g, d, state, group):
         hyper = {k: group[k] for k in ("lr", "betas", "eps", "weight_decay", "hessian_power")}
         return adahessian_update(p, g, d, state, **hyper)
+
+
+_CONVOLUTIONS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def _convolution_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The weights of ``model``'s convolutions, whose dims 2, 3, ... are kernel positions."""
+    return [m.weight for m in model.modules() if isinstance(m, _CONVOLUTIONS)]
 
 
 def _check_common(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:

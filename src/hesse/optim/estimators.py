@@ -7,7 +7,8 @@ the micro-batches of a gradient-accumulation step:
 - ``draw(params, generator)``: the randomness shared by every micro-batch of a step (the
   Rademacher probes), or None;
 - ``contribution(probes, params, grads, logits, generator)``: one micro-batch's share, linear
-  in its loss (the optimizer sums them);
+  in its loss (the optimizer sums them); ``grads`` holds None for the parameters that the
+  micro-batch's loss does not reach, and the share is a tensor for every parameter;
 - ``finish(total, rows)``: the estimate from the sum (``rows``: logits rows seen).
 
 ``needs_graph`` says whether the gradients must be built with ``create_graph=True``;
@@ -77,9 +78,9 @@ class Hutchinson:
         total = [torch.zeros_like(p) for p in params]
         for i, z in enumerate(probes):
             keep = i < len(probes) - 1
-            # gradients of parameters the loss does not reach have no graph: their Hessian
-            # rows are zero
-            live = [i for i, g in enumerate(grads) if g.requires_grad]
+            # parameters the loss does not reach (gradient None), or whose gradient has no
+            # graph, have zero Hessian rows
+            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             Hz = torch.autograd.grad(
                 [grads[i] for i in live], [params[i] for i in live],
                 grad_outputs=[z[i] for i in live], retain_graph=keep, allow_unused=True,
@@ -142,16 +143,19 @@ class GaussNewtonBartlett:
 def spatial_average(estimate: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     r"""AdaHessian's spatial averaging: :math:`|\hat D|`, averaged over convolution kernels.
 
-    For a convolution weight (``param.dim() >= 3``: ``(out, in, *kernel)``) every entry is
-    replaced by the mean of :math:`|\hat D|` over its kernel's spatial positions; other
-    parameters get :math:`|\hat D|`. This is the official code's ``get_trace`` (which averages
-    4-D kernels over dims 2 and 3; here any kernel rank). Reference: Yao, Gholami, Shen,
-    Mustafa, Keutzer & Mahoney (2021), "ADAHESSIAN: An Adaptive Second Order Optimizer for
-    Machine Learning", section 3.3.
+    For a convolution weight (``(out, in, *kernel)``; transposed: ``(in, out, *kernel)``)
+    every entry is replaced by the mean of :math:`|\hat D|` over its kernel's spatial
+    positions; a parameter of fewer than 3 dims gets :math:`|\hat D|`. This is the official
+    code's ``get_trace`` (which averages 4-D kernels over dims 2 and 3; here any kernel rank).
+    Whether a parameter is a convolution weight is not told by its number of dims (a ViT's
+    ``(1, N, D)`` position embedding is not one): the caller decides, and
+    :class:`~hesse.optim.AdaHessian` calls this for the weights of the convolution modules
+    of its ``model``. Reference: Yao, Gholami, Shen, Mustafa, Keutzer & Mahoney (2021),
+    "ADAHESSIAN: An Adaptive Second Order Optimizer for Machine Learning", section 3.3.
 
     Args:
         estimate: The diagonal estimate, shaped like ``param``.
-        param: The parameter.
+        param: A convolution weight (or a parameter of fewer than 3 dims).
 
     Returns:
         A tensor shaped like ``param``.

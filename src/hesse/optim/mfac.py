@@ -22,7 +22,9 @@ class MFAC(torch.optim.Optimizer):
     :math:`F_t^{-1} g_t` is exact, from the Woodbury identity on the window of the last ``m``
     gradients (:class:`hesse.WoodburyFisher`: ``O(m d)`` per step, nothing ``d x d``). The
     Fisher is over all parameters of all groups together; each group's ``lr``, ``momentum``
-    and ``weight_decay`` apply to its own slice of :math:`u_t`.
+    and ``weight_decay`` apply to its own slice of :math:`u_t`. A parameter without a gradient
+    (the loss does not reach it) holds zeros in the window and is not stepped, as in
+    ``torch.optim``.
 
     Args:
         params: Parameters or parameter groups.
@@ -80,28 +82,34 @@ class MFAC(torch.optim.Optimizer):
                     "MFAC.step: no gradient; pass a closure that returns the loss, or call "
                     "loss.backward() before step()."
                 )
-            loss, grads = None, [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            loss, grads = None, [p.grad for p in params]
         else:
             loss, grads = _closure.first_order(closure, params, "MFAC")
-        g = torch.cat([gi.reshape(-1) for gi in grads])
+        # a parameter without a gradient holds zeros in the window (the Fisher keeps its
+        # dimensions) and is not stepped
+        dense = [
+            torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, grads, strict=True)
+        ]
+        g = torch.cat([gi.reshape(-1) for gi in dense])
         if self.fisher is None:
             empty = g.new_zeros((0, g.numel()))
             self.fisher = WoodburyFisher(empty, self.damping, window=self.m)
         u = self.fisher.update(g).inverse() @ g
-        self._descend(u)
+        self._descend(u, grads)
         return None if loss is None else loss.detach()
 
-    def _descend(self, u: torch.Tensor) -> None:
-        start = 0
-        for group in self.param_groups:
-            for p in (q for q in group["params"] if q.requires_grad):
-                step = u[start : start + p.numel()].view_as(p) + group["weight_decay"] * p
-                start += p.numel()
-                if group["momentum"]:
-                    buf = self.state[p].get("momentum_buffer")
-                    step = step if buf is None else group["momentum"] * buf + step
-                    self.state[p]["momentum_buffer"] = step.clone()
-                p.sub_(group["lr"] * step)
+    def _descend(self, u: torch.Tensor, grads: list[torch.Tensor | None]) -> None:
+        groups = [group for group in self.param_groups for p in group["params"] if p.requires_grad]
+        pieces = u.split([p.numel() for p in self._params()])
+        for p, g, u_p, group in zip(self._params(), grads, pieces, groups, strict=True):
+            if g is None:  # as torch.optim: no gradient, no update and no state
+                continue
+            step = u_p.view_as(p) + group["weight_decay"] * p
+            if group["momentum"]:
+                buf = self.state[p].get("momentum_buffer")
+                step = step if buf is None else group["momentum"] * buf + step
+                self.state[p]["momentum_buffer"] = step.clone()
+            p.sub_(group["lr"] * step)
 
     def state_dict(self) -> dict:
         """The torch state plus the window of gradients (its exact Gram matrix too)."""

@@ -73,24 +73,29 @@ class NewtonCG(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> torch.Tensor:
-        """One regularized Newton step; the closure returns the loss (no backward)."""
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        """One regularized Newton step; the closure returns the loss (no backward).
+
+        Parameters that the loss does not reach have no gradient and are left out of the
+        system and of the step, as ``torch.optim`` skips them.
+        """
+        entries = [(p, g["lr"]) for g in self.param_groups for p in g["params"] if p.requires_grad]
         loss, _ = _closure.call(closure, "NewtonCG")
         with torch.enable_grad():
-            grads = _closure.gradients(loss, params, "NewtonCG", create_graph=True)
+            grads = _closure.gradients(loss, [p for p, _ in entries], "NewtonCG", create_graph=True)
+            used = [i for i, gi in enumerate(grads) if gi is not None]
+            params, grads = [entries[i][0] for i in used], [grads[i] for i in used]
             g = torch.cat([gi.reshape(-1) for gi in grads])
             lam = self.damping + math.sqrt(self.regularization * float(g.detach().norm()))
             H = _GraphHessian(grads, params)
             self.last_solve = solve(
                 H, -g.detach(), damping=lam, method="cg", tol=self.tol, max_matvecs=self.max_matvecs
             )
-        s, start = self.last_solve.value, 0
+        s = self.last_solve.value
         if not torch.any(s):  # negative curvature along -g itself: CG took no step
             s = -g.detach()
-        for group in self.param_groups:
-            for p in (q for q in group["params"] if q.requires_grad):
-                p.add_(group["lr"] * s[start : start + p.numel()].view_as(p))
-                start += p.numel()
+        for i, s_p in zip(used, s.split([p.numel() for p in params]), strict=True):
+            p, lr = entries[i]
+            p.add_(lr * s_p.view_as(p))
         return loss.detach()
 
 

@@ -16,7 +16,9 @@ class SAM(torch.optim.Optimizer):
     Each step evaluates the gradient at :math:`\theta`, moves to :math:`\theta + \epsilon`
     (:func:`~hesse.optim.updates.sam_perturbation`: :math:`\|T^{-1}\epsilon\| = \rho`),
     evaluates the gradient there, returns to :math:`\theta` exactly (a saved copy, not a
-    subtraction) and lets the base optimizer step with the second gradient.
+    subtraction) and lets the base optimizer step with the second gradient. A parameter that
+    the loss does not reach is neither perturbed nor stepped: its ``.grad`` stays None, so the
+    base optimizer skips it (no momentum, no weight decay), as ``torch.optim`` does.
 
     The closure either returns the loss (differentiated here), or calls ``backward()`` itself;
     in the second form it may loop over micro-batches (gradient accumulation): both passes
@@ -62,25 +64,34 @@ class SAM(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     @torch.no_grad()
-    def first_step(self, grads: list[torch.Tensor]) -> None:
+    def first_step(self, grads: list[torch.Tensor | None]) -> None:
         r"""Move every parameter to :math:`\theta + \epsilon`, saving :math:`\theta`.
 
         Args:
-            grads: The gradient at :math:`\theta`, one tensor per parameter in group order.
+            grads: The gradient at :math:`\theta`, one tensor per parameter in group order;
+                None for a parameter that the loss does not reach (it is not moved).
         """
         params = self._params()
         rhos = [g["rho"] for g in self.param_groups for p in g["params"] if p.requires_grad]
-        with torch.autocast(params[0].device.type, enabled=False):
+        device = params[0].device.type
+        live = [i for i, (_, g) in enumerate(zip(params, grads, strict=True)) if g is not None]
+        params, grads, rhos = ([xs[i] for i in live] for xs in (params, grads, rhos))
+        with torch.autocast(device, enabled=False):
             eps = sam_perturbation(params, grads, rhos, adaptive=self.adaptive)
         for p, e in zip(params, eps, strict=True):
             self.state[p]["old_p"] = p.detach().clone()
             p.add_(e.to(p.dtype))
 
     @torch.no_grad()
-    def second_step(self, grads: list[torch.Tensor]) -> None:
-        """Return to the saved parameters and step the base optimizer with ``grads``."""
+    def second_step(self, grads: list[torch.Tensor | None]) -> None:
+        """Return to the saved parameters and step the base optimizer with ``grads``.
+
+        A parameter whose gradient is None keeps ``.grad = None``, so that the base optimizer
+        skips it (no momentum, no weight decay), as ``torch.optim`` does.
+        """
         for p, g in zip(self._params(), grads, strict=True):
-            p.copy_(self.state[p].pop("old_p"))
+            if p in self.state:  # only the parameters that first_step moved
+                p.copy_(self.state.pop(p)["old_p"])
             p.grad = g
         self.base_optimizer.step()
 

@@ -20,8 +20,14 @@ class TrajectoryLoss:
     where :math:`\hat y_i^{(e-\tilde E)}` are the logits the model gave sample ``i`` in epoch
     :math:`e - \tilde E` (stored here; ``lag`` = :math:`\tilde E`). The penalty is zero for a
     sample until it has outputs from ``lag`` epochs back. The factor :math:`\tau^2` keeps the
-    gradient's scale independent of the temperature (as in distillation). Memory:
-    ``lag * n_samples * n_outputs`` numbers.
+    gradient's scale independent of the temperature (as in distillation).
+
+    The outputs of epoch :math:`e` go to a slot of their own, apart from those of epoch
+    :math:`e - \tilde E` that the penalty reads (a ring of :math:`\tilde E + 1` epochs, as
+    in the official code), so a sample seen twice in one epoch — drawn with replacement, or
+    by SAM's two closure calls — is compared with epoch :math:`e - \tilde E` both times.
+    Epoch :math:`e`'s record of a sample is its first output in that epoch (for SAM, the one
+    at the unperturbed weights). Memory: ``(lag + 1) * n_samples * n_outputs`` numbers.
 
     Args:
         n_samples: Samples in the training set (indices ``0 .. n_samples - 1``).
@@ -54,11 +60,11 @@ class TrajectoryLoss:
                 f"temperature={temperature}."
             )
         self.lag, self.temperature, self.weight = int(lag), float(temperature), float(weight)
-        self.outputs = torch.zeros(self.lag, n_samples, n_outputs)
-        self.epoch_of = torch.full((self.lag, n_samples), -self.lag - 1, dtype=torch.long)
+        self.outputs = torch.zeros(self.lag + 1, n_samples, n_outputs)
+        self.epoch_of = torch.full((self.lag + 1, n_samples), -self.lag - 1, dtype=torch.long)
 
     def __call__(self, logits: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        """The penalty for this batch, then store its outputs for epoch ``epoch + lag``.
+        """The penalty for this batch; its outputs are kept for epoch ``epoch + lag``.
 
         Args:
             logits: ``(B, n_outputs)`` outputs of the samples ``index``.
@@ -76,11 +82,12 @@ class TrajectoryLoss:
         if epoch < 0:
             raise ValueError(f"TrajectoryLoss: epoch must be >= 0, got {epoch}.")
         index = index.cpu()
-        slot = epoch % self.lag
-        past = self.outputs[slot, index].to(logits)
-        known = (self.epoch_of[slot, index] == epoch - self.lag).to(logits)
-        self.outputs[slot, index] = logits.detach().float().cpu()
-        self.epoch_of[slot, index] = epoch
+        read, write = (epoch - self.lag) % (self.lag + 1), epoch % (self.lag + 1)
+        past = self.outputs[read, index].to(logits)
+        known = (self.epoch_of[read, index] == epoch - self.lag).to(logits)
+        first = self.epoch_of[write, index] != epoch
+        self.outputs[write, index[first]] = logits.detach().float().cpu()[first]
+        self.epoch_of[write, index[first]] = epoch
         tau = self.temperature
         kl = F.kl_div(
             F.log_softmax(logits / tau, -1),
@@ -95,5 +102,16 @@ class TrajectoryLoss:
         return {"outputs": self.outputs.clone(), "epoch_of": self.epoch_of.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what :meth:`state_dict` saved.
+
+        Raises:
+            ValueError: the stored outputs have another shape than this loss keeps.
+        """
+        if state["outputs"].shape != self.outputs.shape:
+            raise ValueError(
+                f"TrajectoryLoss.load_state_dict: expected outputs of shape "
+                f"{tuple(self.outputs.shape)} (lag + 1 epochs, n_samples, n_outputs), got "
+                f"{tuple(state['outputs'].shape)}; load a state saved by a TrajectoryLoss with "
+                "the same n_samples, n_outputs and lag."
+            )
         self.outputs, self.epoch_of = state["outputs"].clone(), state["epoch_of"].clone()

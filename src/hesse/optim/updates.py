@@ -58,7 +58,9 @@ def adahessian_update(
         s, v = s + 1, b2 * v + (1 - b2) * d * d
     if s == 0:
         raise ValueError(
-            "adahessian_update: no Hessian-diagonal estimate yet; the first step must bring one."
+            "adahessian_update: no Hessian-diagonal estimate yet; the first step with a gradient "
+            "must bring one. With update_every > 1, a parameter whose first gradient comes "
+            "between two refreshes has none: give it a gradient on step 0, or use update_every=1."
         )
     denom = (v / (1 - b2**s)).sqrt() ** hessian_power + eps
     new_p = p - lr * (m / (1 - b1**t) / denom + weight_decay * p)
