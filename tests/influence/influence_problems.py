@@ -36,15 +36,22 @@ def mean_loss(theta, x, y, classes, weights=None, n=None):
     return (w * losses).sum() / (n or len(y))
 
 
-def fit(x, y, classes, lam, weights=None, start=None, decay=None):
-    """Minimize ``mean_loss + 1/2 sum decay_j theta_j^2`` by Newton's method to round-off."""
+def fit(x, y, classes, lam, weights=None, start=None, decay=None, total=None):
+    """Minimize ``mean_loss + 1/2 sum decay_j theta_j^2`` by Newton's method to round-off.
+
+    ``total`` divides the weighted sum of losses (default: the sample count).
+    """
     d = classes * (x.shape[1] + 1)
     c = torch.full((d,), float(lam), dtype=DT) if decay is None else decay
 
     def objective(theta):
-        return mean_loss(theta, x, y, classes, weights) + 0.5 * (c * theta**2).sum()
+        return mean_loss(theta, x, y, classes, weights, total) + 0.5 * (c * theta**2).sum()
 
-    theta = torch.zeros(d, dtype=DT) if start is None else start.clone()
+    return newton(objective, torch.zeros(d, dtype=DT) if start is None else start)
+
+
+def newton(objective, theta):
+    """Minimize a smooth convex ``objective(theta)`` by Newton's method from ``theta``."""
     for _ in range(50):
         step = torch.linalg.solve(
             torch.func.hessian(objective)(theta), torch.func.grad(objective)(theta)

@@ -170,7 +170,7 @@ def test_definite_hessian_without_damping_is_measured_and_solved():
         (
             {"damping": 1.0},
             [{"x": torch.zeros(2, 3, dtype=DT), "labels": torch.zeros(2)}],
-            "need loss=|batches",
+            r"query samples have the keys \[.labels., .x.\] \(dict batches\)",
         ),
     ],
 )

@@ -157,7 +157,8 @@ def _page(problem, r: InfluenceResult, index, queries, train, k: int, where: str
         Section(
             f"Most helpful and harmful training points ({where} queries)",
             "score[q, i] = predicted change of query q's loss when training point i is removed "
-            f"and the model retrained: (1/n) ∇L_q^T (H + λI)^-1 ∇ℓ_i, n = {r.scores.shape[1]}. "
+            "and the model retrained: (w_i/W) ∇L_q^T (H + λI)^-1 ∇ℓ_i, w_i/W the point's weight "
+            f"in the mean loss (1/n for a plain mean, n = {r.scores.shape[1]}). "
             "Helpful: removing it raises the query's loss. Entries are index:label.",
             ("query", "label", "loss", f"top {k} helpful", f"top {k} harmful"),
             rows,

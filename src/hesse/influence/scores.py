@@ -1,35 +1,43 @@
 r"""Influence functions: how each training point moves each query's loss (Koh & Liang 2017).
 
 The convention, stated once (and tested against leave-one-out retraining): for a training
-objective that is the MEAN loss over :math:`n` points (plus, optionally, weight decay
-:math:`\frac{\lambda}{2}\|\theta\|^2`, which ``damping=λ`` accounts for exactly),
+objective that is the weighted MEAN loss :math:`L = \frac1W \sum_i w_i \ell_i` of an
+:class:`~hesse.Objective` (plus, optionally, weight decay :math:`\frac{\lambda}{2}\|\theta\|^2`,
+which ``damping=λ`` accounts for exactly),
 
 .. math::
-    \mathrm{scores}[q, i] = \frac{1}{n}\, \nabla L_q(\hat\theta)^\top
+    \mathrm{scores}[q, i] = \frac{w_i}{W}\, \nabla L_q(\hat\theta)^\top
         (H + \lambda I)^{-1} \nabla \ell_i(\hat\theta)
     \;\approx\; L_q(\hat\theta_{-i}) - L_q(\hat\theta),
 
 the predicted change of query :math:`q`'s loss when training point :math:`i` is REMOVED
-(its term :math:`\ell_i/n` dropped from the objective, the model retrained). Positive: the
-point helps the query (removing it raises the query's loss); negative: it harms it. This is
-Koh & Liang's :math:`-\mathcal{I}_{up,loss}/n`; kronfluence's pairwise scores are not
-divided by :math:`n`; captum's ``NaiveInfluenceFunction`` at full rank equals it (measured in
-``benchmarks/influence``) when its ``hessian_reg`` is :math:`n\lambda`.
+(its term :math:`w_i \ell_i / W` dropped from the objective, the model retrained).
+:math:`\ell_i` is the mean loss of sample :math:`i` alone and :math:`w_i` what the objective
+weighs it by: 1 for a plain mean over samples (then :math:`w_i / W = 1/n`), its counted
+tokens (targets not ``ignore_index``), or the sum of its class weights (``weight=`` of a
+cross-entropy); :math:`W = \sum_i w_i`. A sample whose targets are all ignored is not in the
+objective: its scores are 0. Positive: the point helps the query (removing it raises the
+query's loss); negative: it harms it. This is Koh & Liang's :math:`-\mathcal{I}_{up,loss}/n`
+for a plain mean; kronfluence's pairwise scores are not divided by :math:`n`; captum's
+``NaiveInfluenceFunction`` at full rank equals it (measured in ``benchmarks/influence``) when
+its ``hessian_reg`` is :math:`n\lambda`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._per_sample import SampleGradients, sample_gradients
 from ..objective import Objective
 from ..operators import CURVATURES, WoodburyFisher, curvature_operator
-from ..plan import plan
-from ._grads import check_same_layout, sample_gradients
+from ..operators.plan import plan
+from ._grads import check_positions, check_same_layout, in_order
 from ._ihvp import METHODS, InverseDiagnostics, inverse_products
 
 
@@ -59,10 +67,17 @@ class InfluenceResult:
 
     Attributes:
         scores: ``(n_query, n_train)`` float64: predicted change of query ``q``'s loss when
-            training point ``i`` is removed, :math:`\frac1n \nabla L_q^\top (H+\lambda I)^{-1}
-            \nabla\ell_i` (see the module docstring for the sign).
-        query_losses: ``(n_query,)`` losses of the queries.
-        train_losses: ``(n_train,)`` losses of the training points.
+            training point ``i`` is removed, :math:`\frac{w_i}{W} \nabla L_q^\top
+            (H+\lambda I)^{-1} \nabla\ell_i` (see the module docstring for the sign). Rows
+            and columns are the samples in dataset order (by ``Objective.sample_positions``:
+            the dataset index of a ``DataLoader``'s sample, the running count over a list of
+            batches).
+        query_losses: ``(n_query,)`` losses of the queries, each its own mean loss (0 for a
+            query whose targets are all ignored).
+        train_losses: ``(n_train,)`` :math:`\ell_i`, each training point's own mean loss (0
+            for a point whose targets are all ignored: it has weight 0).
+        train_weights: ``(n_train,)`` float64 :math:`w_i`, the weight of each training point
+            in the objective (1 per sample for a plain mean; counted tokens; class weights).
         ihvp: The inverse method; ``curvature`` the matrix inverted (``"fisher"``: the
             empirical Fisher of the per-sample gradients, for ``"woodbury"``).
         curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
@@ -78,6 +93,7 @@ class InfluenceResult:
     scores: torch.Tensor
     query_losses: torch.Tensor
     train_losses: torch.Tensor
+    train_weights: torch.Tensor
     ihvp: str
     curvature: str
     inverse: InverseDiagnostics
@@ -129,6 +145,7 @@ def influence(
     query_data: Any,
     loss: Any = None,
     *,
+    loss_fn: Any = None,
     ihvp: str = "cg",
     damping: float = 0.0,
     curvature: str | None = None,
@@ -141,17 +158,24 @@ def influence(
 ) -> InfluenceResult:
     r"""Influence of every training point on every query's loss (see the module docstring).
 
-    One pass of per-sample gradients (``torch.func.vmap`` of ``grad``) over the queries, the
-    inverse products :math:`X = (H + \lambda I)^{-1} [\nabla L_1, \dots, \nabla L_Q]`, then one
-    pass over the training data that multiplies each batch's per-sample gradients with
-    :math:`X` (``"woodbury"`` keeps them all: its matrix is built from them).
+    One pass of per-sample gradients over the queries, the inverse products
+    :math:`X = (H + \lambda I)^{-1} [\nabla L_1, \dots, \nabla L_Q]`, then one pass over the
+    training data that multiplies each batch's per-sample gradients :math:`w_i \nabla\ell_i`
+    with :math:`X` (``"woodbury"`` keeps them all: its matrix is built from them). Per-sample
+    gradients are one ``torch.func.vmap`` of ``grad`` per batch, or one backward pass per
+    sample where ``vmap`` cannot run the model (Hugging Face models, ``loss_fn=``).
 
     Args:
         model: The trained network (eval mode; it is not modified).
-        train_data: The training data (list of ``(x, y)`` batches, a ``DataLoader`` or one
+        train_data: The training data, as :class:`~hesse.Objective` takes it (``(x, y)``
+            batches, Hugging Face dict batches, a ``DataLoader`` that does not shuffle, or one
             batch); its mean loss is the objective the model minimizes.
         query_data: The query (test) points, in the same layout.
-        loss: ``loss(outputs, targets) -> mean loss`` (e.g. ``F.cross_entropy``).
+        loss: ``loss(outputs, targets) -> mean loss`` (e.g. ``F.cross_entropy`` or
+            ``nn.CrossEntropyLoss(weight=...)``); None for a Hugging Face model's own loss
+            (dict batches with ``labels``).
+        loss_fn: Instead of ``loss``: ``loss_fn(model, batch) -> (mean_loss, weight)``
+            (``Objective``'s; the Hessian only, as the GGN and Fisher need the outputs).
         ihvp: ``"exact"`` (dense, small ``d``), ``"cg"``, ``"lissa"`` (scale and depth chosen
             from a Lanczos :math:`\lambda_{max}`; no hand tuning) or ``"woodbury"`` (the exact
             inverse of the damped empirical Fisher of the per-sample gradients).
@@ -173,7 +197,8 @@ def influence(
 
     Raises:
         ValueError: an unknown ``ihvp`` or ``curvature``, ``damping < 0``, query samples shaped
-            unlike the training samples, or a curvature that is indefinite once damped (the
+            unlike the training samples, a loader that shuffles (the score columns are the
+            samples in dataset order), or a curvature that is indefinite once damped (the
             message names the smallest eigenvalue and the damping that fixes it).
 
     Example:
@@ -187,31 +212,36 @@ def influence(
     """
     start = time.perf_counter()
     method, curvature = _check(ihvp, curvature, damping)
-    train = Objective(model, train_data, loss, params=params, dtype=dtype, progress=progress)
-    query = Objective(model, query_data, loss, params=params, dtype=dtype)
+    given = {"loss_fn": loss_fn, "params": params, "dtype": dtype}
+    train = Objective(model, train_data, loss, progress=progress, **given)
+    query = Objective(model, query_data, loss, **given)
     check_same_layout(train, query, "influence")
-    Q, query_losses = _all(sample_gradients(query))
+    check_positions(train, "influence", "training")
+    check_positions(query, "influence", "query")
+    queries = in_order(query, list(sample_gradients(query)))
+    Q = queries.means()
     solve = {"tol": tol, "max_matvecs": max_matvecs, "seed": seed}
     if method == "woodbury":
-        G, train_losses = _all(sample_gradients(train))
-        F = WoodburyFisher(G, damping, space=train.space)
+        chunks = list(sample_gradients(train))
+        F = _woodbury(chunks, damping, train)
         X, diag = inverse_products(F, Q.T, method=method, damping=0.0, **solve)
-        scores, gsum, widest = (G @ X).T, G.sum(0), G.shape[0]
     else:
         op = curvature_operator(train, curvature)
         X, diag = inverse_products(op, Q.T, method=method, damping=damping, **solve)
-        scores, train_losses, gsum, widest = _stream(train, X)
-    n = scores.shape[1]
-    memory = _memory(train, method, curvature, n, Q.shape[0], widest)
+        chunks = sample_gradients(train)
+    projected, gsum, widest = _project(train, chunks, X)
+    W = float(projected.weights.sum())
+    n = projected.weights.shape[0]
     return InfluenceResult(
-        scores=scores.double() / n,
-        query_losses=query_losses.double(),
-        train_losses=train_losses.double(),
+        scores=projected.grads.T.double() / W,
+        query_losses=queries.losses.double(),
+        train_losses=projected.losses.double(),
+        train_weights=projected.weights,
         ihvp=method,
         curvature=curvature,
         inverse=diag,
-        gradient_norm=float((gsum / n).norm()),
-        memory=memory,
+        gradient_norm=float((gsum / W).norm()),
+        memory=_memory(train, method, curvature, n, Q.shape[0], widest),
         seconds=time.perf_counter() - start,
     )
 
@@ -246,25 +276,44 @@ def _check(ihvp: str, curvature: str | None, damping: float) -> tuple[str, str]:
     return ihvp, curvature
 
 
-def _all(chunks) -> tuple[torch.Tensor, torch.Tensor]:
-    grads, losses = zip(*chunks, strict=True)
-    return torch.cat(grads), torch.cat(losses)
+def _woodbury(chunks: list[SampleGradients], damping: float, train: Objective) -> WoodburyFisher:
+    r"""The damped empirical Fisher :math:`\lambda I + \frac1W \sum_i \nabla s_i \nabla s_i^\top`.
+
+    ``WoodburyFisher`` divides by its row count ``m``; the rows are scaled by
+    :math:`\sqrt{m / W}` so that the sum is divided by the objective's weight :math:`W`, as in
+    ``FisherOperator`` (equal to it for losses with one term per sample).
+    """
+    G = torch.cat([c.grads for c in chunks])
+    W = float(sum(c.weights.sum() for c in chunks))
+    if W == 0:
+        raise ValueError(
+            "influence: the training data has total weight 0: every label is ignored (equal to "
+            "the loss's ignore_index, -100 by default) or has class weight 0; check the labels."
+        )
+    return WoodburyFisher(G * (G.shape[0] / W) ** 0.5, damping, space=train.space)
 
 
-def _stream(train: Objective, X: torch.Tensor):
-    """Scores (unscaled), losses, gradient sum and widest batch, one batch at a time."""
-    cols, losses, gsum, widest = [], [], 0.0, 0
-    for G, lb in sample_gradients(train):
-        cols.append(X.T.to(G.dtype) @ G.T)
-        losses.append(lb)
-        gsum = gsum + G.sum(0)
-        widest = max(widest, G.shape[0])
-    return torch.cat(cols, 1), torch.cat(losses), gsum, widest
+def _project(
+    train: Objective, chunks: Iterable[SampleGradients], X: torch.Tensor
+) -> tuple[SampleGradients, torch.Tensor, int]:
+    r"""Each batch's per-sample gradients times ``X``, in dataset order; their sum; widest batch.
+
+    Returns:
+        Rows :math:`\nabla s_i^\top X` ``(n, q)`` with the weights and losses, the gradient
+        sum :math:`\sum_i \nabla s_i` ``(d,)``, and the most rows held at once.
+    """
+    parts, gsum, widest = [], 0.0, 0
+    for c in chunks:
+        parts.append(SampleGradients(c.grads @ X.to(c.grads.dtype), c.weights, c.losses))
+        gsum = gsum + c.grads.sum(0)
+        widest = max(widest, c.grads.shape[0])
+    return in_order(train, parts), gsum, widest
 
 
 def _memory(train: Objective, method: str, curvature: str, n: int, q: int, rows: int) -> dict:
     """Bytes of the large items of a run (see ``InfluenceResult.memory``)."""
     d, item = train.dim, torch.empty((), dtype=train.dtype).element_size()
+    rows = n if method == "woodbury" else rows  # woodbury keeps them all
     out = {
         "per_sample_gradients": rows * d * item,
         "inverse_products": 2 * q * d * 8,

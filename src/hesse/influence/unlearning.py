@@ -1,8 +1,11 @@
 r"""Unlearning: a model with a forget set removed, without retraining from scratch.
 
 Two updates of the trained parameters :math:`\hat\theta`, for a training objective that is the
-mean loss over the :math:`n = n_F + n_R` forget and remaining points plus weight decay
-:math:`\frac{w}{2}\|\theta\|^2`:
+mean loss over the forget and remaining points plus weight decay :math:`\frac{w}{2}\|\theta\|^2`.
+The mean is weighted as :class:`~hesse.Objective` weighs it: :math:`L_F` and :math:`L_R` are the
+mean losses of the two sets, over their weights :math:`W_F` and :math:`W_R` (sample counts for a
+plain mean; counted tokens under ``ignore_index``; sums of class weights), and the full mean is
+:math:`(W_F L_F + W_R L_R) / W` with :math:`W = W_F + W_R`.
 
 - ``"newton"``: one Newton step on the remaining objective
   :math:`R(\theta) = L_R(\theta) + \frac{w}{2}\|\theta\|^2` (Guo et al. 2020, "Certified data
@@ -17,12 +20,13 @@ mean loss over the :math:`n = n_F + n_R` forget and remaining points plus weight
 
   .. math:: \theta' = \hat\theta - t\, d,
 
-  with :math:`t = \eta\, n_F / n` for a given learning rate :math:`\eta`, or, by default, the
+  with :math:`t = \eta\, W_F / W` for a given learning rate :math:`\eta`, or, by default, the
   step that minimizes the quadratic model of :math:`R` along :math:`d`,
   :math:`t = \nabla R(\hat\theta)^\top d \,/\, d^\top (\nabla^2 L_R + (w+\lambda) I)\, d` (one
   curvature product; no tuning). At a minimum of the full objective
-  :math:`\nabla R(\hat\theta) = \frac{n_F}{n} d`, so Newton's step is
-  :math:`-\frac{n_F}{n} H^{-1} d`: IAU replaces :math:`H^{-1}` by a multiple of the identity.
+  :math:`\nabla R(\hat\theta) = \frac{W_F}{W} d`, so Newton's step is
+  :math:`-\frac{W_F}{W} H^{-1} d`: IAU replaces :math:`H^{-1}` by a multiple of the identity
+  (with :math:`\eta = 1` its step is the gradient step :math:`-\nabla R(\hat\theta)`).
   IAU's training-time gradient-norm regularizer is not part of this function.
 """
 
@@ -36,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._per_sample import data_weight
 from .._positions import sample_count
 from ..objective import Objective
 from ..operators import CURVATURES, curvature_operator
@@ -102,7 +107,8 @@ def unlearn(
             (needed when the remaining loss's Hessian is indefinite).
         ihvp: Newton's inverse: ``"exact"``, ``"cg"`` or ``"lissa"``.
         curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (of the remaining loss).
-        lr: IAU's learning rate :math:`\eta` (default: the quadratic-model step).
+        lr: IAU's learning rate :math:`\eta`, for the step :math:`t = \eta W_F / W` (default:
+            the quadratic-model step).
         params: Which parameters are updated (``Objective``'s ``params=``).
         tol: Relative residual tolerance of Newton's inverse product (default 1e-6 in
             float64, 1e-5 otherwise).
@@ -141,7 +147,11 @@ def unlearn(
         delta, step, used = -x[:, 0], None, diag.n_matvecs
     else:
         d = g_remain - forget.gradient()
-        step = lr * n_f / (n_f + n_r) if lr is not None else _quadratic_step(op, grad_r, d, lam)
+        if lr is None:
+            step = _quadratic_step(op, grad_r, d, lam)
+        else:
+            w_f, w_r = data_weight(forget), data_weight(remain)
+            step = lr * w_f / (w_f + w_r)
         delta, diag, used = -step * d, None, op.n_matvecs
     new = _with_params(model, remain, theta + delta)
     seconds = time.perf_counter() - start

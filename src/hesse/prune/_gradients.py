@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from .._per_sample import batch_gradients
 from .._positions import rows_of, sample_count
 from ..objective import Objective
 
@@ -26,7 +26,9 @@ def collect_gradients(
     Second-Order Information"). Each batch of the data is cut into chunks of ``batch_size``
     samples along dim 0; ``m`` of all chunks are drawn without replacement (seeded) and kept in
     data order. A chunk's gradient is that of its own mean loss (samples, or tokens for a
-    token-weighted ``loss_fn``); a chunk whose labels are all ignored gives a zero row.
+    token-weighted ``loss_fn``); a chunk whose labels are all ignored gives a zero row. Per-sample
+    gradients (``batch_size=1``) take one ``torch.func.vmap`` of ``grad`` per batch where it
+    runs the model (``hesse._per_sample``), chunks one backward pass each.
 
     Args:
         obj: The objective; its analysed parameters are the columns.
@@ -69,19 +71,24 @@ def collect_gradients(
             f"m <= {n_chunks} (or a smaller batch_size, or more data)."
         )
     wanted = _drawn(n_chunks, m, seed)
-    chunks = (c for b in obj.batches() for c in _chunks(b, batch_size))
-    rows = [chunk_gradient(obj, c) for i, c in enumerate(chunks) if i in wanted]
-    return torch.stack(rows)
+    rows, first = [], 0  # first: the number of the batch's first chunk
+    for batch, n in zip(obj.batches(), sizes, strict=True):
+        count = -(-n // batch_size)
+        picked = [c - first for c in range(first, first + count) if c in wanted]
+        first += count
+        if picked:
+            index = _samples_of(picked, n, batch_size)
+            rows.append(batch_gradients(obj, rows_of(batch, index), size=batch_size).means())
+    return torch.cat(rows)
 
 
-def chunk_gradient(obj: Objective, batch: Any) -> torch.Tensor:
-    """The flat gradient of one batch's mean loss (zero when its weight is 0)."""
-    params = {n: p.detach().requires_grad_(True) for n, p in obj.params.items()}
-    with torch.enable_grad():
-        value, w = obj.batch_loss(params, batch)
-        g = torch.autograd.grad(value, list(params.values()), materialize_grads=True)
-    flat = torch.cat([t.reshape(-1) for t in g])
-    return flat / w if w else flat
+def _samples_of(chunks: list[int], n: int, size: int) -> torch.Tensor:
+    """The samples of some chunks (numbered within their batch of ``n``), in order.
+
+    Only a batch's last chunk can be short, and it stays last: these samples, cut again into
+    chunks of ``size``, are those chunks.
+    """
+    return torch.cat([torch.arange(c * size, min(n, (c + 1) * size)) for c in chunks])
 
 
 def objective_at(obj: Objective, params: dict[str, torch.Tensor]) -> Objective:
@@ -108,9 +115,3 @@ def _count(batch: Any) -> int:
     if n is None:
         raise ValueError("collect_gradients: a batch holds no tensor to count samples from.")
     return n
-
-
-def _chunks(batch: Any, size: int) -> Iterator[Any]:
-    n = _count(batch)
-    for start in range(0, n, size):
-        yield rows_of(batch, slice(start, min(start + size, n)))
