@@ -15,8 +15,8 @@ import sys
 import torch
 
 from hesse import Objective
-from hesse._evaluate import evaluate
 from hesse.demo import load_demo
+from hesse.problem._evaluate import evaluate
 from hesse.prune import prune
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hesse
-from hesse.params import ParamSpace
+from hesse.problem.params import ParamSpace
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import hf_models
 from hesse import Objective
-from hesse._evaluate import evaluate
+from hesse.problem._evaluate import evaluate
 
 
 def _manual_accuracy(pairs):

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import hesse
-from hesse.objective import LossSpec, loss_kind
 from hesse.operators.base import PSD
+from hesse.problem.objective import LossSpec, loss_kind
 
 DT = torch.float64
 RTOL = 1e-10

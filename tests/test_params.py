@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hesse
-from hesse.params import ParamSpace
+from hesse.problem.params import ParamSpace
 
 DT = torch.float64
 

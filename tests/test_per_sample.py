@@ -1,4 +1,4 @@
-"""hesse._per_sample: per-sample gradients of each sample's term of the objective's sum."""
+"""hesse.problem._per_sample: per-sample gradients of each sample's term of the objective's sum."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hesse import Objective
-from hesse._per_sample import batch_gradients, sample_gradients
+from hesse.problem._per_sample import batch_gradients, sample_gradients
 from hesse.prune import collect_gradients
 from hf_models import gpt2_lm, lm_batches
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from hesse import HessianOperator, Objective, eigs, optim, regularize, trace
 from hesse.demo import digits, tiny_lm
-from hesse._evaluate import evaluate
+from hesse.problem._evaluate import evaluate
 
 
 @dataclass

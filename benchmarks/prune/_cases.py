@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hesse._evaluate import evaluate
 from hesse.demo import load_demo
+from hesse.problem._evaluate import evaluate
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """hesse: the curvature of neural-network losses, measured and put to use."""
 
-from . import dynamics, hf, optim, prune, quant, reference, regularize
+import sys
+
+from . import dynamics, optim, prune, quant, regularize
 from .analysis import Analysis, Report, analyze, prepare
 from .dynamics import (
     BatchSpectrum,
@@ -43,7 +45,6 @@ from .linalg import (
     solve,
     trace,
 )
-from .objective import LossSpec, Objective
 from .operators import (
     DenseOperator,
     FisherOperator,
@@ -53,9 +54,16 @@ from .operators import (
     Operator,
     ProductOperator,
     WoodburyFisher,
+    reference,
 )
-from .params import ParamSpace
 from .operators.plan import MemoryPlan, MemoryPlanError, plan
+from .problem import hf
+from .problem.objective import LossSpec, Objective
+from .problem.params import ParamSpace
+
+# the documented module paths `hesse.hf` and `hesse.reference` name their modules' new homes
+sys.modules[f"{__name__}.hf"] = hf
+sys.modules[f"{__name__}.reference"] = reference
 
 __version__ = "0.1.0"
 

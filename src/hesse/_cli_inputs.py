@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from hesse._positions import is_batch, sample_count
+from hesse.problem._positions import is_batch, sample_count
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 

@@ -30,7 +30,7 @@ from hesse._cli_inputs import UsageError
 from hesse._cli_problem import Problem, cli_words, from_demo, from_factories, from_hf
 from hesse.analysis import SECTIONS, Options, prepare
 from hesse.demo import DEMOS
-from hesse.objective import Objective
+from hesse.problem.objective import Objective
 
 COMMANDS = {
     "analyze": (SECTIONS, "The full report: spectrum, trace, density, GGN, layers, stability."),

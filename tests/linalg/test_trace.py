@@ -6,7 +6,7 @@ import torch
 import hesse
 from cases import DT, dense, objective, sym_matrix
 from hesse.linalg.trace import MIN_SAMPLES, _Spread
-from hesse.params import ParamSpace
+from hesse.problem.params import ParamSpace
 
 D = 100
 SEEDS = range(600)

@@ -40,7 +40,7 @@ def closure_logits(model, x, y):
 
 
 def dense_hessian(model, x, y) -> torch.Tensor:
-    from hesse.reference import dense_hessian as ref
+    from hesse.operators.reference import dense_hessian as ref
 
     return ref(Objective(model, [(x, y)], loss=F.cross_entropy))
 

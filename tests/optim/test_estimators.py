@@ -3,6 +3,7 @@ import torch.nn.functional as F
 from optim_models import conv, data, dense_hessian, flat, mlp
 
 from hesse import Objective
+from hesse.operators.reference import dense_ggn
 from hesse.optim import (
     AdaHessian,
     GaussNewtonBartlett,
@@ -11,7 +12,6 @@ from hesse.optim import (
     rademacher,
     spatial_average,
 )
-from hesse.reference import dense_ggn
 
 
 def test_rademacher_probes_are_plus_and_minus_one_in_equal_parts():

@@ -18,9 +18,9 @@ from hesse.analysis.report import Report, parameters_line
 from hesse.analysis.stability import gd_verdict, omitted, sgd_verdict
 from hesse.dynamics import criteria_from
 from hesse.linalg import density, eigs, trace
-from hesse.objective import Objective
 from hesse.operators import FisherOperator, GGNOperator, HessianOperator
 from hesse.operators.plan import MemoryPlan, plan
+from hesse.problem.objective import Objective
 
 SECTIONS = ("eigs", "trace", "density", "layers", "ggn")
 CURVATURES = ("hessian", "ggn", "fisher")

@@ -9,8 +9,8 @@ import torch
 
 from .._cli_inputs import UsageError, parse_params
 from ..linalg import eigs
-from ..objective import Objective
 from ..operators import curvature_operator
+from ..problem.objective import Objective
 from ..report.page import Page, Section, png
 from ._ihvp import METHODS
 from .scores import InfluenceResult, influence

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from .._per_sample import SampleGradients
-from .._positions import is_batch
-from ..objective import Objective
+from ..problem._per_sample import SampleGradients
+from ..problem._positions import is_batch
+from ..problem.objective import Objective
 
 
 def check_same_layout(train: Objective, query: Objective, who: str) -> None:

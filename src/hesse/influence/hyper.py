@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad, jvp, vmap
 
-from ..objective import Objective
 from ..operators import CURVATURES, PSD, SYMMETRIC, Operator, curvature_operator
-from ..params import ParamSpace
+from ..problem.objective import Objective
+from ..problem.params import ParamSpace
 from ._ihvp import InverseDiagnostics, inverse_products
 
 Penalty = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

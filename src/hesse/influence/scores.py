@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._per_sample import SampleGradients, sample_gradients
-from ..objective import Objective
 from ..operators import CURVATURES, WoodburyFisher, curvature_operator
 from ..operators.plan import plan
+from ..problem._per_sample import SampleGradients, sample_gradients
+from ..problem.objective import Objective
 from ._grads import check_positions, check_same_layout, in_order
 from ._ihvp import METHODS, InverseDiagnostics, inverse_products
 

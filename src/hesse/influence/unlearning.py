@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._per_sample import data_weight
-from .._positions import sample_count
-from ..objective import Objective
 from ..operators import CURVATURES, curvature_operator
+from ..problem._per_sample import data_weight
+from ..problem._positions import sample_count
+from ..problem.objective import Objective
 from ._ihvp import InverseDiagnostics, inverse_products
 
 METHODS = ("newton", "iau")

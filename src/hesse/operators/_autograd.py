@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..objective import Batch, Objective
+from ..problem.objective import Batch, Objective
 
 Tangents = dict[str, torch.Tensor]
 

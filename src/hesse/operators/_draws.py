@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..objective import Objective
+from ..problem.objective import Objective
 
 
 class TargetSampler:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..params import ParamSpace
+from ..problem.params import ParamSpace
 
 SYMMETRIC, PSD = "symmetric", "psd"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad, vjp, vmap
 
-from ..objective import Batch, Objective
+from ..problem.objective import Batch, Objective
 from ._autograd import (
     Linearization,
     Tangents,

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch.func import grad, jvp, vmap
 
-from ..objective import Batch, Objective
+from ..problem.objective import Batch, Objective
 from ._autograd import (
     Tangents,
     backward_columns,

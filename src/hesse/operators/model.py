@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..objective import Batch, Objective
+from ..problem.objective import Batch, Objective
 from ._autograd import (
     Tangents,
     check_twice_differentiable,

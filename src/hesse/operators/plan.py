@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .._positions import sample_count
-from ..objective import Objective
+from ..problem._positions import sample_count
+from ..problem.objective import Objective
 from ._cache import AUTO_CACHE_FRACTION
 from ._memory import available_bytes, probe_group
 from ._memory import format_bytes as _size

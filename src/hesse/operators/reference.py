@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch.func import grad, hessian, jacrev
 
-from .objective import Batch, Objective
-from .operators._autograd import second_order
+from ..problem.objective import Batch, Objective
+from ._autograd import second_order
 
 
 def dense_hessian(obj: Objective) -> torch.Tensor:

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hesse._losses import logits_of
-from hesse.objective import Objective, model_inputs
+from hesse.problem._calls import model_inputs
+from hesse.problem._losses import logits_of
+from hesse.problem.objective import Objective
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,37 @@ def all_reduce(
     return buf[:-2].reshape(total.shape).to(total.dtype), float(buf[-2]), bool(buf[-1])
 
 
+def weighted_mean(terms: Iterable[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """``sum_b term_b / sum_b w_b`` over the ``(term, weight)`` pairs of all processes.
+
+    Raises:
+        ValueError: a term is not finite (the message names its batch, on every rank), no
+            batch on this process, or a total weight of 0 (every label ignored).
+    """
+    total, weight, bad = None, 0.0, None
+    for i, (term, w) in enumerate(terms):
+        if bad is None and not torch.isfinite(term).all():
+            bad = i  # raised after the reduction, so that no other rank waits forever
+        total = term if total is None else total + term
+        weight += float(w)
+    if total is None:
+        raise ValueError("Objective: the data yielded no batches on this process.")
+    total, weight, failed = all_reduce(total, weight, bad is not None)
+    if failed:
+        where = f"batch {bad}" if bad is not None else "a batch of another process"
+        raise ValueError(
+            f"Objective: non-finite loss or derivative in {where}; check that batch's "
+            "inputs and targets, and the numerical range of the loss."
+        )
+    if weight == 0:
+        raise ValueError(
+            "Objective: the data has total weight 0: every label is ignored (equal to the "
+            "loss's ignore_index, -100 by default) or has class weight 0, so the mean loss is "
+            "over no sample; check the labels (is everything marked as padding?)."
+        )
+    return total / weight
+
+
 def check_shards(empty: bool, data: Iterable, device: torch.device) -> int | None:
     """Refuse empty or padded data on any process (all ranks alike); return the shard's offset.
 

@@ -1,8 +1,8 @@
 """Which parameters of a model a ``params=`` selection names.
 
 A selection holds parameter names, module prefixes and glob patterns (resolved by
-:meth:`hesse.params.ParamSpace.select`), and ``Parameter`` or ``Module`` objects of the model,
-which stand for their names.
+:meth:`hesse.problem.params.ParamSpace.select`), and ``Parameter`` or ``Module`` objects of
+the model, which stand for their names.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def names_of(
     Args:
         model: The network whose parameters and modules the selection may hold.
         selection: Parameter names, module prefixes or glob patterns (kept as they are, for
-            :meth:`~hesse.params.ParamSpace.select`), ``Parameter`` or ``Module`` objects of
+            :meth:`~hesse.problem.params.ParamSpace.select`), ``Parameter`` or ``Module`` objects of
             ``model``, or a list of them.
         candidates: The parameters a module may stand for (trainable, or analysed), by name.
         caller: The call and argument the errors name (``"Objective(params=)"``).

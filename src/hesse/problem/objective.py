@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from ._calls import Batch, CallLossFn, LossFn, cast, model_inputs, move
 from ._hf_losses import infer_own_loss, task_outputs, task_targets, upcast
 from ._losses import (
     LossSpec,
@@ -22,36 +23,12 @@ from ._losses import (
     own_loss,
     target_weight,
 )
-from ._positions import all_reduce, as_batches, check_shards, positions
+from ._modes import check_repeatable, check_train_mode
+from ._positions import as_batches, check_shards, positions, weighted_mean
 from ._selection import Selection, aliases, choose, resolve
 from .params import ParamSpace
 
 __all__ = ["Batch", "LossFn", "LossSpec", "Objective", "loss_kind"]
-
-Batch = Any
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, Any]]
-
-_DROPOUT = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-class _CallLossFn(nn.Module):
-    """Lets ``functional_call`` swap parameters under a user ``loss_fn(model, batch)``."""
-
-    def __init__(self, model: nn.Module, fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, Any]:
-        return self.fn(self.model, batch)
 
 
 class Objective:
@@ -139,7 +116,7 @@ class Objective:
             raise ValueError("Objective: pass either loss= or loss_fn=, not both.")
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"Objective: dtype must be a real floating dtype, got {dtype}.")
-        suspects = _check_train_mode(model, allow_train_mode)
+        suspects = check_train_mode(model, allow_train_mode)
         self.model, self.loss_fn, self.progress = model, loss_fn, progress
         chosen, named = choose(model, params)
         first = named[chosen[0]]
@@ -155,7 +132,7 @@ class Objective:
         }
         self.space = ParamSpace.from_named(self.params, aliases(model))
         self._data = as_batches(data, has_loss_fn=loss_fn is not None)
-        self._caller = _CallLossFn(model, loss_fn) if loss_fn is not None else None
+        self._caller = CallLossFn(model, loss_fn) if loss_fn is not None else None
         self._positions: list[torch.Tensor] | None = None
         first_batch = next(iter(self._data), None)
         self._shard_offset = check_shards(first_batch is None, self._data, self.device)
@@ -209,29 +186,9 @@ class Objective:
             ValueError: a batch produced non-finite values (the message names it), or the
                 total weight is 0 (every label ignored).
         """
-        total, weight, bad = None, 0.0, None
-        for i, batch in enumerate(self.batches() if items is None else items):
-            term, w = fn(i, batch)
-            if bad is None and not torch.isfinite(term).all():
-                bad = i  # raised after the reduction, so that no other rank waits forever
-            total = term if total is None else total + term
-            weight += float(w)
-        if total is None:
-            raise ValueError("Objective: the data yielded no batches on this process.")
-        total, weight, failed = all_reduce(total, weight, bad is not None)
-        if failed:
-            where = f"batch {bad}" if bad is not None else "a batch of another process"
-            raise ValueError(
-                f"Objective: non-finite loss or derivative in {where}; check that batch's "
-                "inputs and targets, and the numerical range of the loss."
-            )
-        if weight == 0:
-            raise ValueError(
-                "Objective: the data has total weight 0: every label is ignored (equal to the "
-                "loss's ignore_index, -100 by default) or has class weight 0, so the mean loss is "
-                "over no sample; check the labels (is everything marked as padding?)."
-            )
-        return total / weight
+        return weighted_mean(
+            fn(i, batch) for i, batch in enumerate(self.batches() if items is None else items)
+        )
 
     def sample_positions(self, index: int) -> torch.Tensor:
         """Global positions of the samples of this process's batch number ``index``.
@@ -421,38 +378,14 @@ class Objective:
         return functional_call(self.model, (params, self.frozen), (inputs,))
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
-        dtype = self.dtype if t.is_floating_point() else t.dtype
-        return t.to(device=self.device, dtype=dtype)
+        return cast(t, self.device, self.dtype)
 
     def _move(self, batch: Batch) -> Batch:
-        if isinstance(batch, torch.Tensor):
-            return self._cast(batch)
-        if isinstance(batch, Mapping):
-            return {k: self._move(v) for k, v in batch.items()}
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(self._move(v) for v in batch)
-        return batch
+        return move(batch, self.device, self.dtype)
 
     def _check_repeatable(self, batch: Batch, suspects: list[str]) -> None:
-        """Refuse a training-mode model whose loss differs between two random seeds.
-
-        Any module may act differently in training mode: Hugging Face attention applies its
-        dropout functionally (``F.dropout(p, training=self.training)``), with no module to find.
-        """
-        values = []
-        for seed in (0, 1):
-            with torch.random.fork_rng(), torch.no_grad():
-                torch.manual_seed(seed)
-                values.append(self.batch_loss(self.params, self._move(batch))[0])
-        if not torch.allclose(values[0], values[1], rtol=1e-6, atol=0.0):
-            n = len(suspects) - 1
-            which = _where(suspects[0]) + (f" and {n} more" if n else "")
-            raise ValueError(
-                f"Objective: the model is in training mode ({which}) and its loss is random: "
-                f"{float(values[0]):.6g} and {float(values[1]):.6g} on the first batch under two "
-                "seeds (dropout applied without a dropout module, e.g. in attention); call "
-                "model.eval() first."
-            )
+        batch = self._move(batch)
+        check_repeatable(lambda: self.batch_loss(self.params, batch)[0], suspects)
 
     def _resolve_loss(self, loss: Callable | None, first: Batch) -> ResolvedLoss:
         """Recognise ``loss``, or infer a Hugging Face model's own loss and confirm it on data.
@@ -477,52 +410,3 @@ class Objective:
 def _zero(params: dict[str, torch.Tensor]) -> torch.Tensor:
     """A zero that depends on the parameters: its derivatives exist and are all zero."""
     return sum(p.sum() for p in params.values()) * 0.0
-
-
-def model_inputs(batch: Batch) -> Any:
-    """What the model is called with: a dict batch less its ``labels``, or ``batch[0]``."""
-    if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k != "labels"}
-    return batch[0]
-
-
-# ---------------------------------------------------------------------- checks
-
-
-def _check_train_mode(model: nn.Module, allow_train_mode: bool) -> list[str]:
-    """Refuse dropout and (unless allowed) training-mode batch-norm; name the other suspects.
-
-    Returns:
-        Names of modules in training mode that may still act at random (any class outside
-        the ``torch.nn`` layers that behave the same in both modes): the caller evaluates the
-        loss twice to find out.
-    """
-    training = [(name, m) for name, m in model.named_modules() if m.training]
-    for name, m in training:
-        p = _dropout_rate(m)
-        if p > 0:
-            raise ValueError(
-                f"Objective: {_where(name)} has active dropout (p={p}, training mode), which "
-                "makes the loss random; call model.eval() first."
-            )
-    norms = [name for name, m in training if isinstance(m, _BATCHNORM)]
-    if norms and not allow_train_mode:
-        raise ValueError(
-            f"Objective: batch-norm {_where(norms[0])} is in training mode (batch statistics, "
-            "running averages updated on each pass); call model.eval(), or pass "
-            "allow_train_mode=True to analyse the training-mode loss."
-        )
-    return [name for name, m in training if not type(m).__module__.startswith("torch.nn.")]
-
-
-def _where(name: str) -> str:
-    return f"module {name!r}" if name else "the model"
-
-
-def _dropout_rate(m: nn.Module) -> float:
-    """The dropout probability a module applies in training mode (0 for other modules)."""
-    if isinstance(m, _DROPOUT):
-        return m.p
-    if isinstance(m, nn.MultiheadAttention):
-        return m.dropout  # functional dropout on the attention weights
-    return 0.0

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from .._cli_inputs import UsageError, parse_params
-from .._evaluate import Evaluation, evaluate
-from ..objective import Objective
+from ..problem._evaluate import Evaluation, evaluate
+from ..problem.objective import Objective
 from ..report.page import Page, Section, png
 from .plan import GROUP_METHODS, WEIGHT_METHODS, PrunePlan, prune
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..linalg import diagonal
-from ..objective import Objective
 from ..operators import WoodburyFisher, curvature_operator
+from ..problem.objective import Objective
 from ._gradients import collect_gradients
 
 CURVATURES = ("fisher", "ggn", "hessian")

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from .._per_sample import batch_gradients
-from .._positions import rows_of, sample_count
-from ..objective import Objective
+from ..problem._per_sample import batch_gradients
+from ..problem._positions import rows_of, sample_count
+from ..problem.objective import Objective
 
 AUTO_M = 256
 """Gradients of the empirical Fisher by default (M-FAC's and WoodFisher's usual window)."""
@@ -28,7 +28,7 @@ def collect_gradients(
     data order. A chunk's gradient is that of its own mean loss (samples, or tokens for a
     token-weighted ``loss_fn``); a chunk whose labels are all ignored gives a zero row. Per-sample
     gradients (``batch_size=1``) take one ``torch.func.vmap`` of ``grad`` per batch where it
-    runs the model (``hesse._per_sample``), chunks one backward pass each.
+    runs the model (``hesse.problem._per_sample``), chunks one backward pass each.
 
     Args:
         obj: The objective; its analysed parameters are the columns.

@@ -1,8 +1,8 @@
 """Sparsity patterns: checks of the sparsity and ``"n:m"`` masks (keep n of every m).
 
 The ``m`` consecutive weights of a group run along the reduction dimension of one output
-unit: a row of :func:`hesse._weights.as_rows`, whose output axis is not always 0 (Hugging Face
-``Conv1D`` stores its weight ``(in, out)``).
+unit: a row of :func:`hesse.problem._weights.as_rows`, whose output axis is not always 0
+(Hugging Face ``Conv1D`` stores its weight ``(in, out)``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .._weights import as_rows, from_rows, output_axis
+from ..problem._weights import as_rows, from_rows, output_axis
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..linalg._util import generator
-from ..objective import Objective
+from ..problem.objective import Objective
 from ._gradients import objective_at
 from ._result import PrunePlan
 from ._units import Unit, find_units, unit_index, unit_size

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..objective import Objective
+from ..problem.objective import Objective
 from ._gradients import objective_at
 from ._patterns import nm_masks, output_axes, parse_pattern, row_length
 from ._result import PrunePlan

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .._weights import as_rows, from_rows
+from ..problem._weights import as_rows, from_rows
 from ._patterns import group_mask, parse_pattern
 
 _CONV = (torch.conv2d, F.conv2d)
@@ -219,7 +219,7 @@ def obs_layer(
         block: Columns per block (a multiple of ``m`` with a pattern).
         damping: :math:`\lambda` relative to the mean of :math:`\mathrm{diag}(H)`; multiplied by
             10 until the Cholesky factorization succeeds.
-        axis: The output axis of ``W`` (:func:`hesse._weights.output_axis` of its module).
+        axis: The output axis of ``W`` (:func:`hesse.problem._weights.output_axis` of its module).
 
     Returns:
         :class:`ObsLayerResult`, its weight and mask in the shape of ``W``.

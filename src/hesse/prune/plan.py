@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..objective import Objective
+from ..problem.objective import Objective
 from ._patterns import check_sparsity
 from ._result import PrunePlan
 from ._structured_plan import GROUP_METHODS, prune_units

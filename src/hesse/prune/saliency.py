@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..objective import Objective
+from ..problem.objective import Objective
 from ._curvature import Damped, damped
 
 METHODS = ("magnitude", "obd", "obs", "mfac")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..demo import tiny_lm
-from ..objective import Objective
+from ..problem.objective import Objective
 from ._gradients import collect_gradients
 from ._units import Unit, find_units, unit_index
 
