@@ -33,16 +33,16 @@ def test_levels_per_row_and_round_to_nearest(bits, symmetric):
 
 def test_granularity_tensor_group_channel():
     W = weight(6, 4)
-    t, g, c = (Quantizer(2, k, group_size=3).codes(W) for k in ("tensor", "group", "channel"))
-    assert t.scale.shape == (1, 1) and g.scale.shape == (2, 1) and c.scale.shape == (6, 1)
-    top = W.abs().reshape(2, -1).amax(1, keepdim=True)
+    t, g, c = (Quantizer(2, k, group_size=2).codes(W) for k in ("tensor", "group", "channel"))
+    assert t.scale.shape == (1, 1) and g.scale.shape == (12, 1) and c.scale.shape == (6, 1)
+    top = W.abs().reshape(12, 2).amax(1, keepdim=True)  # 2 consecutive inputs of one row
     assert torch.allclose(g.scale, top)  # L = 1 at 2 bits
     for codes in (t, g, c):
         assert torch.allclose(codes.project(W), codes.dequantize())  # same W: same grid values
 
 
 def test_error_is_the_squared_distance_of_fake():
-    W = weight()
+    W = weight(6, 4)
     q = Quantizer(3, "group", group_size=2, symmetric=False)
     assert q.error(W) == pytest.approx(float(((q.fake(W) - W) ** 2).sum()), rel=1e-14)
 
@@ -64,7 +64,7 @@ def test_bits_outside_1_to_16_are_refused(bad):
 
 
 def test_group_size_that_does_not_divide_is_refused():
-    with pytest.raises(ValueError, match=r"group_size=4 does not divide the 6 rows of w .*divisor"):
+    with pytest.raises(ValueError, match=r"group_size=4 does not divide the 5 inputs .* of w "):
         Quantizer(4, "group", group_size=4).fake(weight(), name="w")
     with pytest.raises(ValueError, match="granularity"):
         Quantizer(4, "rows")

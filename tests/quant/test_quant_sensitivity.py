@@ -39,7 +39,7 @@ def test_trace_scores_are_unbiased_block_traces_per_parameter():
 
 def test_delta_sq_is_the_error_of_the_quantizer_quantize_applies():
     obj = mlp_objective()
-    q = Quantizer(granularity="group", group_size=3, symmetric=False)
+    q = Quantizer(granularity="group", group_size=2, symmetric=False)
     sens = quant.sensitivity(obj, (2, 3, 8), quantizer=q, budget=4)
     for row in sens.layers:
         for b in (2, 3, 8):

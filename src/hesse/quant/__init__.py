@@ -9,7 +9,7 @@ budget (:func:`allocate`), a fake-quantized copy (:func:`quantize`) and its meas
 (:class:`BitSwitch`).
 """
 
-from .._evaluate import Evaluation, evaluate
+from ..problem._evaluate import Evaluation, evaluate
 from ._layers import quantizable
 from .allocate import Allocation, FrontierPoint, allocate
 from .quantize import quantize

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from .._cli_inputs import UsageError, parse_params
-from .._evaluate import evaluate
-from ..objective import Objective
+from ..problem._evaluate import evaluate
+from ..problem.objective import Objective
 from ..report.page import Page, Section, png
-from ._layers import quantizable
+from ._layers import output_axes, quantizable
 from .allocate import Allocation, allocate
 from .quantize import quantize
 from .quantizer import GRANULARITIES, Quantizer
@@ -38,7 +38,7 @@ def add_arguments(group: Any) -> None:
     group.add_argument("--method", choices=METHODS, default="trace",
                        help="sensitivity: trace (HAWQ-V2), eig (HAWQ), qbert")  # fmt: skip
     group.add_argument("--granularity", choices=GRANULARITIES, default="channel")
-    group.add_argument("--group-size", type=int, default=128, help="rows per group (group)")
+    group.add_argument("--group-size", type=int, default=128, help="inputs per grid (group)")
     group.add_argument("--asymmetric", action="store_true", help="asymmetric grids")
     group.add_argument("--fixed", metavar="LAYER=BITS,...", help="widths imposed, e.g. head=8")
     group.add_argument("--layers", metavar="NAMES", help="layers to quantize, comma-separated "
@@ -83,8 +83,10 @@ def _bits(text: str) -> tuple[int, ...]:
 def _quantizer(args: argparse.Namespace, model: torch.nn.Module, layers) -> Quantizer:
     try:
         q = Quantizer(4, args.granularity, args.group_size, not args.asymmetric)
-        for name, p in quantizable(model, layers).items():
-            q.codes(dict(model.named_parameters())[p], name=name)
+        chosen = quantizable(model, layers)
+        axes, weights = output_axes(model, chosen), dict(model.named_parameters())
+        for name, p in chosen.items():
+            q.codes(weights[p], name=name, axis=axes[name])
     except ValueError as err:
         words = str(err).replace("group_size=", "--group-size ")
         raise UsageError(words.replace("granularity=", "--granularity ")) from err
@@ -150,7 +152,7 @@ def _page(problem, sens: Sensitivity, alloc: Allocation, measured: dict, where: 
                 f"score = {_score_words(sens.method)}; {sens.rule}.",
                 sens.columns(), sens.rows()),
         Section(f"Chosen bits (budget {alloc.budget:.6g} {unit})",
-                f"Exact optimum (HiGHS MILP); predicted Ω = {alloc.predicted:.4g}, size "
+                f"Exact optimum (dynamic program); predicted Ω = {alloc.predicted:.4g}, size "
                 f"{alloc.size_bytes:.6g} bytes, {alloc.bops:.6g} BOPs per sample "
                 f"(activations at {alloc.activation_bits} bits).",
                 ("layer", "n_params", "bits", "omega"), chosen),

@@ -1,19 +1,20 @@
-"""Exact mixed-precision bit allocation: an integer linear program over the layers' widths."""
+"""Exact mixed-precision bit allocation: a multiple-choice knapsack over the layers' widths."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ._layers import unknown
 from .quantizer import check_bits
 from .sensitivity import Sensitivity
 
 COSTS = ("size", "bops")
-_SLACK = 1e-9  # relative: HiGHS's feasibility tolerance must not let a solution over the budget
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class Allocation:
         cost: ``"size"`` or ``"bops"``, what ``budget`` bounds.
         budget: The bound.
         activation_bits: :math:`a`, the activation width counted in ``bops``.
-        frontier: The Pareto set (cost ascending, predicted Ω descending) over a sweep of
-            budgets from the cheapest configuration to the dearest.
+        frontier: The optima at a sweep of budgets from the cheapest configuration to the
+            dearest (Pareto-optimal; cost ascending, predicted Ω descending).
         rule: How negative sensitivities were treated.
     """
 
@@ -54,72 +55,106 @@ class Allocation:
 
 
 class _Program:
-    """The 0-1 program: variable ``x[i, j]`` chooses width ``choices[i][j]`` for layer ``i``."""
+    r"""The multiple-choice knapsack: one width per group of tied layers, within a budget.
+
+    Costs are integers: bits of the weights (``size``: :math:`n_i b`) or bit-operations
+    (``bops``: :math:`\mathrm{MACs}_i\, b\, a`), divided by the greatest common divisor of
+    all of them, ``unit``; the budget is compared with them in exact integer arithmetic.
+    """
 
     def __init__(self, sens, bits, cost, fixed, tie, activation_bits):
-        self.names = sens.names
-        self.choices = [list(bits) for _ in self.names]
-        for name, b in fixed.items():
-            self.choices[self.names.index(name)] = [b]
         rows = {r.name: r for r in sens.layers}
-        self.omega, self.size, self.bops = [], [], []
-        for name, choice in zip(self.names, self.choices, strict=True):
-            r = rows[name]
-            self.omega += [r.omega[b] for b in choice]
-            self.size += [r.n_params * b / 8 for b in choice]
-            self.bops += [r.macs * b * activation_bits for b in choice]
-        self.cost = self.size if cost == "size" else self.bops
-        self.index = [(i, b) for i, choice in enumerate(self.choices) for b in choice]
-        self.rows, self.rhs = [], []  # equality constraints
-        for i in range(len(self.names)):  # one width per layer
-            self._equal({(i, b): 1.0 for b in self.choices[i]}, 1.0)
-        for group in tie:
-            self._tie([self.names.index(n) for n in group])
+        self.names, self.kind = sens.names, cost
+        self.groups = _tied_groups(self.names, tie)
+        self.widths, costs, self.omegas = [], [], []
+        for group in self.groups:
+            allowed = [{fixed[n]} if n in fixed else set(bits) for n in group]
+            common = sorted(set.intersection(*allowed))
+            if not common:
+                raise ValueError(
+                    f"allocate: tied layers {group} are fixed to different widths; fix them to "
+                    "the same width or untie them."
+                )
+            self.widths.append(common)
+            members = [rows[n] for n in group]
+            costs.append([sum(_cost(r, b, cost, activation_bits) for r in members) for b in common])
+            self.omegas.append(np.array([math.fsum(r.omega[b] for r in members) for b in common]))
+        self.unit = math.gcd(*(c for group in costs for c in group)) or 1
+        if sum(max(c) for c in costs) // self.unit >= 2**62:
+            raise ValueError("allocate: the costs are too large for 64-bit integer arithmetic.")
+        self.costs = [np.array([c // self.unit for c in group], dtype=np.int64) for group in costs]
+        self.least = sum(int(c.min()) for c in self.costs)
+        self.most = sum(int(c.max()) for c in self.costs)
 
-    def _equal(self, coefficients: dict[tuple[int, int], float], rhs: float) -> None:
-        self.rows.append([coefficients.get(key, 0.0) for key in self.index])
-        self.rhs.append(rhs)
+    def capacity(self, budget: float) -> int:
+        """The budget in units of ``unit``, rounded down in exact arithmetic.
 
-    def _tie(self, layers: list[int]) -> None:
-        """One width for all ``layers``: one a member is fixed to, else any they all allow."""
-        first, *others = layers
-        common = set(self.choices[first]).intersection(*(self.choices[i] for i in others))
-        if not common:
-            names = [self.names[i] for i in layers]
-            raise ValueError(
-                f"allocate: tied layers {names} are fixed to different widths; fix them to the "
-                "same width or untie them."
-            )
-        for i in layers:
-            for b in set(self.choices[i]) - common:
-                self._equal({(i, b): 1.0}, 0.0)
-        for other in others:
-            for b in sorted(common):
-                self._equal({(first, b): 1.0, (other, b): -1.0}, 0.0)
+        Clamped to ``[-1, most]``: a budget beyond the dearest configuration allows them all.
+        """
+        exact = Fraction(budget if isinstance(budget, numbers.Rational) else float(budget))
+        units = math.floor(exact * (8 if self.kind == "size" else 1) / self.unit)
+        return max(-1, min(units, self.most))
 
-    def solve(self, objective: Sequence[float], budget: float | None) -> np.ndarray | None:
-        """The optimal 0-1 vector, or None when infeasible."""
-        constraints = [LinearConstraint(np.array(self.rows), self.rhs, self.rhs)]
-        if budget is not None:
-            scale = max(abs(budget), 1.0)  # HiGHS's tolerances are absolute: bring B to 1
-            row = np.array(self.cost)[None] / scale
-            constraints.append(LinearConstraint(row, -np.inf, budget / scale * (1 + _SLACK)))
-        c = np.asarray(objective, dtype=float)
-        c = c / max(np.abs(c).max(), np.finfo(float).tiny)  # HiGHS's gap tolerances: scale to 1
-        res = milp(
-            c,
-            constraints=constraints,
-            integrality=np.ones(len(c)),
-            bounds=Bounds(0, 1),
-            options={"mip_rel_gap": 0.0, "presolve": False},
-        )
-        return None if res.x is None else np.round(res.x)
+    def in_budget_units(self, units: int) -> float:
+        """``units`` of ``unit`` in bytes or bit-operations."""
+        return units * self.unit / (8 if self.kind == "size" else 1)
 
-    def bits(self, x: np.ndarray) -> dict[str, int]:
-        return {self.names[i]: b for (i, b), v in zip(self.index, x, strict=True) if v > 0.5}
+    def pareto(self, capacity: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Every configuration within ``capacity`` that no other beats in both cost and Ω.
 
-    def total(self, values: Sequence[float], x: np.ndarray) -> float:
-        return float(np.dot(values, x))
+        Group by group, the partial configurations are extended by each width and those that
+        cannot be completed within ``capacity``, or that cost as much as another but have a
+        larger Ω, are dropped. Returns the costs (ascending), the Ω (descending) and, per
+        group, which extended configuration each kept one is (``parent * widths + width``).
+        """
+        after = np.cumsum([0] + [int(c.min()) for c in self.costs[:0:-1]])[::-1]
+        cost, omega, trail = np.zeros(1, dtype=np.int64), np.zeros(1), []
+        for c, w, rest in zip(self.costs, self.omegas, after, strict=True):
+            C, W = (cost[:, None] + c).ravel(), (omega[:, None] + w).ravel()
+            fits = np.flatnonzero(C <= capacity - rest)
+            order = fits[np.lexsort((W[fits], C[fits]))]
+            kept = order[_improves(W[order])]
+            trail.append(kept)
+            cost, omega = C[kept], W[kept]
+        return cost, omega, trail
+
+    def bits(self, trail: list[np.ndarray], j: int) -> dict[str, int]:
+        """The widths of the configuration ``j`` of :meth:`pareto`'s result."""
+        chosen: dict[str, int] = {}
+        for g in reversed(range(len(self.groups))):
+            j, k = divmod(int(trail[g][j]), len(self.widths[g]))
+            chosen |= dict.fromkeys(self.groups[g], self.widths[g][k])
+        return {n: chosen[n] for n in self.names}
+
+
+def _improves(W: np.ndarray) -> np.ndarray:
+    """Where ``W`` (ordered by cost) is below every earlier entry."""
+    if not len(W):
+        return np.zeros(0, dtype=bool)
+    return np.concatenate(([True], W[1:] < np.minimum.accumulate(W)[:-1]))
+
+
+def _tied_groups(names: list[str], tie: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Layers that must share a width (overlapping ties merged), each group in layer order."""
+    root = {n: n for n in names}
+
+    def find(n: str) -> str:
+        while root[n] != n:
+            n = root[n]
+        return n
+
+    for group in tie:
+        for n in group[1:]:
+            root[find(n)] = find(group[0])
+    out: dict[str, list[str]] = {}
+    for n in names:
+        out.setdefault(find(n), []).append(n)
+    return list(out.values())
+
+
+def _cost(row, b: int, cost: str, activation_bits: int) -> int:
+    """Bits of the weights (size) or bit-operations per sample (bops) at width ``b``."""
+    return row.n_params * b if cost == "size" else row.macs * b * activation_bits
 
 
 def allocate(
@@ -139,13 +174,20 @@ def allocate(
         \min_{x} \sum_{i,b} \Omega_i(b)\, x_{ib} \quad\text{s.t.}\quad
         \sum_b x_{ib} = 1,\; \sum_{i,b} c_i(b)\, x_{ib} \le B,\; x_{ib} \in \{0, 1\},
 
-    solved by ``scipy.optimize.milp`` (HiGHS branch and bound: the optimum, not a heuristic),
-    as HAWQ-V3 does (Yao et al. 2021, "HAWQ-V3: dyadic neural network quantization").
+    the integer program of HAWQ-V3 (Yao et al. 2021, "HAWQ-V3: dyadic neural network
+    quantization"), solved exactly by dynamic programming over Pareto sets (a multiple-choice
+    knapsack): layer by layer, every partial configuration that no other beats in both cost
+    and Ω is kept, and the answer is the one of least Ω within the budget. No solver
+    tolerance enters: costs are integers (bits, or bit-operations) reduced by their greatest
+    common divisor, the budget is compared with them exactly, and Ω is only summed and
+    compared, so the result is the optimum up to float64 rounding of the sums, and never over
+    the budget. The work grows with the number of Pareto-optimal partial configurations,
+    which is at most the budget over that common divisor.
     ``cost="size"``: :math:`c_i(b) = n_i b / 8` bytes of the quantized weight matrices
     (biases and float layers not counted). ``cost="bops"``: :math:`c_i(b) = \mathrm{MACs}_i\,
     b\, a` bit-operations per sample with activations at ``activation_bits`` :math:`a`.
-    Tied layers get the same width; fixed layers their given width. Negative sensitivities
-    count as 0 (``sens.rule``).
+    Tied layers get the same width (overlapping ties are one group); fixed layers their given
+    width. Negative sensitivities count as 0 (``sens.rule``).
 
     Args:
         sens: From :func:`hesse.quant.sensitivity`.
@@ -155,14 +197,15 @@ def allocate(
         fixed: ``{layer: bits}`` widths imposed (e.g. ``{"head": 8}``).
         tie: Groups of layers that must share a width.
         activation_bits: :math:`a` for ``"bops"``.
-        frontier: Budgets swept for the Pareto set (0: none).
+        frontier: Budgets swept for the frontier (0: none).
 
     Returns:
         Allocation.
 
     Raises:
-        ValueError: an unknown cost or layer name, widths not in ``sens.bits``, or a budget
-            below the cheapest configuration (the message gives that smallest feasible budget).
+        ValueError: an unknown cost or layer name, widths not in ``sens.bits``, a non-finite
+            budget or Ω, or a budget below the cheapest configuration (the message gives that
+            smallest feasible budget).
 
     Example:
         >>> from hesse.quant.sensitivity import LayerSensitivity, Sensitivity
@@ -185,27 +228,39 @@ def allocate(
         for name in group:
             if name not in sens.names:
                 raise ValueError(unknown(name, sens.names))
+    if not math.isfinite(budget):
+        raise ValueError(f"allocate: budget must be a finite number, got {budget!r}.")
+    bad = [r.name for r in sens.layers if not all(map(math.isfinite, r.omega.values()))]
+    if bad:
+        raise ValueError(
+            f"allocate: layers {bad[:6]} have a non-finite Ω; check their sensitivity scores "
+            "and errors (sens[name].score, .delta_sq)."
+        )
     program = _Program(sens, bits, cost, fixed, tie, check_bits(activation_bits, "allocate"))
-    x = program.solve(program.omega, budget)
-    if x is None:
-        least = program.total(program.cost, program.solve(program.cost, None))
+    costs, _, trail = program.pareto(program.capacity(budget))
+    if not len(costs):
         unit = "bytes" if cost == "size" else "bit-operations per sample"
         raise ValueError(
             f"allocate: no configuration fits budget={budget:g} {unit}; the smallest feasible "
-            f"budget is {least:g} (every free layer at its lowest width of {bits}, fixed and "
-            "tied layers as given). Raise the budget or allow lower widths."
+            f"budget is {program.in_budget_units(program.least):g} (every free layer at its "
+            f"lowest width of {bits}, fixed and tied layers as given). Raise the budget or allow "
+            "lower widths."
         )
-    sweep = _frontier(program, frontier) if frontier else ()
+    chosen = program.bits(trail, len(costs) - 1)  # the dearest that fits: the least Ω
+    sweep = _frontier(program, sens, activation_bits, frontier) if frontier else ()
     return Allocation(
-        program.bits(x),
-        program.total(program.omega, x),
-        program.total(program.size, x),
-        program.total(program.bops, x),
-        cost,
-        float(budget),
-        activation_bits,
-        sweep,
-        sens.rule,
+        chosen, *_totals(sens, chosen, activation_bits), cost, float(budget), activation_bits,
+        sweep, sens.rule,
+    )  # fmt: skip
+
+
+def _totals(sens: Sensitivity, bits: dict[str, int], activation_bits: int) -> tuple[float, ...]:
+    """Predicted Ω, bytes and bit-operations per sample of ``bits``."""
+    rows = [(r, bits[r.name]) for r in sens.layers]
+    return (
+        math.fsum(r.omega[b] for r, b in rows),
+        sum(r.n_params * b for r, b in rows) / 8,
+        float(sum(r.macs * b * activation_bits for r, b in rows)),
     )
 
 
@@ -225,26 +280,23 @@ def frontier(
 ) -> tuple[FrontierPoint, ...]:
     """The Pareto set of Ω-optimal allocations at ``points`` budgets up to ``upper``."""
     program = _Program(sens, _widths(sens, bits, "bits"), cost, {}, [], 8)
-    return _frontier(program, points, upper)
+    return _frontier(program, sens, 8, points, upper)
 
 
 def _frontier(
-    program: _Program, points: int, upper: float | None = None
+    program: _Program, sens: Sensitivity, activation_bits: int, points: int, upper=None
 ) -> tuple[FrontierPoint, ...]:
-    """Pareto set of (cost, Ω) over ``points`` budgets from the cheapest to ``upper``.
+    """The optima at ``points`` budgets from the cheapest configuration to ``upper``.
 
-    ``upper`` defaults to the dearest configuration's cost.
+    ``upper`` defaults to the dearest configuration's cost. One :meth:`_Program.pareto` gives
+    them all: the optimum at a budget is the dearest Pareto configuration within it.
     """
-    least = program.total(program.cost, program.solve(program.cost, None))
-    most = program.total(program.cost, program.solve([-c for c in program.cost], None))
-    most = most if upper is None else upper
-    found = {}
-    for budget in np.linspace(least, most, max(points, 2)):
-        x = program.solve(program.omega, float(budget))
-        found[tuple(x)] = (program.total(program.cost, x), program.total(program.omega, x))
-    out, best = [], np.inf
-    for key, (c, w) in sorted(found.items(), key=lambda kv: (kv[1][0], kv[1][1])):
-        if w < best:
-            out.append(FrontierPoint(c, w, program.bits(np.array(key))))
-            best = w
+    top = program.most if upper is None else program.capacity(upper)
+    costs, _, trail = program.pareto(top)
+    picked = np.searchsorted(costs, np.linspace(program.least, top, max(points, 2)), "right") - 1
+    out = []
+    for j in sorted(set(picked[picked >= 0].tolist())):
+        bits = program.bits(trail, j)
+        predicted, size, bops = _totals(sens, bits, activation_bits)
+        out.append(FrontierPoint(size if program.kind == "size" else bops, predicted, bits))
     return tuple(out)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ._layers import quantizable, unknown
+from ._layers import output_axes, quantizable, unknown
 from .quantizer import Quantizer, check_bits
 
 
@@ -19,7 +19,9 @@ def quantize(
 
     Fake quantization: the weights hold the dequantized grid values :math:`s(q - z)` in the
     model's dtype, so the copy runs anywhere the model runs and its loss is the quantized
-    model's loss. Layers not in ``bits``, biases, norms and embeddings stay as they are.
+    model's loss. Grids run along each weight's output axis (a GPT-2 ``Conv1D`` weight's
+    columns). Layers not in ``bits``, biases, norms and embeddings stay as they are; a weight
+    tied to an embedding is quantized once, for all its uses.
 
     Args:
         model: The network; it is not modified.
@@ -32,7 +34,7 @@ def quantize(
 
     Raises:
         ValueError: an unknown layer name, bits outside 1-16, or a group size that does not
-            divide a layer's rows.
+            divide a layer's inputs per output unit.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 2))
@@ -46,10 +48,11 @@ def quantize(
         if name not in layers:
             raise ValueError(unknown(name, layers))
         check_bits(b, f"quantize({name!r})")
+    axes = output_axes(model, layers)
     out = copy.deepcopy(model)
     params = dict(out.named_parameters())
     with torch.no_grad():
         for name, b in bits.items():
             p = params[layers[name]]
-            p.copy_(quantizer.fake(p, b, name=name))
+            p.copy_(quantizer.fake(p, b, name=name, axis=axes[name]))
     return out

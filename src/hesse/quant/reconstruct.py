@@ -10,8 +10,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
-from ..objective import Objective
-from ._layers import quantizable, unknown
+from ..problem._blocks import module_prefixes, transformer_blocks
+from ..problem.objective import Objective
+from ._layers import output_axes, quantizable, tied, unknown
 from .quantizer import Codes, Quantizer, check_bits
 
 WEIGHTINGS = ("aphq", "mse")
@@ -41,7 +42,9 @@ def reconstruct(
     over :math:`V` (started at the weights; :math:`Q` rounds to the grid of the original
     weights, with a straight-through gradient), by Adam on all of ``obj``'s batches per step,
     keeping the best rounded weights seen (round-to-nearest is the first, so the block's
-    calibration loss never ends above round-to-nearest's).
+    calibration loss never ends above round-to-nearest's). A weight used in several blocks
+    (tied to an embedding) is rounded to nearest before the first block and not fitted, so
+    every block is fitted on the inputs the quantized model gives it.
     ``weighting="aphq"``: :math:`h` is the average perturbation Hessian of APHQ-ViT (Wu et
     al. 2025, "APHQ-ViT: post-training quantization with average perturbation Hessian based
     reconstruction for vision transformers"): with :math:`g(\cdot)` the gradient of the loss
@@ -59,8 +62,11 @@ def reconstruct(
         bits: ``{layer: bits}`` (e.g. ``Allocation.bits``).
         quantizer: The grid (default ``Quantizer()``).
         weighting: ``"aphq"`` or ``"mse"``.
-        blocks: Module names reconstructed one at a time, in forward order (default: the
-            top-level modules holding quantized layers, ``ModuleList`` entries one by one).
+        blocks: Module names reconstructed one at a time, in forward order (default: each
+            transformer layer, attention and MLP together, and each module outside the layers
+            that holds quantized layers, as :func:`hesse.problem._blocks.transformer_blocks` finds
+            them; in a model without transformer layers, the top-level modules, ``ModuleList``
+            entries one by one).
         steps: Adam steps per block.
         lr: Adam's learning rate, relative to each layer's mean step size :math:`s`.
         eps: The perturbation :math:`\epsilon`, relative to the output's standard deviation.
@@ -78,16 +84,24 @@ def reconstruct(
         raise ValueError(f"reconstruct: weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
     quantizer = quantizer or Quantizer()
     layers = _layers(obj, bits)
-    order = _blocks(obj.model, layers, blocks)
+    axes = output_axes(obj.model, layers)
+    shared = tied(obj.model, layers)
+    order = _blocks(obj.model, {n: p for n, p in layers.items() if n not in shared}, blocks)
     modules = dict(obj.model.named_modules())
     state = obj.frozen | obj.params
     full = dict(state)
+    for n in shared:  # used in several blocks: rounded to nearest before the first, then fixed
+        p = layers[n]
+        codes = quantizer.codes(state[p], bits[n], name=n, axis=axes[n])
+        state = state | {p: codes.dequantize().to(state[p].dtype)}
     batches = list(obj.batches())
     for block in order:
-        owned = {n: p for n, p in layers.items() if p.startswith(block + ".")}
+        owned = {n: p for n, p in layers.items() if n not in shared and p.startswith(block + ".")}
         target, h = _targets(obj, full, modules[block], batches, weighting, eps)
         inputs = _inputs(obj, state, modules[block], batches)
-        grids = {n: quantizer.codes(state[p], bits[n], name=n) for n, p in owned.items()}
+        grids = {
+            n: quantizer.codes(state[p], bits[n], name=n, axis=axes[n]) for n, p in owned.items()
+        }
         fitted = _fit(modules[block], block, state, owned, grids, (inputs, target, h), steps, lr)
         state = state | fitted
     out = copy.deepcopy(obj.model)
@@ -129,12 +143,29 @@ def _blocks(model: nn.Module, layers: dict[str, str], blocks: Sequence[str] | No
     return chosen
 
 
-def _default_blocks(model: nn.Module, prefix: str = "") -> list[str]:
-    out = []
-    for name, child in model.named_children():
-        full = f"{prefix}{name}"
-        out += _default_blocks(child, full + ".") if isinstance(child, _CONTAINERS) else [full]
-    return out
+def _default_blocks(model: nn.Module) -> list[str]:
+    """Whole transformer layers and the modules outside them, in registration order.
+
+    The blocks of :func:`hesse.problem._blocks.transformer_blocks`, each taken as the
+    innermost module holding all its parameters (a layer's attention and MLP share the
+    layer's module), with blocks inside another block dropped and ``ModuleList`` /
+    ``ModuleDict`` entries one by one.
+    """
+    modules = dict(model.named_modules())
+    found: list[str] = []
+    for params in transformer_blocks([n for n, _ in model.named_parameters()]).values():
+        common = set.intersection(*(set(module_prefixes(p)) for p in params))
+        if common:
+            found += _callable(modules, max(common, key=len))
+    return [b for b in dict.fromkeys(found) if not any(b.startswith(o + ".") for o in found)]
+
+
+def _callable(modules: dict[str, nn.Module], name: str) -> list[str]:
+    """``name``, or the entries of a container (which has no forward of its own)."""
+    if not isinstance(modules[name], _CONTAINERS):
+        return [name]
+    children = [n for n in modules if n.startswith(name + ".") and "." not in n[len(name) + 1 :]]
+    return [b for child in children for b in _callable(modules, child)]
 
 
 def _hooked(obj: Objective, params: dict, module: nn.Module, batches: list, hook: Callable) -> list:
@@ -155,7 +186,7 @@ def _hooked(obj: Objective, params: dict, module: nn.Module, batches: list, hook
 
 
 def _inputs(obj: Objective, state: dict, module: nn.Module, batches: list) -> list:
-    return _hooked(obj, state, module, batches, lambda a, k, o: tree_map(_detach, (a, k)))
+    return _hooked(obj, state, module, batches, lambda a, k, o: tree_map(_replayable, (a, k)))
 
 
 def _targets(obj, state, module, batches, weighting, eps):
@@ -227,8 +258,21 @@ def _analysed(obj: Objective, state: dict) -> dict:
 
 
 def _first(out):
-    return out[0] if isinstance(out, tuple) else out
+    y = out[0] if isinstance(out, tuple) else out
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(
+            f"reconstruct: a block returned {type(y).__name__}, not a tensor or a tuple that "
+            "starts with one; pass blocks= naming modules that return their output tensor."
+        )
+    return y
 
 
-def _detach(x):
-    return x.detach() if isinstance(x, torch.Tensor) else x
+def _replayable(x):
+    """An input of a block as it can be passed again: detached, and without a KV cache.
+
+    A Hugging Face cache (GPT-2's blocks take one) grows on every call: replayed, the block
+    would attend to keys it has already cached.
+    """
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    return None if type(x).__module__.startswith("transformers.cache_utils") else x

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..objective import Objective
+from ..problem.objective import Objective
 from .allocate import Allocation, FrontierPoint, allocate, frontier
 from .quantize import quantize
 from .quantizer import Quantizer

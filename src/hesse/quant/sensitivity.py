@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from ..linalg import block_traces, eigs
-from ..objective import Objective
 from ..operators import CURVATURES, curvature_operator
-from ._layers import macs_per_sample, quantizable
+from ..problem.objective import Objective
+from ._layers import batch_samples, macs_per_sample, output_axes, quantizable
 from .quantizer import Quantizer, check_bits
 
 METHODS = ("trace", "eig", "qbert")
@@ -28,7 +31,8 @@ class LayerSensitivity:
         name: Layer name (see :func:`hesse.quant.quantizable`).
         param: The parameter quantized.
         n_params: Its number of weights :math:`n_i`.
-        macs: Multiply-accumulates of the weight per sample (for ``cost="bops"``).
+        macs: Multiply-accumulates of the weight per sample (for ``cost="bops"``), measured
+            on the first batch (see :func:`hesse.quant._layers.macs_per_sample`).
         score: The curvature score :math:`s_i` of the method: ``trace_per_param`` (trace),
             ``top_eig`` (eig) or ``eig_mean + eig_std`` (qbert).
         negative: The score is below 0 (a non-convex direction or noise); see ``RULE``.
@@ -162,6 +166,10 @@ def sensitivity(
     - ``"qbert"``: mean + standard deviation of the block's :math:`\lambda_{\max}` over the
       batches (Shen et al. 2020, "Q-BERT"), ``budget`` products per block and batch.
 
+    A layer the loss does not reach (in any batch, or for ``"qbert"`` in that batch) has a zero
+    block, and scores 0 by every method. :math:`\|Q_b(W_i) - W_i\|^2` is taken along each
+    weight's output axis (a GPT-2 ``Conv1D``'s columns), in float64.
+
     Args:
         obj: The loss, model and data; the layers' weights must be among its parameters.
         bits: Widths to evaluate, 1 to 16.
@@ -201,12 +209,15 @@ def sensitivity(
     chosen = _analysed(obj, layers)
     sub = obj.restrict(list(chosen.values()))
     scores, n_matvecs = _SCORES[method](sub, chosen, curvature, budget, seed)
-    macs = macs_per_sample(obj.model, chosen, lambda: obj.batch_loss(obj.params, _first(obj)))
+    first = next(iter(obj.batches()))
+    run = functools.partial(obj.batch_loss, obj.params, first)
+    macs = macs_per_sample(obj.model, chosen, run, batch_samples(first))
+    axes = output_axes(obj.model, chosen)
     weights = dict(obj.model.named_parameters())
     rows = []
     for name, param in chosen.items():
         W = weights[param]
-        delta = {b: quantizer.error(W, b, name=name) for b in bits}
+        delta = {b: quantizer.error(W, b, name=name, axis=axes[name]) for b in bits}
         s = scores[name].pop("score")
         omega = {b: max(s, 0.0) * d for b, d in delta.items()}
         rows.append(
@@ -230,10 +241,6 @@ def _analysed(obj: Objective, layers: Sequence[str] | None) -> dict[str, str]:
     return kept
 
 
-def _first(obj: Objective):
-    return next(iter(obj.batches()))
-
-
 def _trace_scores(sub, chosen, curvature, budget, seed):
     op = curvature_operator(sub, curvature, "sensitivity")
     groups = {name: [param] for name, param in chosen.items()}
@@ -254,11 +261,30 @@ def _trace_scores(sub, chosen, curvature, budget, seed):
 
 def _eig_scores(sub, chosen, curvature, budget, seed):
     op, out = curvature_operator(sub, curvature, "sensitivity"), {}
+    reached = _reached(sub, chosen)
     for name, param in chosen.items():
+        if name not in reached:  # the loss does not depend on it: its block is 0
+            out[name] = {"score": 0.0, "top_eig": 0.0, "eig_converged": True}
+            continue
         r = eigs(op.restrict([param]), k=1, max_matvecs=budget, seed=seed, progress=False)
         top = float(r.values[0])
         out[name] = {"score": top, "top_eig": top, "eig_converged": r.converged}
     return out, op.n_matvecs
+
+
+def _reached(obj: Objective, chosen: dict[str, str]) -> set[str]:
+    """The layers whose weight the loss depends on in some batch (one gradient per batch)."""
+    found: set[str] = set()
+    for batch in obj.batches():
+        params = {n: p.detach().requires_grad_(True) for n, p in obj.params.items()}
+        with torch.enable_grad():
+            loss, _ = obj.batch_loss(params, batch)
+            if not loss.requires_grad:
+                continue
+            weights = [params[p] for p in chosen.values()]
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        found |= {n for n, g in zip(chosen, grads, strict=True) if g is not None}
+    return found
 
 
 def _qbert_scores(sub, chosen, curvature, budget, seed):

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ._layers import quantizable, unknown
-from .quantizer import Codes, Quantizer, check_bits
+from ._layers import output_axes, quantizable, unknown
+from .quantizer import Codes, Quantizer, check_bits, squared_error
 from .sensitivity import Sensitivity
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SwitchStep:
     """A configuration of the switching schedule: widths, size and predicted Ω."""
 
@@ -33,7 +33,8 @@ class BitSwitch:
     .. math:: q_b = \mathrm{clamp}(\mathrm{round}(q_h / 2^{h-b})),\quad
         s_b = 2^{h-b} s_h,\quad z_b = \mathrm{round}(z_h / 2^{h-b}),
 
-    so only the :math:`h`-bit integers are stored. Which layers switch down first is decided by
+    so only the :math:`h`-bit integers are stored (grids along each weight's output axis, as
+    :func:`hesse.quant.quantize` has them). Which layers switch down first is decided by
     the Hessian, as in HASB (hessian-aware switchable bit-widths): :meth:`schedule` lowers one
     layer by one width at a time, each time the one whose rise of
     :math:`\Omega_i = \max(s_i, 0)\,\|W_i^{(b)} - W_i\|^2` per byte saved is smallest, with
@@ -73,21 +74,23 @@ class BitSwitch:
                 raise ValueError(unknown(name, found))
         weights = dict(model.named_parameters())
         self.layers = {n: found[n] for n in names}
+        axes = output_axes(model, self.layers)
         quantizer = quantizer or Quantizer()
         self.codes = {
-            n: quantizer.codes(weights[p], self.bits[0], name=n) for n, p in self.layers.items()
-        }
-        self.delta_sq = {
-            n: {b: float(((self.weight(n, b) - weights[p].detach()).double() ** 2).sum())
-                for b in self.bits}
+            n: quantizer.codes(weights[p], self.bits[0], name=n, axis=axes[n])
             for n, p in self.layers.items()
-        }  # fmt: skip
+        }
+        self.dtypes = {n: weights[p].dtype for n, p in self.layers.items()}
+        self.delta_sq = {
+            n: {b: squared_error(self.weight(n, b), weights[p]) for b in self.bits}
+            for n, p in self.layers.items()
+        }
 
     def weight(self, layer: str, bits: int) -> torch.Tensor:
-        """The weight of ``layer`` at width ``bits``, read from the stored codes."""
+        """The weight of ``layer`` at width ``bits``, read from the stored codes, in its dtype."""
         if bits not in self.bits:
             raise ValueError(f"BitSwitch: width {bits} is not served; widths: {self.bits}.")
-        return _switch(self.codes[layer], bits).dequantize()
+        return _switch(self.codes[layer], bits).dequantize().to(self.dtypes[layer])
 
     def model(self, bits: int | Mapping[str, int]) -> nn.Module:
         """A fake-quantized copy at one width for every layer, or at ``{layer: bits}``."""
@@ -99,7 +102,7 @@ class BitSwitch:
                 if name not in self.layers:
                     raise ValueError(unknown(name, self.layers))
                 p = weights[self.layers[name]]
-                p.copy_(self.weight(name, b).to(p.dtype))
+                p.copy_(self.weight(name, b))
         return out
 
     def schedule(self) -> list[SwitchStep]:
@@ -139,5 +142,7 @@ def _switch(codes: Codes, bits: int) -> Codes:
     k = 2 ** (codes.bits - bits)
     signed = codes.lo < 0
     lo, hi = (1 - 2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    q = torch.round(codes.q / k).clamp(lo, hi)
-    return Codes(q, codes.scale * k, torch.round(codes.zero / k), bits, codes.shape, lo, hi)
+    q, zero = torch.round(codes.q / k).clamp(lo, hi), torch.round(codes.zero / k)
+    return dataclasses.replace(
+        codes, q=q, scale=codes.scale * k, zero=zero, bits=bits, lo=lo, hi=hi
+    )
