@@ -140,7 +140,7 @@ def qbert_groups(p: Problem) -> list[dict]:
     for b in (2, 3, 4):
         for label, q in (("per tensor (no groups)", quant.Quantizer(b, "tensor")),
                          (f"groups of {p.group_size} rows (Q-BERT)",
-                          quant.Quantizer(b, "group", p.group_size)),
+                          quant.Quantizer(b, "rows", p.group_size)),
                          ("per row", quant.Quantizer(b, "channel"))):  # fmt: skip
             bits = {n: b for n in p.encoder}
             rows.append(

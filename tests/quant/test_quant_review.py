@@ -311,3 +311,16 @@ def test_macs_per_sample_of_a_transformer_encoder_layer_match_a_hand_count(batch
         "head": E * C,  # once per sample
     }
     assert sum(macs.values()) == 5120 + 32
+
+
+def test_row_groups_share_one_grid_per_group_of_output_units():
+    # Q-BERT's group-wise quantization: group_size consecutive output units share a grid
+    W = torch.randn(3, 8, dtype=torch.float64)  # HF Conv1D layout: 8 output units
+    q = Quantizer(2, "rows", 4)
+    Q = q.fake(W, axis=1)
+    for g in range(2):
+        block = Q[:, 4 * g : 4 * g + 4]
+        assert block.unique().numel() <= 3  # one symmetric 2-bit grid: -s, 0, s
+        assert torch.isclose(block.abs().max(), W[:, 4 * g : 4 * g + 4].abs().max())
+    with pytest.raises(ValueError, match="does not divide the 8 output units"):
+        Quantizer(2, "rows", 3).fake(W, axis=1)

@@ -8,7 +8,7 @@ import torch
 
 from ..problem._weights import as_rows, from_rows
 
-GRANULARITIES = ("tensor", "channel", "group")
+GRANULARITIES = ("tensor", "channel", "group", "rows")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,9 @@ class Quantizer:
     ``"channel"`` (each output unit), or ``"group"`` (``group_size`` consecutive inputs of one
     output unit, along the reduction dimension, as GPTQ and AWQ group their grids: Frantar et
     al. 2023, "GPTQ: accurate post-training quantization for generative pre-trained
-    transformers").
+    transformers"), or ``"rows"`` (``group_size`` consecutive output units, Q-BERT's group-wise
+    quantization: Shen et al. 2020, "Q-BERT: Hessian based ultra low precision quantization of
+    BERT").
 
     A symmetric grid of ``b >= 2`` bits has the levels :math:`s\,q`,
     :math:`q \in \{-L, \dots, L\}`, :math:`L = 2^{b-1} - 1`, :math:`s = \max|w| / L` (the
@@ -77,8 +79,9 @@ class Quantizer:
 
     Args:
         bits: The default width, 1 to 16 (methods take ``bits=`` to override it).
-        granularity: ``"tensor"``, ``"channel"`` or ``"group"``.
-        group_size: Inputs per group for ``"group"``; must divide each output unit's inputs.
+        granularity: ``"tensor"``, ``"channel"``, ``"group"`` or ``"rows"``.
+        group_size: Inputs per group for ``"group"`` (must divide each output unit's inputs);
+            output units per group for ``"rows"`` (must divide the output units).
         symmetric: Symmetric (True) or asymmetric grid.
 
     Raises:
@@ -160,6 +163,14 @@ class Quantizer:
         rows = as_rows(W.detach(), axis)
         if self.granularity == "tensor":
             return rows.reshape(1, -1)
+        if self.granularity == "rows":
+            if rows.shape[0] % self.group_size:
+                raise ValueError(
+                    f"Quantizer: group_size={self.group_size} does not divide the "
+                    f"{rows.shape[0]} output units of {name or 'the weight'} {tuple(W.shape)} "
+                    f"(output axis {axis}); choose a divisor of {rows.shape[0]}."
+                )
+            return rows.reshape(rows.shape[0] // self.group_size, -1)
         size = rows.shape[1] if self.granularity == "channel" else self.group_size
         if rows.shape[1] % size:
             raise ValueError(
