@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hesse import _cli_inputs as inputs
-from hesse import hf
-from hesse._cli_inputs import UsageError
-from hesse.demo import load_demo
+from ..demo import load_demo
+from ..problem import hf
+from . import _inputs as inputs
+from ._inputs import UsageError
 
 
 @dataclass(frozen=True)
@@ -134,3 +134,21 @@ def cli_words(message: str, words: tuple) -> str:
     for api, option in words:
         message = message.replace(api, option)
     return message
+
+
+def load(args: argparse.Namespace, progress: bool, holdout: float = 0.0) -> Problem:
+    """The problem the command line names: a demo (with ``holdout``), an HF folder or factories."""
+    if args.demo:
+        return from_demo(args, progress, holdout=holdout)
+    return from_hf(args) if args.hf else from_factories(args)
+
+
+def use_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads: ``--threads``, else one for the demos, else torch's default.
+
+    The demo models are tiny: intra-op threads only add spin-waits (5-10x slower products on a
+    busy 2-core machine), so demos run on one thread unless ``--threads`` says otherwise.
+    """
+    threads = args.threads if args.threads is not None else (1 if args.demo else None)
+    if threads is not None:
+        torch.set_num_threads(threads)

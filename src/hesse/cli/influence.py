@@ -7,13 +7,12 @@ from typing import Any
 
 import torch
 
-from .._cli_inputs import UsageError, parse_params
+from ..influence import IHVP_METHODS, InfluenceResult, influence
 from ..linalg import eigs
 from ..operators import curvature_operator
 from ..problem.objective import Objective
 from ..report.page import Page, Section, png
-from ._ihvp import METHODS
-from .scores import InfluenceResult, influence
+from ._inputs import UsageError, parse_params
 
 SUMMARY = "Influence functions: the training points that most help and harm each test point."
 EXAMPLES = """examples:
@@ -36,7 +35,7 @@ def add_arguments(group: Any) -> None:
     group.add_argument("--top", type=int, default=5, help="helpful and harmful points per query")
     group.add_argument(
         "--ihvp",
-        choices=METHODS,
+        choices=IHVP_METHODS,
         default="cg",
         help="inverse: exact (dense), cg, lissa, woodbury (damped empirical "
         "Fisher of the per-sample gradients); default cg",

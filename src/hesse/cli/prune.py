@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from .._cli_inputs import UsageError, parse_params
 from ..problem._evaluate import Evaluation, evaluate
 from ..problem.objective import Objective
+from ..prune import GROUP_METHODS, WEIGHT_METHODS, PrunePlan, prune
 from ..report.page import Page, Section, png
-from .plan import GROUP_METHODS, WEIGHT_METHODS, PrunePlan, prune
+from ._inputs import UsageError, parse_params
 
 SUMMARY = "Second-order pruning (OBD, OBS, M-FAC, layer-wise OBS, heads, neurons), measured."
 EXAMPLES = """examples:

@@ -6,6 +6,7 @@
   hyperparameters, by the implicit function theorem.
 """
 
+from ._ihvp import METHODS as IHVP_METHODS
 from ._ihvp import InverseDiagnostics
 from .hyper import HypergradientResult, hypergradient
 from .scores import InfluenceResult, TopInfluences, influence
@@ -20,4 +21,5 @@ __all__ = [
     "UnlearnResult",
     "HypergradientResult",
     "InverseDiagnostics",
+    "IHVP_METHODS",
 ]
