@@ -34,7 +34,7 @@ from ._inputs import UsageError
 from ._problem import load, use_threads
 
 APPS = {
-    "quantize": "hesse.quant._cli",
+    "quantize": "hesse.cli.quantize",
     "prune": "hesse.cli.prune",
     "landscape": "hesse.dynamics._cli_landscape",
     "train-demo": "hesse.dynamics._cli_train",

@@ -7,15 +7,22 @@ from typing import Any
 
 import torch
 
-from .._cli_inputs import UsageError, parse_params
 from ..problem._evaluate import evaluate
 from ..problem.objective import Objective
+from ..quant import (
+    GRANULARITIES,
+    SENSITIVITY_METHODS,
+    Allocation,
+    Quantizer,
+    Sensitivity,
+    allocate,
+    output_axes,
+    quantizable,
+    quantize,
+    sensitivity,
+)
 from ..report.page import Page, Section, png
-from ._layers import output_axes, quantizable
-from .allocate import Allocation, allocate
-from .quantize import quantize
-from .quantizer import GRANULARITIES, Quantizer
-from .sensitivity import METHODS, Sensitivity, sensitivity
+from ._inputs import UsageError, parse_params
 
 SUMMARY = "Hessian-aware mixed-precision quantization: sensitivity, exact bits, measured loss."
 EXAMPLES = """examples:
@@ -35,7 +42,7 @@ def add_arguments(group: Any) -> None:
                        "quantized weights (default 0.125, i.e. 4 bits on average)")  # fmt: skip
     group.add_argument("--bops", type=float, help="budget instead: share of the bit-operations "
                        "of float32 weights with 8-bit activations")  # fmt: skip
-    group.add_argument("--method", choices=METHODS, default="trace",
+    group.add_argument("--method", choices=SENSITIVITY_METHODS, default="trace",
                        help="sensitivity: trace (HAWQ-V2), eig (HAWQ), qbert")  # fmt: skip
     group.add_argument("--granularity", choices=GRANULARITIES, default="channel")
     group.add_argument("--group-size", type=int, default=128, help="inputs per grid (group)")

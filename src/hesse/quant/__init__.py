@@ -10,12 +10,13 @@ budget (:func:`allocate`), a fake-quantized copy (:func:`quantize`) and its meas
 """
 
 from ..problem._evaluate import Evaluation, evaluate
-from ._layers import quantizable
+from ._layers import output_axes, quantizable
 from .allocate import Allocation, FrontierPoint, allocate
 from .quantize import quantize
-from .quantizer import Codes, Quantizer
+from .quantizer import GRANULARITIES, Codes, Quantizer
 from .reconstruct import reconstruct
 from .search import SearchResult, objective_loss, search
+from .sensitivity import METHODS as SENSITIVITY_METHODS
 from .sensitivity import LayerSensitivity, Sensitivity, sensitivity
 from .switch import BitSwitch, SwitchStep
 
@@ -24,6 +25,9 @@ __all__ = [
     "Quantizer",
     "Codes",
     "quantizable",
+    "output_axes",
+    "GRANULARITIES",
+    "SENSITIVITY_METHODS",
     # sensitivity
     "sensitivity",
     "Sensitivity",
