@@ -19,12 +19,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/hesse analyze --demo digits --out hesse-report
 
+# Style, the layers of ARCHITECTURE.md (import-linter) and types (mypy, configured in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
+# The suite in parallel, one worker per core (pytest-xdist).
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 clean:
 	rm -rf $(VENV) hesse-report
