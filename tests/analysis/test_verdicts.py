@@ -1,6 +1,7 @@
 import pytest
 
 from hesse.analysis import find_outliers, gd_verdict, sgd_verdict
+from hesse.analysis.stability import BatchNoise, gd_threshold
 
 
 def test_a_gap_after_c_minus_one_matches_cross_entropy():
@@ -48,16 +49,55 @@ def test_gd_compares_the_sharpness_with_two_over_eta(lam, status):
 
 
 @pytest.mark.parametrize(
-    ("ci", "status"),
-    [((10.0, 15.0), "stable"), ((18.0, 22.0), "inconclusive"), ((25.0, 30.0), "unstable")],
-)
-def test_sgd_compares_the_trace_and_its_interval_with_two_over_eta(ci, status):
+    ("ci", "at_one"),
+    [((10.0, 15.0), "which that bound allows"), ((18.0, 22.0), "straddles"),
+     ((25.0, 30.0), "would escape")],
+)  # fmt: skip
+def test_sgd_without_a_batch_size_is_indeterminate_and_says_what_the_trace_means(ci, at_one):
+    # the old verdict said "SGD would escape" from Tr(H) > 2/η whatever the batch size
     v = sgd_verdict(sum(ci) / 2, ci, lr=0.1, loss=0.01)
-    assert v.status == status and "global minimum" not in v.text
+    assert v.status == "indeterminate" and v.quantity == "trace"
+    assert at_one in v.text and "depends on the batch size" in v.text
+    assert "global minimum" not in v.text
 
 
 def test_sgd_verdict_warns_away_from_a_minimum():
     assert "read it as an indication" in sgd_verdict(5.0, (4.0, 6.0), lr=0.1, loss=0.5).text
+
+
+def _noise(B, lam=0.5, frob=2.0, sample_frob=(16.0, 16.0, 16.0), sample_top=6.8, n=16):
+    return BatchNoise(B, n, (lam, lam), (frob, frob, frob), sample_frob, sample_top)
+
+
+@pytest.mark.parametrize(
+    ("noise", "status"),
+    [
+        (_noise(1), "unstable"),  # F_1 = 16 / 4 = 4 > 2/η = 2.22
+        (_noise(4, lam=2.5), "unstable"),  # λmax > 2/η: no batch size helps
+        (_noise(4), "stable"),  # S_4 = 0.8 * 0.5 + 0.2 * 6.8 = 1.76 <= 2.22
+        (_noise(3), "indeterminate"),  # F_3 = 1.51 <= 2.22 < S_3 = 2.32
+        (_noise(4, sample_top=None), "indeterminate"),  # no per-sample maximum: no "stable"
+        (_noise(1, sample_frob=(8.0, 4.0, 12.0)), "inconclusive"),  # F_1 in [1, 3]
+    ],
+)
+def test_sgd_verdict_holds_the_batch_moment_and_the_sufficient_bound_against_2_over_eta(
+    noise, status
+):
+    v = sgd_verdict(4.0, (4.0, 4.0), lr=0.9, loss=0.0, noise=noise)
+    assert v.status == status and v.quantity == "batch_moment"
+    g = (16 - noise.batch_size) / (noise.batch_size * 15)
+    assert noise.gamma == pytest.approx(g)
+    assert v.value == pytest.approx(((1 - g) * 2.0 + g * noise.sample_frobenius[0]) / 4.0)
+    assert f"B = {noise.batch_size} of n = 16" in v.text
+
+
+def test_momentum_thresholds_heavy_ball_and_nesterov():
+    assert gd_threshold(0.5) == pytest.approx(4.0)
+    assert gd_threshold(1.0, 0.9) == pytest.approx(3.8)
+    assert gd_threshold(1.0, 0.9, nesterov=True) == pytest.approx(3.8 / 2.8)  # 1.357
+    v = gd_verdict(3.0, 1e-9, lr=1.0, momentum=0.9, nesterov=True)
+    assert v.status == "unstable" and v.threshold == pytest.approx(3.8 / 2.8)
+    assert "Nesterov" in v.text
 
 
 @pytest.mark.parametrize(

@@ -50,9 +50,11 @@ def test_warm_starts_use_fewer_products_than_cold_starts():
         mon = SharpnessMonitor(model, [data()], nn.functional.mse_loss, every=2, warm=warm)
         _train(model, mon, 40)
         counts[warm] = [r.n_matvecs for r in mon.history]
-    # the first check starts cold in both runs; every later one starts from the last vector
+    # the first check starts cold in both runs; every later one from the last vector plus a
+    # random one of the same norm (so that it cannot certify a stale value), which saves the
+    # products that resolve the old direction: 309 against 346 here (d = 83)
     assert counts[True][0] == counts[False][0]
-    assert sum(counts[True][1:]) < 0.8 * sum(counts[False][1:])
+    assert sum(counts[True][1:]) < 0.93 * sum(counts[False][1:])
 
 
 def test_jsonl_holds_every_check_and_a_torn_line_is_skipped(tmp_path):

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..analysis.stability import gd_threshold
 from ..report.page import Page, Section, png
 from ._plots import edge_summary, sharpness_figure
 from ._train import digits_subset, eos_model, half_squared_error, train
@@ -64,7 +65,7 @@ def _page(args: argparse.Namespace, mon: SharpnessMonitor, losses: list, diverge
 
     label = f"η = {args.lr:g}" + (f", β = {args.momentum:g}" if args.momentum else "")
     summary = edge_summary(mon.history)
-    threshold = (2 + 2 * args.momentum) / args.lr
+    threshold = gd_threshold(args.lr, args.momentum)  # torch SGD's heavy ball, as train() runs
     text = (
         f"Full-batch GD ({label}) for {args.steps} steps on {len(mon.data[0][0])} digits; "
         f"threshold (2 + 2β)/η = {threshold:.4g}. Over the last half of the checks λmax / "

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .._positions import rows_of, sample_count
 from ..linalg import eigs
-from ..objective import Objective
 from ..operators import curvature_operator
+from ..problem._positions import rows_of, sample_count
+from ..problem.objective import Objective
+from ._common import one_batch
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def batch_spectrum(
         >>> spec.mean[0] > spec.full, spec.batch_sizes
         (True, (4, 64))
     """
-    data = _concat(list(obj.batches()))
+    data = one_batch(list(obj.batches()), "batch_spectrum")
     n = sample_count(data)
     sizes = tuple(n if B == "full" else int(B) for B in batch_sizes)
     if samples < 1 or any(not 1 <= B <= n for B in sizes):
@@ -140,18 +141,3 @@ def _summary(sizes, values, full: float, n: int, used: int) -> BatchSpectrum:
 def _top(obj: Objective, batch: Any, k: int, curvature: str, tol: float, seed: int):
     """Top-``k`` eigenpairs of the curvature of ``obj``'s model and loss on one batch."""
     return eigs(curvature_operator(obj.with_data([batch]), curvature), k, tol=tol, seed=seed)
-
-
-def _concat(batches: list) -> Any:
-    """One batch holding every sample (tensors concatenated on dim 0)."""
-    first = batches[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(batches)
-    if isinstance(first, Mapping):
-        return {key: _concat([b[key] for b in batches]) for key in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat([b[i] for b in batches]) for i in range(len(first)))
-    raise ValueError(
-        f"batch_spectrum: batches must hold tensors (tuples, lists or dicts of them) to be "
-        f"redrawn, got {type(first).__name__}."
-    )
