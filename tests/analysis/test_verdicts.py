@@ -1,7 +1,7 @@
 import pytest
 
 from hesse.analysis import find_outliers, gd_verdict, sgd_verdict
-from hesse.analysis.stability import BatchNoise, gd_threshold
+from hesse.dynamics.verdicts import BatchNoise, gd_threshold
 
 
 def test_a_gap_after_c_minus_one_matches_cross_entropy():

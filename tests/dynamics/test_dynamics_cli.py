@@ -8,7 +8,8 @@ import torch
 from dynamics_problems import data, mlp
 from torch import nn
 
-from hesse.dynamics import _cli_landscape, _cli_train
+from hesse.cli import landscape as _cli_landscape
+from hesse.cli import train_demo as _cli_train
 from hesse.report.page import Page
 
 
@@ -74,7 +75,7 @@ def test_landscape_2d_without_held_out_data_and_bad_steps():
     args = _args(_cli_landscape, dims=2, steps=5)
     doc = _cli_landscape.run(args, _Problem(test=False)).doc
     assert torch.tensor(doc["values"]).shape == (5, 5) and doc["test_values"] is None
-    from hesse._cli_inputs import UsageError
+    from hesse.cli._inputs import UsageError
 
     with pytest.raises(UsageError, match="odd"):
         _cli_landscape.run(_args(_cli_landscape, steps=4), _Problem())

@@ -31,7 +31,7 @@ def test_quantize_writes_the_sensitivity_bits_frontier_and_measured_table(tmp_pa
     float_loss = configs["float"]["loss"]
     import torch.nn.functional as F
 
-    from hesse._evaluate import evaluate
+    from hesse.problem._evaluate import evaluate
 
     assert float_loss == pytest.approx(evaluate(mlp(), batches(), F.cross_entropy).loss)
 

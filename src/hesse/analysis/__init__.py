@@ -9,7 +9,7 @@ from hesse.analysis._analyze import CURVATURES, SECTIONS, Analysis, Options, ana
 from hesse.analysis.layers import LayerRow, layer_table
 from hesse.analysis.outliers import Outliers, find_outliers
 from hesse.analysis.report import Report
-from hesse.analysis.stability import Verdict, gd_verdict, sgd_verdict
+from hesse.dynamics.verdicts import Verdict, gd_verdict, sgd_verdict
 
 __all__ = [
     "CURVATURES",

@@ -15,8 +15,8 @@ from hesse.analysis._documents import density_dict, eig_dict, meta, no_ggn, trac
 from hesse.analysis.layers import blocks_by, empty_modules, layer_table, layer_table_cost
 from hesse.analysis.outliers import find_outliers
 from hesse.analysis.report import Report, parameters_line
-from hesse.analysis.stability import gd_verdict, omitted, sgd_verdict
 from hesse.dynamics import criteria_from
+from hesse.dynamics.verdicts import gd_verdict, omitted, sgd_verdict
 from hesse.linalg import density, eigs, trace
 from hesse.operators import FisherOperator, GGNOperator, HessianOperator
 from hesse.operators.plan import MemoryPlan, plan

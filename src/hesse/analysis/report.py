@@ -11,7 +11,7 @@ from pathlib import Path
 from hesse import report as _render
 from hesse.analysis.layers import LayerRow
 from hesse.analysis.outliers import Outliers
-from hesse.analysis.stability import Verdict
+from hesse.dynamics.verdicts import Verdict
 from hesse.report.text import WIDTH
 
 HEADER_LINES = 2

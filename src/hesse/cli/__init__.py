@@ -36,8 +36,8 @@ from ._problem import load, use_threads
 APPS = {
     "quantize": "hesse.cli.quantize",
     "prune": "hesse.cli.prune",
-    "landscape": "hesse.dynamics._cli_landscape",
-    "train-demo": "hesse.dynamics._cli_train",
+    "landscape": "hesse.cli.landscape",
+    "train-demo": "hesse.cli.train_demo",
     "influence": "hesse.cli.influence",
 }
 """Application commands: ``{name: module}``; each module defines ``SUMMARY``, ``EXAMPLES``,

@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 
-from .._cli_inputs import UsageError, parse_params
-from ..objective import Objective
+from ..dynamics import Landscape, grid_losses, landscape, spectral_criteria
+from ..problem.objective import Objective
 from ..report.page import Page, Section, png
-from .criteria import spectral_criteria
-from .landscape import Landscape, grid_losses, landscape
+from ._inputs import UsageError, parse_params
 
 SUMMARY = "Loss landscape around the weights (1D/2D, filter-normalized or Hessian axes)."
 EXAMPLES = """examples:

@@ -8,11 +8,9 @@ from typing import Any
 
 import torch
 
-from ..analysis.stability import gd_threshold
+from ..dynamics import SharpnessMonitor, edge_summary, gd_threshold, sharpness_figure
+from ..dynamics._train import digits_subset, eos_model, half_squared_error, train
 from ..report.page import Page, Section, png
-from ._plots import edge_summary, sharpness_figure
-from ._train import digits_subset, eos_model, half_squared_error, train
-from .monitor import SharpnessMonitor
 
 SUMMARY = "Train a small MLP with full-batch GD and watch λmax rise to 2/η (edge of stability)."
 EXAMPLES = """examples:

@@ -7,11 +7,13 @@ Example:
     ...     train_step()
 """
 
+from ._plots import edge_summary, sharpness_figure
 from .criteria import DEFINITIONS, SpectralCriteria, criteria_from, spectral_criteria
-from .landscape import Landscape, landscape
+from .landscape import Landscape, grid_losses, landscape
 from .monitor import LightningHook, SharpnessMonitor, SharpnessRecord, read_jsonl
 from .spectra import BatchSpectrum, batch_spectrum
 from .thresholds import Stability, stability
+from .verdicts import BatchNoise, Verdict, gd_threshold
 
 __all__ = [
     # sharpness over training
@@ -22,9 +24,15 @@ __all__ = [
     # stability thresholds
     "stability",
     "Stability",
+    "BatchNoise",
+    "Verdict",
+    "gd_threshold",
+    "sharpness_figure",
+    "edge_summary",
     # loss landscapes
     "landscape",
     "Landscape",
+    "grid_losses",
     # spectral criteria of a minimum
     "spectral_criteria",
     "criteria_from",

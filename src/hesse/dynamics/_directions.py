@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..linalg import eigs
-from ..objective import Objective
+from ..problem.objective import Objective
 from ..operators import HessianOperator
 
 KINDS = ("filter", "hessian", "random")

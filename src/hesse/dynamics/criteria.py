@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..linalg import DensityResult, density, eigs
-from ..objective import Objective
+from ..problem.objective import Objective
 from ..operators import curvature_operator
 
 DEFINITIONS = {

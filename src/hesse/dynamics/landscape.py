@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from ..objective import Objective
+from ..problem.objective import Objective
 from ._directions import directions as make_directions
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis.stability import gd_threshold
 from ..linalg import EigResult, eigs, trace
 from ..operators import CURVATURES, curvature_operator
 from ..problem.objective import Objective
 from ._common import eval_mode
+from .verdicts import gd_threshold
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class SharpnessRecord:
         residual: Its residual bound ``||H x - lambda_max x||``.
         eigenvalues: The ``k`` largest eigenvalues, descending.
         converged: Whether Lanczos met its tolerance.
-        threshold: :func:`hesse.analysis.stability.gd_threshold`: ``2/eta`` without momentum,
+        threshold: :func:`hesse.dynamics.verdicts.gd_threshold`: ``2/eta`` without momentum,
             ``(2 + 2 beta)/eta`` heavy ball, ``(2 + 2 beta)/((1 + 2 beta) eta)`` Nesterov;
             None without ``lr``.
         trace: Hutch++ estimate of the trace (None unless ``trace=True``).
@@ -252,7 +252,7 @@ class LightningHook:
     The step is ``trainer.global_step``. For a ``torch.optim.SGD`` the learning rate, the
     momentum and whether it is Nesterov's are read from the first parameter group of
     ``trainer.optimizers[0]``, and the record's threshold is
-    :func:`hesse.analysis.stability.gd_threshold` of them. Weight decay ``w`` adds ``w`` to
+    :func:`hesse.dynamics.verdicts.gd_threshold` of them. Weight decay ``w`` adds ``w`` to
     every eigenvalue of the curvature SGD sees, so the loss's λmax is stable up to the
     threshold minus ``w``; the record keeps the threshold itself. For another optimizer (Adam,
     RMSprop, ...) no (S)GD threshold applies (see :func:`hesse.dynamics.stability`): the

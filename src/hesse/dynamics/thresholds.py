@@ -8,7 +8,12 @@ from dataclasses import dataclass
 import torch
 from scipy import stats
 
-from ..analysis.stability import (
+from ..linalg import EigResult, TraceResult, eigs, frobenius_norm, trace
+from ..operators import HessianOperator
+from ..problem._positions import rows_of, sample_count
+from ..problem.objective import Objective
+from ._common import one_batch
+from .verdicts import (
     BatchNoise,
     Verdict,
     gd_threshold,
@@ -16,11 +21,6 @@ from ..analysis.stability import (
     omitted,
     sgd_verdict,
 )
-from ..linalg import EigResult, TraceResult, eigs, frobenius_norm, trace
-from ..operators import HessianOperator
-from ..problem._positions import rows_of, sample_count
-from ..problem.objective import Objective
-from ._common import one_batch
 
 OPTIMIZERS = ("sgd", "adam")
 """Optimizers :func:`stability` takes (momentum through ``momentum=`` and ``nesterov=``)."""
@@ -40,7 +40,7 @@ class Stability:
         lambda_max: Largest Hessian eigenvalue.
         residual: Its residual bound.
         trace: Hutch++ trace of the Hessian (None when not needed).
-        thresholds: ``{name: value}``: ``"gd"`` = :func:`hesse.analysis.stability.gd_threshold`
+        thresholds: ``{name: value}``: ``"gd"`` = :func:`hesse.dynamics.verdicts.gd_threshold`
             (``2/eta``; ``(2 + 2 beta)/eta`` heavy ball; ``(2 + 2 beta)/((1 + 2 beta) eta)``
             Nesterov), ``"sgd"`` = ``2/eta`` (what SGD's batch moment and sufficient bound are
             held against), ``"adam"`` = ``(2 + 2 beta1)/((1 - beta1) eta)``; those that apply.
@@ -81,7 +81,7 @@ def stability(
     r"""Linear-stability thresholds at ``lr`` and where the model's curvature stands against them.
 
     - Full-batch GD with momentum :math:`\beta`: stable only when :math:`\lambda_{\max}(H)` is
-      below :func:`hesse.analysis.stability.gd_threshold`: :math:`(2 + 2\beta)/\eta` with heavy
+      below :func:`hesse.dynamics.verdicts.gd_threshold`: :math:`(2 + 2\beta)/\eta` with heavy
       ball, :math:`(2 + 2\beta)/((1 + 2\beta)\eta)` with ``nesterov=True`` (Cohen et al. 2021,
       "Gradient descent on neural networks typically occurs at the edge of stability").
     - SGD with mini-batches (``batch_size`` below the data size, no momentum), at an
@@ -102,7 +102,7 @@ def stability(
       sharpness :math:`\lambda_{\max}(P^{-1}H)` (Cohen et al. 2022, "Adaptive gradient methods
       at the edge of stability"); it is reported, with no verdict (it needs Adam's state).
 
-    The verdicts come from :mod:`hesse.analysis.stability` (the same texts as the report).
+    The verdicts come from :mod:`hesse.dynamics.verdicts` (the same texts as the report).
 
     Args:
         obj: The training objective (all training data: its samples are what batches are drawn

@@ -1,6 +1,0 @@
-"""TEMPORARY alias during the move (removed before the layout lands)."""
-
-import importlib
-import sys
-
-sys.modules[__name__] = importlib.import_module("hesse.problem._losses")
