@@ -5,8 +5,9 @@ Example:
     >>> report.save("hesse-report")  # doctest: +SKIP
 """
 
-from hesse.analysis._analyze import CURVATURES, SECTIONS, Analysis, Options, analyze, prepare
+from hesse.analysis._analyze import Analysis, analyze, prepare
 from hesse.analysis.layers import LayerRow, layer_table
+from hesse.analysis.options import CURVATURES, SECTIONS, Options
 from hesse.analysis.outliers import Outliers, find_outliers
 from hesse.analysis.report import Report
 from hesse.dynamics.verdicts import Verdict, gd_verdict, sgd_verdict
