@@ -1,7 +1,8 @@
 import pytest
 
 from hesse.analysis import find_outliers, gd_verdict, sgd_verdict
-from hesse.dynamics.verdicts import BatchNoise, gd_threshold
+from hesse.dynamics.sgd_verdicts import BatchNoise
+from hesse.dynamics.verdicts import gd_threshold
 
 
 def test_a_gap_after_c_minus_one_matches_cross_entropy():

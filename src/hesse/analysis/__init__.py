@@ -10,7 +10,8 @@ from hesse.analysis.layers import LayerRow, layer_table
 from hesse.analysis.options import CURVATURES, SECTIONS, Options
 from hesse.analysis.outliers import Outliers, find_outliers
 from hesse.analysis.report import Report
-from hesse.dynamics.verdicts import Verdict, gd_verdict, sgd_verdict
+from hesse.dynamics.sgd_verdicts import sgd_verdict
+from hesse.dynamics.verdicts import Verdict, gd_verdict
 
 __all__ = [
     "CURVATURES",

@@ -8,7 +8,8 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from ..dynamics import criteria_from
-from ..dynamics.verdicts import gd_verdict, omitted, sgd_verdict
+from ..dynamics.sgd_verdicts import sgd_verdict
+from ..dynamics.verdicts import gd_verdict, omitted
 from ..linalg import density, eigs, trace
 from ..operators import FisherOperator, GGNOperator, HessianOperator
 from ..problem.objective import Objective

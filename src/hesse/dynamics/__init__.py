@@ -11,9 +11,10 @@ from ._plots import edge_summary, sharpness_figure
 from .criteria import DEFINITIONS, SpectralCriteria, criteria_from, spectral_criteria
 from .landscape import Landscape, grid_losses, landscape
 from .monitor import LightningHook, SharpnessMonitor, SharpnessRecord, read_jsonl
+from .sgd_verdicts import BatchNoise
 from .spectra import BatchSpectrum, batch_spectrum
 from .thresholds import Stability, stability
-from .verdicts import BatchNoise, Verdict, gd_threshold
+from .verdicts import Verdict, gd_threshold
 
 __all__ = [
     # sharpness over training

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from ..linalg import eigs
-from ..problem.objective import Objective
 from ..operators import HessianOperator
+from ..problem.objective import Objective
 
 KINDS = ("filter", "hessian", "random")
 """Directions :func:`hesse.landscape` draws by name."""

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..linalg import DensityResult, density, eigs
-from ..problem.objective import Objective
 from ..operators import curvature_operator
+from ..problem.objective import Objective
 
 DEFINITIONS = {
     "ratio": "λmax / λk: how far the top eigenvalue stands above the k-th (outlier dominance)",

@@ -13,14 +13,8 @@ from ..operators import HessianOperator
 from ..problem._positions import rows_of, sample_count
 from ..problem.objective import Objective
 from ._common import one_batch
-from .verdicts import (
-    BatchNoise,
-    Verdict,
-    gd_threshold,
-    gd_verdict,
-    omitted,
-    sgd_verdict,
-)
+from .sgd_verdicts import BatchNoise, sgd_verdict
+from .verdicts import Verdict, gd_threshold, gd_verdict, omitted
 
 OPTIMIZERS = ("sgd", "adam")
 """Optimizers :func:`stability` takes (momentum through ``momentum=`` and ``nesterov=``)."""
