@@ -371,7 +371,7 @@ def test_uncached_hessian_products_keep_peak_rss_flat():
     +5 MB on its own): the growth is measured from the peak after product 2 to the peak after
     product 20.
     """
-    script = _RSS_SCRIPT.format(tests=str(Path(__file__).parent))
+    script = _RSS_SCRIPT.format(tests=str(Path(__file__).parent.parent))
     run = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
         capture_output=True,

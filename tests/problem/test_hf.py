@@ -94,7 +94,7 @@ def test_a_head_the_folder_lacks_is_refused_not_drawn_at_random(tmp_path, head, 
 
 
 def test_tasks_are_one_table():
-    from hesse import _hf_losses
+    from hesse.problem import _hf_losses
 
     assert hf.TASKS is _hf_losses.TASKS
     assert list(hf.TASKS) == [
