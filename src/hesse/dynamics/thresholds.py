@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from scipy import stats
 
 from ..linalg import EigResult, TraceResult, eigs, frobenius_norm, trace
+from ..linalg._util import t_quantile
 from ..operators import HessianOperator
 from ..problem._positions import rows_of, sample_count
 from ..problem.objective import Objective
@@ -239,5 +239,5 @@ def _mean(squares: list[TraceResult], every: bool) -> tuple[float, float, float]
     if every:
         half = 1.96 * math.sqrt(sum(r.stderr**2 for r in squares)) / m
     else:
-        half = float(stats.t.ppf(0.975, m - 1)) * float(x.std()) / math.sqrt(m)
+        half = t_quantile(m) * float(x.std()) / math.sqrt(m)
     return mean, mean - half, mean + half
