@@ -28,12 +28,16 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..report import atomic
 from . import digits, tiny_lm
 from ._demo import Demo
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = ["DEMOS", "Demo", "cache_dir", "load_demo"]
 
@@ -115,7 +119,7 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def _config_hash(name: str, config: object) -> str:
+def _config_hash(name: str, config: DataclassInstance) -> str:
     """A short hash of everything that determines the trained weights."""
     settings = dataclasses.asdict(config)
     if not settings["holdout"]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch.func import grad, jvp, vmap
@@ -166,7 +167,7 @@ def _curvature(H: Operator, P: Penalty, theta, h, is_decay: bool) -> tuple[Opera
     check); other decays a diagonal operator; a user penalty its ``jvp``-of-``grad`` products.
     """
     if is_decay:
-        c = decays(h, H.space)
+        c = decays(h, cast(ParamSpace, H.space))  # an objective's curvature has its layout
         if bool((c == c[0]).all()):
             return H, float(c[0])
         return H + _Penalty(H, lambda V: c[:, None] * V, bool((c >= 0).all())), 0.0

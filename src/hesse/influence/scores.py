@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -220,7 +220,8 @@ def influence(
     check_positions(query, "influence", "query")
     queries = in_order(query, list(sample_gradients(query)))
     Q = queries.means()
-    solve = {"tol": tol, "max_matvecs": max_matvecs, "seed": seed}
+    solve: dict[str, Any] = {"tol": tol, "max_matvecs": max_matvecs, "seed": seed}
+    chunks: Iterable[SampleGradients]
     if method == "woodbury":
         chunks = list(sample_gradients(train))
         F = _woodbury(chunks, damping, train)
@@ -302,12 +303,14 @@ def _project(
         Rows :math:`\nabla s_i^\top X` ``(n, q)`` with the weights and losses, the gradient
         sum :math:`\sum_i \nabla s_i` ``(d,)``, and the most rows held at once.
     """
-    parts, gsum, widest = [], 0.0, 0
+    parts, widest = [], 0
+    gsum: torch.Tensor | float = 0.0
     for c in chunks:
         parts.append(SampleGradients(c.grads @ X.to(c.grads.dtype), c.weights, c.losses))
         gsum = gsum + c.grads.sum(0)
         widest = max(widest, c.grads.shape[0])
-    return in_order(train, parts), gsum, widest
+    # an objective's data is never empty, so gsum is a tensor
+    return in_order(train, parts), cast(torch.Tensor, gsum), widest
 
 
 def _memory(train: Objective, method: str, curvature: str, n: int, q: int, rows: int) -> dict:

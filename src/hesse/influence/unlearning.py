@@ -187,9 +187,10 @@ def _quadratic_step(op, g: torch.Tensor, d: torch.Tensor, lam: float) -> float:
 def _count(objective: Objective) -> int:
     """Samples in the objective's data (tuple, dict or tensor batches alike)."""
     counts = [sample_count(b) for b in objective.batches()]
-    if None in counts:
+    known = [n for n in counts if n is not None]
+    if len(known) < len(counts):
         raise ValueError("unlearn: a batch holds no tensor to count its samples from.")
-    return sum(counts)
+    return sum(known)
 
 
 def _with_params(model: nn.Module, objective: Objective, theta: torch.Tensor) -> nn.Module:

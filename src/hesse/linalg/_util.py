@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, overload, runtime_checkable
 
 import numpy as np
 import torch
@@ -132,6 +132,10 @@ class Counted:
         self.bar.close()
 
 
+@overload
+def tags_of(A: Any, default: frozenset[str] = ...) -> frozenset[str]: ...
+@overload
+def tags_of(A: Any, default: None) -> frozenset[str] | None: ...
 def tags_of(A: Any, default: frozenset[str] | None = frozenset()) -> frozenset[str] | None:
     """Declared structure of an operator: inferred for a dense or sparse matrix, else its tags.
 

@@ -287,7 +287,8 @@ class _Spread:
     """
 
     def __init__(self) -> None:
-        self.n, self.w, self.m2 = 0, None, 0.0
+        self.n, self.m2 = 0, 0.0
+        self.w: torch.Tensor | None = None
 
     def add(self, W: torch.Tensor) -> None:
         for w in W.T:
@@ -302,7 +303,7 @@ class _Spread:
     @property
     def mean(self) -> float:
         r""":math:`\bar x = \sum_k \bar w_k`."""
-        return float(self.w.sum()) if self.n else 0.0
+        return float(self.w.sum()) if self.w is not None else 0.0
 
     @property
     def stderr(self) -> float:
@@ -314,7 +315,7 @@ class _Spread:
     @property
     def size(self) -> float:
         r""":math:`\sum_k |\bar w_k|`, the magnitude of what each sample sums."""
-        return float(self.w.abs().sum()) if self.n else 0.0
+        return float(self.w.abs().sum()) if self.w is not None else 0.0
 
     def summary(self, converged: bool = True) -> _Sampled:
         """Mean, standard error and t-interval (see ``trace``)."""

@@ -49,7 +49,9 @@ class KeptStates:
     ):
         self.owner, self.setting, self.device, self.tensors = owner, setting, device, tensors
         self.enabled, self.warned = enabled, False
-        self.states, self.nbytes, self.versions = None, 0, None
+        self.states: list | None = None
+        self.nbytes = 0
+        self.versions: list[int] | None = None
         self.build: _FirstPass | None = None
 
     def fresh(self) -> bool:
@@ -83,7 +85,7 @@ class KeptStates:
             self.build = None
 
     def _cap(self) -> int:
-        if self.setting == "auto":
+        if isinstance(self.setting, str):  # "auto", the only string the operators accept
             return int(AUTO_CACHE_FRACTION * available_bytes(self.device))
         return self.setting
 

@@ -54,10 +54,10 @@ class TargetSampler:
                 f"{f.shape[0]} output rows; the draws need a whole number of rows per sample."
             )
         samples = [self.sample(f, w, Draws(self.seed, positions, s)) for s in range(self.count)]
-        if y.is_floating_point():
-            return samples
         spec = self.objective.loss_spec
         ignore = spec.ignore_index if spec is not None else -100
+        if y.is_floating_point() or ignore is None:  # mse has no ignore_index
+            return samples
         return [torch.where(y == ignore, y, s) for s in samples]
 
 

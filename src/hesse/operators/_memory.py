@@ -35,8 +35,7 @@ def available_bytes(device: torch.device | str) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    room = [_meminfo_available(), _cgroup_room()]
-    room = [r for r in room if r is not None]
+    room = [r for r in (_meminfo_available(), _cgroup_room()) if r is not None]
     return min(room) if room else 2**30
 
 

@@ -6,8 +6,8 @@ import copy
 import functools
 import math
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast, overload
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class Operator:
         dim: int,
         dtype: torch.dtype,
         device: torch.device,
-        tags: Sequence[str] = (),
+        tags: Iterable[str] = (),
         space: ParamSpace | None = None,
     ):
         self.shape = (dim, dim)
@@ -73,6 +73,10 @@ class Operator:
             )
         return self.matmat(v[:, None])[:, 0]
 
+    @overload
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    def __matmul__(self, x: Operator) -> Operator: ...
     def __matmul__(self, x: torch.Tensor | Operator) -> torch.Tensor | Operator:
         if isinstance(x, Operator):
             return ProductOperator([self, x])
@@ -157,12 +161,16 @@ class Operator:
 
     def restrict(self, names: Sequence[str]) -> Operator:
         """The diagonal block of the named parameters (or module prefixes): ``P^T A P``."""
+        return self._restrict(self._layout().select(names))
+
+    def _layout(self) -> ParamSpace:
+        """``space``, which ``restrict`` (and so ``_restrict``) needs."""
         if self.space is None:
             raise ValueError(
                 f"{type(self).__name__}.restrict: this operator has no parameter names; "
                 "pass space=ParamSpace(...) when building it."
             )
-        return self._restrict(self.space.select(names))
+        return self.space
 
     def _restrict(self, names: list[str]) -> Operator:
         raise NotImplementedError(f"{type(self).__name__} cannot be restricted to a block.")
@@ -193,8 +201,8 @@ class Operator:
         from scipy.sparse.linalg import LinearOperator
 
         def mm(X: np.ndarray) -> np.ndarray:
-            X = torch.as_tensor(np.asarray(X, dtype=np.float64))
-            out = self @ (X if X.dim() == 2 else X.reshape(-1))
+            V = torch.as_tensor(np.asarray(X, dtype=np.float64))
+            out = self @ (V if V.dim() == 2 else V.reshape(-1))
             return out.detach().to("cpu", torch.float64).numpy()
 
         rmm = mm if SYMMETRIC in self.tags else None
@@ -217,7 +225,7 @@ class IdentityOperator(Operator):
         return V.clone()
 
     def _restrict(self, names: list[str]) -> Operator:
-        sub = self.space.subspace(names)
+        sub = self._layout().subspace(names)
         return IdentityOperator(sub.dim, dtype=self.dtype, device=self.device, space=sub)
 
 
@@ -258,7 +266,7 @@ class SumOperator(Operator):
         self.ops = list(ops)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return sum(op.matmat(V) for op in self.ops)
+        return cast(torch.Tensor, sum(op.matmat(V) for op in self.ops))  # ops is never empty
 
     def _restrict(self, names: list[str]) -> Operator:
         for i, op in enumerate(self.ops):

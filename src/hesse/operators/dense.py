@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 
@@ -19,7 +19,7 @@ class DenseOperator(Operator):
         space: Optional parameter layout, which enables ``restrict`` and ``blocks``.
     """
 
-    def __init__(self, matrix: torch.Tensor, *, tags: Sequence[str] | None = None, space=None):
+    def __init__(self, matrix: torch.Tensor, *, tags: Iterable[str] | None = None, space=None):
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"DenseOperator: expected a square matrix, got {tuple(matrix.shape)}.")
         if space is not None and space.dim != matrix.shape[0]:
@@ -39,12 +39,11 @@ class DenseOperator(Operator):
         return self.matrix @ V
 
     def _restrict(self, names: list[str]) -> Operator:
-        slices = self.space.slices()
+        space = self._layout()
+        slices = space.slices()
         idx = torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
         idx = idx.to(self.matrix.device)
-        return DenseOperator(
-            self.matrix[idx][:, idx], tags=self.tags, space=self.space.subspace(names)
-        )
+        return DenseOperator(self.matrix[idx][:, idx], tags=self.tags, space=space.subspace(names))
 
     def _transpose(self) -> Operator:
         return DenseOperator(self.matrix.T, tags=self.tags, space=self.space)

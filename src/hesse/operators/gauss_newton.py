@@ -86,9 +86,13 @@ class GGNOperator(_Linearized):
     def _state(self, index: int, batch: Batch, lin: Linearization):
         obj = self.objective
         y, w = obj.targets(batch), obj.batch_weight(batch)
+
+        def loss(out: torch.Tensor) -> torch.Tensor:
+            return obj.output_loss(out, y, w)
+
         # reverse-over-reverse on the small output space: forward mode through mse_loss's
         # backward fails on its constant target (an immutable ZeroTensor tangent)
-        _, hessian_out = vjp(grad(lambda out: obj.output_loss(out, y, w)), lin.f.detach())
+        hessian_out = vjp(grad(loss), lin.f.detach())[1]
         return lin, hessian_out, w
 
     def _apply(self, state, V: Tangents) -> tuple[Tangents, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -56,7 +57,8 @@ class ModelOperator(Operator):
         self._kept = KeptStates(
             name, max_cache_bytes, self.device, _tensors(objective), enabled=enabled
         )
-        self._checked, self._last = False, None
+        self._checked = False
+        self._last: tuple[Batch, Any] | None = None  # (batch, state) of the last batch built
 
     @property
     def cache_bytes(self) -> int:

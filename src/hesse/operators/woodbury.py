@@ -82,7 +82,7 @@ class WoodburyFisher(Operator):
         self._count, self._head = m, 0
         self._K = torch.zeros(window, window, dtype=torch.float64, device=grads.device)
         self._K[:m, :m] = _gram(self._buf[:m], self._buf[:m])
-        self._factor = None
+        self._factor: tuple[float, torch.Tensor] | None = None  # (lam, Cholesky factor)
 
     @property
     def m(self) -> int:

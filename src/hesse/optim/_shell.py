@@ -80,8 +80,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             share = est.contribution(pending.probes, params, grads, logits, self.generator)
             pending.add_estimate(share, 0 if logits is None else logits[..., 0].numel())
 
+    # torch's stub types the closure's loss as a float; it is a tensor, as in torch.optim
     @torch.no_grad()
-    def step(self, closure: Callable | None = None) -> torch.Tensor | None:
+    def step(self, closure: Callable | None = None) -> torch.Tensor | None:  # type: ignore[override]
         """One step: from ``closure`` (see the class), or from what ``accumulate`` gathered.
 
         Returns:
@@ -151,8 +152,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 class _Pending:
     """What the micro-batches of the coming step have added up so far."""
 
-    def __init__(self):
-        self.grads: list[torch.Tensor] | None = None
+    def __init__(self) -> None:
+        self.grads: list[torch.Tensor | None] | None = None
         self.estimate: list[torch.Tensor] | None = None
         self.probes = None
         self.rows = 0

@@ -65,8 +65,9 @@ class MFAC(torch.optim.Optimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
+    # torch's stub types the closure's loss as a float; it is a tensor, as in torch.optim
     @torch.no_grad()
-    def step(self, closure: Callable | None = None) -> torch.Tensor | None:
+    def step(self, closure: Callable | None = None) -> torch.Tensor | None:  # type: ignore[override]
         """One step; with a closure (returns the loss, or calls backward) or with ``.grad`` set.
 
         Returns:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -71,8 +71,9 @@ class NewtonCG(torch.optim.Optimizer):
         self.max_matvecs, self.tol = int(max_matvecs), tol
         self.last_solve: SolveResult | None = None
 
+    # torch's stub types the closure's loss as a float; it is a tensor, as in torch.optim
     @torch.no_grad()
-    def step(self, closure: Callable | None = None) -> torch.Tensor:
+    def step(self, closure: Callable | None = None) -> torch.Tensor:  # type: ignore[override]
         """One regularized Newton step; the closure returns the loss (no backward).
 
         Parameters that the loss does not reach have no gradient and are left out of the
@@ -83,10 +84,11 @@ class NewtonCG(torch.optim.Optimizer):
         with torch.enable_grad():
             grads = _closure.gradients(loss, [p for p, _ in entries], "NewtonCG", create_graph=True)
             used = [i for i, gi in enumerate(grads) if gi is not None]
-            params, grads = [entries[i][0] for i in used], [grads[i] for i in used]
-            g = torch.cat([gi.reshape(-1) for gi in grads])
+            params = [entries[i][0] for i in used]
+            reached = [gi for gi in grads if gi is not None]  # the gradients of params
+            g = torch.cat([gi.reshape(-1) for gi in reached])
             lam = self.damping + math.sqrt(self.regularization * float(g.detach().norm()))
-            H = _GraphHessian(grads, params)
+            H = _GraphHessian(reached, params)
             self.last_solve = solve(
                 H, -g.detach(), damping=lam, method="cg", tol=self.tol, max_matvecs=self.max_matvecs
             )
@@ -102,7 +104,7 @@ class NewtonCG(torch.optim.Optimizer):
 class _GraphHessian(Operator):
     """The Hessian of one mini-batch loss, from double backward through its gradient graph."""
 
-    def __init__(self, grads: tuple[torch.Tensor, ...], params: list[torch.Tensor]):
+    def __init__(self, grads: Sequence[torch.Tensor], params: list[torch.Tensor]):
         d = sum(p.numel() for p in params)
         super().__init__(d, params[0].dtype, params[0].device, tags=(SYMMETRIC,))
         self.grads, self.params = grads, params

@@ -75,9 +75,10 @@ class SAM(torch.optim.Optimizer):
         rhos = [g["rho"] for g in self.param_groups for p in g["params"] if p.requires_grad]
         device = params[0].device.type
         live = [i for i, (_, g) in enumerate(zip(params, grads, strict=True)) if g is not None]
-        params, grads, rhos = ([xs[i] for i in live] for xs in (params, grads, rhos))
+        params, rhos = [params[i] for i in live], [rhos[i] for i in live]
+        reached = [g for g in grads if g is not None]  # the gradients of params
         with torch.autocast(device, enabled=False):
-            eps = sam_perturbation(params, grads, rhos, adaptive=self.adaptive)
+            eps = sam_perturbation(params, reached, rhos, adaptive=self.adaptive)
         for p, e in zip(params, eps, strict=True):
             self.state[p]["old_p"] = p.detach().clone()
             p.add_(e.to(p.dtype))
@@ -95,8 +96,9 @@ class SAM(torch.optim.Optimizer):
             p.grad = g
         self.base_optimizer.step()
 
+    # torch's stub types the closure's loss as a float; it is a tensor, as in torch.optim
     @torch.no_grad()
-    def step(self, closure: Callable | None = None) -> torch.Tensor:
+    def step(self, closure: Callable | None = None) -> torch.Tensor:  # type: ignore[override]
         """One SAM step; returns the loss at the unperturbed parameters (detached)."""
         params = self._params()
         loss, grads = _closure.first_order(closure, params, "SAM")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -200,7 +201,7 @@ def match_task(
 
 
 def _class_names(table: Mapping) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for value in table.values():
         names.update([value] if isinstance(value, str) else value)
     return names
@@ -210,7 +211,7 @@ def _problem(model: nn.Module, task: str, labels: torch.Tensor) -> str | None:
     """A sequence classifier's loss as transformers picks it (None: multi-label, BCE)."""
     if task != "sequence-classification":
         return task
-    config = model.config
+    config: Any = model.config  # a transformers PretrainedConfig, read as transformers reads it
     problem = config.problem_type
     if problem is None:
         problem = "regression" if config.num_labels == 1 else "multi_label_classification"

@@ -13,7 +13,11 @@ from torch.nn import functional as F
 
 IGNORE_INDEX = -100  # torch's and transformers' default label for "not counted"
 
-_LOSS_FUNCTIONS = {F.cross_entropy: "cross_entropy", F.mse_loss: "mse", F.nll_loss: "nll"}
+_LOSS_FUNCTIONS: dict[Callable[..., torch.Tensor], str] = {
+    F.cross_entropy: "cross_entropy",
+    F.mse_loss: "mse",
+    F.nll_loss: "nll",
+}
 LOSS_BY_KIND = {kind: fn for fn, kind in _LOSS_FUNCTIONS.items()}
 _LOSS_MODULES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.NLLLoss: "nll"}
 _SETTINGS = {
@@ -172,6 +176,9 @@ def target_weight(
     For an unrecognised loss (``spec`` None), integer targets count the labels that are not
     -100 and floating targets count rows (samples).
 
+    Raises:
+        ValueError: integer targets for an mse loss (it has no ``ignore_index``).
+
     Example:
         >>> target_weight(torch.tensor([2, -100, 0]), LossSpec("cross_entropy", -100))
         2.0
@@ -180,7 +187,13 @@ def target_weight(
         if spec is not None and spec.kind == "cross_entropy":  # class probabilities
             return float(y.numel() // y.shape[min(1, y.dim() - 1)])
         return float(y.shape[0]) if y.dim() else 1.0
-    counted = y != (IGNORE_INDEX if spec is None else spec.ignore_index)
+    ignore = IGNORE_INDEX if spec is None else spec.ignore_index
+    if ignore is None:
+        raise ValueError(
+            f"Objective: the mse loss got integer targets ({y.dtype}), which it does not count "
+            "by an ignore_index; pass floating targets (y.float())."
+        )
+    counted = y != ignore
     if class_weights is not None:
         return float(class_weights[y[counted]].sum())
     return float(counted.sum())

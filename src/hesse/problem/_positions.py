@@ -7,8 +7,8 @@ where it stands in the data of all processes taken in rank order, so that draws 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sized
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -197,7 +197,7 @@ def _check_padding(data: Iterable) -> None:
     sampler = data.sampler if isinstance(data, DataLoader) else None
     if not isinstance(sampler, DistributedSampler):
         return
-    n = len(sampler.dataset)
+    n = len(cast(Sized, sampler.dataset))  # DistributedSampler takes its len() when built
     if sampler.total_size > n:
         raise ValueError(
             f"Objective: the DistributedSampler pads {n} samples to {sampler.total_size} "
@@ -244,14 +244,15 @@ def _local_count(data: Iterable) -> int:
     if isinstance(data, DataLoader):
         if isinstance(data.sampler, DistributedSampler):
             return 0  # its dataset indices are global already
+        dataset = data.dataset
         try:
-            return len(data.dataset)
-        except TypeError:  # an iterable dataset, or one without __len__
+            return len(dataset) if isinstance(dataset, Sized) else -1
+        except TypeError:  # a __len__ that refuses, as an iterable dataset's may
             return -1
     if not isinstance(data, (list, tuple)):
         return -1
-    counts = [sample_count(b) for b in data]
-    return -1 if None in counts else sum(counts)
+    counts = [n for n in map(sample_count, data) if n is not None]
+    return sum(counts) if len(counts) == len(data) else -1
 
 
 def _loader_indices(loader: DataLoader) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from torch import nn
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module | None) -> bool:
     """True for Hugging Face's ``Conv1D`` (a linear layer whose weight is stored ``(in, out)``)."""
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")

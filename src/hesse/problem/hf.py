@@ -12,7 +12,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -195,7 +195,7 @@ def _read(
                 "labels; pass a .csv or .jsonl file with a label column."
             )
         texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        rows = None
+        rows: list[dict] = []  # plain text has no columns (and no labels, checked above)
     elif suffix in (".csv", ".jsonl"):
         rows = _records(path, suffix)
         _need_column(path, rows, text_column, "text_column")
@@ -255,9 +255,10 @@ def _batch(
     )
     batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     if task == "sequence-classification":
-        batch["labels"] = torch.tensor([_label(y, label2id) for y in labels])
+        # _read gives labels for the classifying tasks
+        batch["labels"] = torch.tensor([_label(y, label2id) for y in cast(list, labels)])
     elif words:
-        batch["labels"] = _word_labels(enc, labels, label2id)
+        batch["labels"] = _word_labels(enc, cast(list, labels), label2id)
     elif task == "causal-lm":
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -289,7 +290,14 @@ class Objective:
             return out.sum() * 0.0  # the mean over no target is 0/0; the batch adds nothing
         if self.task is not None:
             out = upcast(out)
-        return weight * self._resolved.call(out, targets)
+        call = self._resolved.call
+        if call is None:
+            raise ValueError(
+                "Objective.output_loss: needs the loss as a function of the model outputs; build "
+                "the Objective with loss= (e.g. torch.nn.functional.cross_entropy) instead of "
+                "loss_fn= or a model that returns its own loss."
+            )
+        return weight * call(out, targets)
 
     def batch_loss(
         self, params: dict[str, torch.Tensor], batch: Batch
@@ -409,4 +417,5 @@ class Objective:
 
 def _zero(params: dict[str, torch.Tensor]) -> torch.Tensor:
     """A zero that depends on the parameters: its derivatives exist and are all zero."""
-    return sum(p.sum() for p in params.values()) * 0.0
+    total = typing.cast(torch.Tensor, sum(p.sum() for p in params.values()))  # params: never {}
+    return total * 0.0

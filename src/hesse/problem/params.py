@@ -54,7 +54,7 @@ class ParamSpace:
 
     @classmethod
     def from_named(
-        cls, named: dict[str, torch.Tensor], aliases: Mapping[str, str] | None = None
+        cls, named: Mapping[str, torch.Tensor], aliases: Mapping[str, str] | None = None
     ) -> ParamSpace:
         """Build the space of a ``{name: tensor}`` dictionary, in its order."""
         return cls(list(named), [t.shape for t in named.values()], aliases)

@@ -14,6 +14,7 @@ above weights the loss does use.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -58,7 +59,7 @@ class Damped:
         r""":math:`\mathrm{diag}((C + \lambda I)^{-1})`, ``(d,)``."""
         if self.woodbury:
             return torch.cat([F.inverse_diag() for _, F in self.woodbury])
-        return torch.cholesky_inverse(self.cholesky).diagonal()
+        return torch.cholesky_inverse(self._cholesky()).diagonal()
 
     def obs_update(self, w: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, float]:
         r"""The OBS change of ``w`` that zeroes the weights ``Q``, and its predicted loss increase.
@@ -77,9 +78,13 @@ class Damped:
             return torch.zeros_like(w), 0.0
         if self.woodbury:
             return _blockwise_update(self.woodbury, w, Q)
-        Hinv = torch.cholesky_inverse(self.cholesky)
+        Hinv = torch.cholesky_inverse(self._cholesky())
         coeff = torch.linalg.solve(Hinv[Q][:, Q], w[Q])
         return -(Hinv[:, Q] @ coeff), float(0.5 * (w[Q] @ coeff))
+
+    def _cholesky(self) -> torch.Tensor:
+        # dense when not Woodbury: only OBD reads a diagonal curvature, and it inverts nothing
+        return cast(torch.Tensor, self.cholesky)
 
 
 def _blockwise_update(blocks, w: torch.Tensor, Q: torch.Tensor):

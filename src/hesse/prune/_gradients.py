@@ -62,7 +62,7 @@ def collect_gradients(
         )
     sizes = [_count(b) for b in obj.batches()]
     n_chunks = sum(-(-n // batch_size) for n in sizes)
-    if m == "auto":
+    if isinstance(m, str):  # "auto", as checked above
         m = min(AUTO_M, n_chunks)
     if m is not None and m > n_chunks:
         raise ValueError(

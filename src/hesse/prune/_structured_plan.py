@@ -22,7 +22,7 @@ def prune_units(
     structure: str,
     scope: str,
     recompute: int,
-    m: int | None,
+    m: int | str | None,
     batch_size: int,
     seed: int,
 ) -> PrunePlan:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from ..demo import tiny_lm
+
+if TYPE_CHECKING:
+    from transformers.models.bert.modeling_bert import BertAttention, BertLayer
 
 STRUCTURES = ("heads", "channels")
 
@@ -115,8 +119,8 @@ def shrink(model: nn.Module, units: list[Unit]) -> None:
             attn = module.self
             attn.num_attention_heads -= len(gone)
             attn.all_head_size = attn.num_attention_heads * attn.attention_head_size
-        else:
-            _linear_sizes(module)
+        else:  # find_units knows no other MLP
+            _linear_sizes(cast("BertLayer", module))
 
 
 def _kept_slices(model: nn.Module, name: str, kind: str, gone: set[int]):
@@ -136,7 +140,7 @@ def _slice_param(model: nn.Module, pname: str, dim: int, keep: torch.Tensor) -> 
     setattr(owner, attr, new)
 
 
-def _linear_sizes(layer: nn.Module) -> None:
+def _linear_sizes(layer: BertLayer) -> None:
     """Keep a BERT layer's ``nn.Linear`` size attributes in step with their weights."""
     for fc in (layer.intermediate.dense, layer.output.dense):
         fc.out_features, fc.in_features = fc.weight.shape
@@ -158,7 +162,7 @@ def _tiny_heads(name: str, p: str, module: tiny_lm.Attention) -> list[Unit]:
     return units
 
 
-def _bert_heads(name: str, p: str, module: nn.Module) -> list[Unit]:
+def _bert_heads(name: str, p: str, module: BertAttention) -> list[Unit]:
     attn, hd = module.self, module.self.attention_head_size
     units = []
     for h in range(attn.num_attention_heads):
@@ -179,7 +183,7 @@ def _neurons(name: str, slices: list[tuple[str, int]], count: int) -> list[Unit]
     ]
 
 
-def _bert_classes() -> tuple[type, type] | None:
+def _bert_classes() -> tuple[type[BertAttention], type[BertLayer]] | None:
     """``(BertAttention, BertLayer)`` when transformers is loaded.
 
     A BERT model can only exist once transformers is imported; not importing it otherwise

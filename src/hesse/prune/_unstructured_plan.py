@@ -25,7 +25,7 @@ class Settings:
     method: str
     curvature: str
     damping: float
-    m: int | None
+    m: int | str | None
     batch_size: int
     budget: int | None
     block: int
@@ -61,7 +61,9 @@ def prune_weights(
     target = obj.restrict(names)
     w = target.space.join(target.params).detach().clone()
     alive = torch.ones(w.shape[0], dtype=torch.bool)
-    lams, rhos, predicted = [], [], []
+    lams: list[float] = []
+    rhos: list[float] = []
+    predicted: list[float] = []
     for t in range(1, recompute + 1):
         step = _step_target(sparsity, keep, group, t / recompute)
         at = objective_at(target, target.space.split(w))
@@ -79,7 +81,7 @@ def prune_weights(
         method=s.method,
         structure=structure,
         scope=scope,
-        sparsity=1 - keep / group if group else sparsity,
+        sparsity=1 - keep / group if keep is not None and group else sparsity,
         curvature=s.curvature if reads and s.method != "layer_obs" else None,
         damping=tuple(lams) if reads else (),
         relative_damping=tuple(rhos) if reads else (),
@@ -160,7 +162,7 @@ def _saliency_step(at: Objective, w, alive, step: _Target, scope: str, s: Settin
         scores = scored(at, w, H, s.method).flat
     kept = _select(scores, alive, at.space, step, scope, axes)
     pred = float("nan")
-    if s.method in ("obs", "mfac"):
+    if H is not None and s.method in ("obs", "mfac"):
         delta, pred = H.obs_update(w, (alive & ~kept).nonzero().flatten())
         w = w + delta
     lam, rho = (H.damping, H.relative) if H is not None else (0.0, 0.0)
@@ -171,7 +173,7 @@ def _select(scores, alive, space, step: _Target, scope: str, axes) -> torch.Tens
     """Kept weights: the pruned stay pruned, the least salient of the others join them."""
     scores = scores.detach().to(torch.float64).masked_fill(~alive, -torch.inf)
     parts = space.split(scores)
-    if step.group is not None:
+    if step.keep is not None and step.group is not None:  # n:m (both set or neither)
         return space.join(nm_masks(parts, axes, step.keep, step.group))
     if scope == "global":
         return _keep_largest(scores, step.fraction)
@@ -195,7 +197,8 @@ def _layer_step(at: Objective, w, step: _Target, s: Settings, axes):
 
     Hs = record_hessians(data_pass, at.params)
     # a gradual n:m step may not prune yet (keep == group): sparsity 0
-    pattern = f"{step.keep}:{step.group}" if step.group and step.keep < step.group else None
+    nm = step.keep is not None and step.group is not None and step.keep < step.group
+    pattern = f"{step.keep}:{step.group}" if nm else None
     new, kept, lam, rho = {}, {}, 0.0, 0.0
     for name, W in at.params.items():
         r = obs_layer(

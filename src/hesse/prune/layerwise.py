@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +104,7 @@ def _rows(func, x: torch.Tensor, args, kwargs) -> torch.Tensor:
     """The inputs as rows ``(n, in)``, matching the weight's ``(out, in)`` rows (``as_rows``)."""
     if func is F.linear or func is torch.addmm:
         return x.reshape(-1, x.shape[-1])
-    opts = dict(_CONV_DEFAULTS)
+    opts: dict[str, Any] = dict(_CONV_DEFAULTS)
     opts.update(zip(_CONV_DEFAULTS, args[2:], strict=False))
     opts.update((k, v) for k, v in kwargs.items() if k in _CONV_DEFAULTS)
     if opts["groups"] != 1 or isinstance(opts["padding"], str):
@@ -147,6 +147,11 @@ def layer_hessian(
         True
     """
     weight = module if isinstance(module, nn.Parameter) else module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            f"layer_hessian: module.weight is a {type(weight).__name__}, not a tensor; pass the "
+            "layer whose weight the model applies, or that weight itself."
+        )
     recorder = _Inputs({"weight": weight})
     with torch.no_grad(), recorder:
         for batch in data:
@@ -308,16 +313,16 @@ class _Rule:
 
     d: torch.Tensor
     live: torch.Tensor
-    sparsity: float | None
-    keep: int | None
+    sparsity: float | None  # set without a group (parse_pattern checks it)
+    keep: int | None  # set with a group
     group: int | None
 
     def whole(self, W: torch.Tensor) -> torch.Tensor:
         """Kept weights of the whole layer at once (magnitude pruning's mask)."""
         score = self._score(W, slice(None))
         if self.group is not None:
-            return group_mask(score, self.keep, self.group)
-        return _kept(score, _zeros(self.sparsity, W.shape[0], slice(0, W.shape[1])))
+            return group_mask(score, cast(int, self.keep), self.group)
+        return _kept(score, _zeros(cast(float, self.sparsity), W.shape[0], slice(0, W.shape[1])))
 
     def choose(self, W: torch.Tensor, mask: torch.Tensor, cols: slice, q: int) -> None:
         """Set the mask of what the sweep reaches at column ``q`` of block ``cols``.
@@ -326,11 +331,12 @@ class _Rule:
         its first column, from the weights the sweep has updated so far (SparseGPT).
         """
         if self.group is None and q == cols.start:
-            k = _zeros(self.sparsity, W.shape[0], cols)
+            k = _zeros(cast(float, self.sparsity), W.shape[0], cols)
             mask[:, cols] = _kept(self._score(W[:, cols], cols), k)
         elif self.group is not None and (q - cols.start) % self.group == 0:
             span = slice(q, q + self.group)
-            mask[:, span] = group_mask(self._score(W[:, span], span), self.keep, self.group)
+            keep = cast(int, self.keep)
+            mask[:, span] = group_mask(self._score(W[:, span], span), keep, self.group)
 
     def _score(self, W: torch.Tensor, cols: slice) -> torch.Tensor:
         return (W / self.d[cols]) ** 2 * self.live[cols]
@@ -348,7 +354,9 @@ def _kept(score: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def _swept(W: torch.Tensor, U: torch.Tensor, mask: torch.Tensor, block: int, rule: _Rule | None):
+def _swept(
+    W: torch.Tensor, U: torch.Tensor, mask: torch.Tensor, block: int, rule: _Rule | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W_hat, mask)`` of the column sweep: each pruned weight's error spread to its right.
 
     ``rule`` chooses the mask as the sweep goes (None: ``mask`` as given).
@@ -368,7 +376,9 @@ def _swept(W: torch.Tensor, U: torch.Tensor, mask: torch.Tensor, block: int, rul
     return W, mask
 
 
-def _candidate(W, H, W_hat, mask, rule) -> tuple:
+def _candidate(
+    W: torch.Tensor, H: torch.Tensor, W_hat: torch.Tensor, mask: torch.Tensor, rule: str
+) -> tuple[float, str, torch.Tensor, torch.Tensor]:
     """``(error, rule, W_hat, mask)`` with the exact error of ``W_hat`` under ``H``."""
     D = W - W_hat
     return float(torch.einsum("ri,ij,rj->", D, H, D)), rule, W_hat, mask

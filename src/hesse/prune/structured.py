@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from ..demo import tiny_lm
 from ..problem.objective import Objective
 from ._gradients import collect_gradients
 from ._units import Unit, find_units, unit_index
+
+if TYPE_CHECKING:
+    from transformers.models.bert.modeling_bert import BertLayer
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,14 @@ def expert_saliency(obj: Objective, mlp_modules: Sequence[str] | None = None) ->
         with torch.enable_grad():
             value, w = obj.batch_loss(params, batch)
             # gradients with respect to the MLP outputs only: no .grad is left in the model
-            outputs = [probe.output for probe in probes]
+            outputs = [probe.output for probe in probes if probe.output is not None]
+            if len(outputs) < len(probes):
+                idle = [n for n, probe in zip(wanted, probes, strict=True) if probe.output is None]
+                raise ValueError(
+                    f"expert_saliency: {idle[:3]} did not run on batch {i}: the model does not "
+                    "use them (pass mlp_modules= with those it uses), or every label of the "
+                    "batch is ignored, so that its loss does not run the model (leave it out)."
+                )
             for probe, gamma in zip(probes, torch.autograd.grad(value, outputs), strict=True):
                 probe.gamma = gamma.detach()
         return torch.cat([probe.take() for probe in probes]), w
@@ -136,7 +147,10 @@ class _Probe:
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.hooked = module if isinstance(module, tiny_lm.MLP) else module.output.dense
+        # find_units knows tiny-lm's MLP and BertLayer only
+        self.hooked = (
+            module if isinstance(module, tiny_lm.MLP) else cast("BertLayer", module).output.dense
+        )
         self.h: torch.Tensor | None = None
         self.gamma: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
@@ -144,18 +158,21 @@ class _Probe:
     def attach(self):
         return self.hooked.register_forward_hook(self._forward)
 
-    def _forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def _forward(
+        self, module: tiny_lm.MLP | nn.Linear, inputs: tuple, output: torch.Tensor
+    ) -> None:
         x = inputs[0].detach()
         if isinstance(module, tiny_lm.MLP):
             x = F.gelu(F.linear(x, module.in_weight.detach(), module.in_bias.detach()))
         self.h, self.W, self.output = x, self._weight(module).detach(), output
 
-    def _weight(self, module: nn.Module) -> torch.Tensor:
+    def _weight(self, module: tiny_lm.MLP | nn.Linear) -> torch.Tensor:
         return module.out_weight if isinstance(module, tiny_lm.MLP) else module.weight
 
     def take(self) -> torch.Tensor:
         r""":math:`\sum_t h_{tj}^2 (\gamma_t^\top W_{:j})^2` per neuron, for this batch."""
-        P = self.gamma @ self.W  # (..., I)
-        s = ((self.h * P) ** 2).reshape(-1, P.shape[-1]).sum(0)
+        h, gamma = cast(torch.Tensor, self.h), cast(torch.Tensor, self.gamma)  # set by this batch
+        P = gamma @ self.W  # (..., I)
+        s = ((h * P) ** 2).reshape(-1, P.shape[-1]).sum(0)
         self.h = self.gamma = self.output = None
         return s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 
@@ -20,6 +21,11 @@ def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor
         )
     g = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     return tuple(torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g, strict=True))
+
+
+def _total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(terms)`` of one term per parameter: a tensor, as ``_grads`` refuses no parameters."""
+    return cast(torch.Tensor, sum(terms))
 
 
 def hessian_trace(
@@ -62,7 +68,7 @@ def hessian_trace(
     total = loss.new_zeros(())
     for _ in range(probes):
         z = [rademacher(p, generator) for p in params]
-        gz = sum((g * zi).sum() for g, zi in zip(grads, z, strict=True))
+        gz = _total((g * zi).sum() for g, zi in zip(grads, z, strict=True))
         Hz = torch.autograd.grad(gz, params, create_graph=True, allow_unused=True)
         total = total + sum((zi * h).sum() for zi, h in zip(z, Hz, strict=True) if h is not None)
     return total / probes
@@ -90,5 +96,5 @@ def gradient_norm(
         >>> gradient_norm((w**2).sum() / 2, [w]).item()
         5.0
     """
-    square = sum((g * g).sum() for g in _grads(loss, list(params)))
+    square = _total((g * g).sum() for g in _grads(loss, list(params)))
     return square if squared else square.sqrt()

@@ -9,6 +9,7 @@ list of items, and :class:`Nullable` for a value that may be ``null``. Bump
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 SCHEMA_NAME = "hesse.report"
 SCHEMA_VERSION = 1
@@ -20,10 +21,13 @@ Number = (int, float)
 class Nullable:
     """A value that is ``null`` or matches ``spec``."""
 
-    spec: object
+    spec: Spec
 
 
-EIGS = {
+Spec = type | tuple[type, ...] | Nullable | dict[str, "Spec"] | list["Spec"]
+"""A leaf type (or tuple of types), an object, a one-element list or a nullable value."""
+
+EIGS: dict[str, Spec] = {
     "which": str,
     "values": [Number],
     "residuals": [Number],
@@ -31,7 +35,7 @@ EIGS = {
     "reason?": str,
     "n_matvecs": int,
 }
-TRACE = {
+TRACE: dict[str, Spec] = {
     "value": Number,
     "stderr": Number,
     "ci95": [Number],
@@ -39,7 +43,7 @@ TRACE = {
     "converged": bool,
     "n_matvecs": int,
 }
-DENSITY = {
+DENSITY: dict[str, Spec] = {
     "steps": int,
     "probes": int,
     "nodes": [[Number]],
@@ -50,7 +54,7 @@ DENSITY = {
     "support": [Number],
     "n_matvecs": int,
 }
-LAYER = {
+LAYER: dict[str, Spec] = {
     "name": str,
     "kind": str,
     "n_params": int,
@@ -61,7 +65,7 @@ LAYER = {
     "top_residual": Number,
     "converged": bool,
 }
-OUTLIERS = {
+OUTLIERS: dict[str, Spec] = {
     "n_classes": Nullable(int),
     "expected": Nullable(int),
     "expected_rule": str,
@@ -71,7 +75,7 @@ OUTLIERS = {
     "matches": Nullable(bool),
     "text": str,
 }
-VERDICT = {
+VERDICT: dict[str, Spec] = {
     "criterion": str,
     "quantity": str,
     "value": Number,
@@ -83,7 +87,7 @@ VERDICT = {
     "text": str,
     "reference": str,
 }
-SCHEMA = {
+SCHEMA: dict[str, Spec] = {
     "schema": str,
     "schema_version": int,
     "meta": {"hesse": str, "torch": str, "numpy": str, "python": str, "platform": str,
@@ -126,12 +130,15 @@ def validate(doc: object) -> list[str]:
     """
     errors: list[str] = []
     _check(doc, SCHEMA, "$", errors)
-    if not errors and doc["schema_version"] != SCHEMA_VERSION:
-        errors.append(f"$.schema_version: expected {SCHEMA_VERSION}, got {doc['schema_version']}")
+    if errors:
+        return errors
+    version = cast(dict, doc)["schema_version"]  # doc matched SCHEMA, an object
+    if version != SCHEMA_VERSION:
+        errors.append(f"$.schema_version: expected {SCHEMA_VERSION}, got {version}")
     return errors
 
 
-def _check(value: object, spec: object, where: str, errors: list[str]) -> None:
+def _check(value: object, spec: Spec, where: str, errors: list[str]) -> None:
     if isinstance(spec, Nullable):
         if value is not None:
             _check(value, spec.spec, where, errors)
@@ -149,7 +156,7 @@ def _check(value: object, spec: object, where: str, errors: list[str]) -> None:
         errors.append(f"{where}: expected {_name(spec)}, got {type(value).__name__}")
 
 
-def _check_object(value: object, spec: dict, where: str, errors: list[str]) -> None:
+def _check_object(value: object, spec: dict[str, Spec], where: str, errors: list[str]) -> None:
     if not isinstance(value, dict):
         errors.append(f"{where}: expected an object, got {type(value).__name__}")
         return
@@ -163,9 +170,9 @@ def _check_object(value: object, spec: dict, where: str, errors: list[str]) -> N
             errors.append(f"{where}.{key}: missing")
 
 
-def _types(spec: type | tuple) -> tuple:
+def _types(spec: type | tuple[type, ...]) -> tuple[type, ...]:
     return spec if isinstance(spec, tuple) else (spec,)
 
 
-def _name(spec: type | tuple) -> str:
+def _name(spec: type | tuple[type, ...]) -> str:
     return "a number" if spec == Number else " or ".join(t.__name__ for t in _types(spec))
