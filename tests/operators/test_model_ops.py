@@ -208,3 +208,36 @@ def test_mc_fisher_on_two_processes_equals_one(tmp_path):
 def test_mc_samples_is_checked(bad):
     with pytest.raises(ValueError, match="mc_samples"):
         hesse.FisherOperator(objective("mlp_ce"), "mc", mc_samples=bad)
+
+
+class _Routed(nn.Module):
+    """Batches of 8 samples go through ``a``, others through ``b`` (experts a batch skips)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.a(x) if x.shape[0] == 8 else self.b(x)
+
+
+@pytest.mark.parametrize(
+    ("build", "reference"),
+    [
+        (hesse.HessianOperator, hesse.reference.dense_hessian),
+        (hesse.GGNOperator, hesse.reference.dense_ggn),
+        (hesse.FisherOperator, hesse.reference.dense_fisher),
+    ],
+)
+def test_a_block_that_some_batches_do_not_reach(build, reference, assert_operator_matches):
+    # the restricted products raised "element 0 of tensors does not require grad" on the
+    # batch that routes around the block
+    torch.manual_seed(0)
+    model = _Routed().to(DT).eval()
+    data = [
+        (torch.randn(8, 3, dtype=DT), torch.randint(0, 2, (8,))),
+        (torch.randn(4, 3, dtype=DT), torch.randint(0, 2, (4,))),
+    ]
+    obj = hesse.Objective(model, data, loss=F.cross_entropy)
+    op = build(obj).restrict(["a"])
+    assert_operator_matches(op, reference(obj.restrict(["a"])))

@@ -94,8 +94,14 @@ class Linearization:
         with torch.enable_grad():
             f = objective.outputs(params, batch)
             u = torch.zeros_like(f, requires_grad=True)
-            JTu = torch.autograd.grad(
-                f, list(params.values()), u, create_graph=True, allow_unused=True
+            # outputs that do not reach the analysed parameters (a restricted block the batch
+            # routes around) have J = 0
+            JTu = (
+                torch.autograd.grad(
+                    f, list(params.values()), u, create_graph=True, allow_unused=True
+                )
+                if f.requires_grad
+                else (None,) * len(params)
             )
         self.params, self.f, self.u = params, f, u
         self.JTu = {n: t for n, t in zip(params, JTu, strict=True) if t is not None}
@@ -112,6 +118,8 @@ class Linearization:
 
     def vjp(self, Z: torch.Tensor) -> Tangents:
         r""":math:`J^\top z` for each row of ``Z`` ``(k, *f.shape)``."""
+        if not self.f.requires_grad:
+            return {n: p.new_zeros((Z.shape[0], *p.shape)) for n, p in self.params.items()}
         return backward_columns([self.f], self.params, [Z])
 
 

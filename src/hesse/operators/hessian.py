@@ -103,8 +103,14 @@ class HessianOperator(ModelOperator):
         params = leaf_params(self.objective)
         with torch.enable_grad():
             value, w = self.objective.batch_loss(params, batch)
-            g = torch.autograd.grad(
-                value, list(params.values()), create_graph=True, allow_unused=True
+            # a batch whose loss does not reach the analysed parameters (a restricted block,
+            # an expert it routes around) contributes zero products
+            g = (
+                torch.autograd.grad(
+                    value, list(params.values()), create_graph=True, allow_unused=True
+                )
+                if value.requires_grad
+                else (None,) * len(params)
             )
         # gradients that do not depend on the parameters (unused or linear ones) have no
         # second derivative: leave them out of the second backward
