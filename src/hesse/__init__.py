@@ -27,6 +27,8 @@ from .influence import (
     unlearn,
 )
 from .linalg import (
+    BlockGap,
+    CurvatureGap,
     DensityResult,
     DiagonalResult,
     EigResult,
@@ -36,6 +38,7 @@ from .linalg import (
     SolveResult,
     TraceResult,
     block_traces,
+    curvature_gap,
     density,
     diagonal,
     eigs,
@@ -47,10 +50,12 @@ from .linalg import (
 )
 from .operators import (
     DenseOperator,
+    EKFACOperator,
     FisherOperator,
     GGNOperator,
     HessianOperator,
     IdentityOperator,
+    KFACOperator,
     Operator,
     ProductOperator,
     WoodburyFisher,
@@ -81,6 +86,12 @@ __all__ = [
     "IdentityOperator",
     "ProductOperator",
     "WoodburyFisher",
+    # Kronecker-factored curvature
+    "KFACOperator",
+    "EKFACOperator",
+    "curvature_gap",
+    "CurvatureGap",
+    "BlockGap",
     # memory before a run
     "plan",
     "MemoryPlan",

@@ -3,12 +3,15 @@
 from .density import DensityResult, density
 from .eigs import EigResult, eigs
 from .frobenius import FrobeniusResult, frobenius_norm
+from .gap import BlockGap, CurvatureGap, curvature_gap
 from .inverse import InverseOperator, inverse
 from .power import power_iteration
 from .solve import NotConvergedError, SolveResult, solve
 from .trace import DiagonalResult, TraceResult, block_traces, diagonal, trace
 
 __all__ = [
+    "BlockGap",
+    "CurvatureGap",
     "DensityResult",
     "DiagonalResult",
     "EigResult",
@@ -18,6 +21,7 @@ __all__ = [
     "SolveResult",
     "TraceResult",
     "block_traces",
+    "curvature_gap",
     "density",
     "diagonal",
     "eigs",

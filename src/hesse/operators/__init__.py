@@ -13,6 +13,7 @@ from .curvatures import CURVATURES, curvature_operator
 from .dense import DenseOperator, infer_tags
 from .gauss_newton import FisherOperator, GGNOperator
 from .hessian import HessianOperator
+from .kfac import EKFACOperator, KFACOperator
 from .model import ModelOperator
 from .woodbury import WoodburyFisher
 
@@ -21,10 +22,12 @@ __all__ = [
     "PSD",
     "SYMMETRIC",
     "DenseOperator",
+    "EKFACOperator",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
     "IdentityOperator",
+    "KFACOperator",
     "ModelOperator",
     "Operator",
     "ProductOperator",
