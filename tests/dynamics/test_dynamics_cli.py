@@ -92,3 +92,11 @@ def test_hesse_landscape_command_writes_its_page(tmp_path, capsys):
     doc = json.loads((out / "results.json").read_text())
     assert torch.tensor(doc["results"]["values"]).shape == (5, 5)
     assert (out / "landscape.png").exists() and (out / "report.html").exists()
+
+
+def test_train_demo_refuses_a_step_that_is_not_positive():
+    # lr 0 trained for the whole run, then divided by zero in the page
+    from hesse.cli._inputs import UsageError
+
+    with pytest.raises(UsageError, match="--lr must be positive"):
+        _cli_train.run(_args(_cli_train, lr=0.0, steps=5, samples=16), None)

@@ -67,7 +67,7 @@ def test_group_size_that_does_not_divide_is_refused():
     with pytest.raises(ValueError, match=r"group_size=4 does not divide the 5 inputs .* of w "):
         Quantizer(4, "group", group_size=4).fake(weight(), name="w")
     with pytest.raises(ValueError, match="granularity"):
-        Quantizer(4, "rows")
+        Quantizer(4, "columns")
     with pytest.raises(ValueError, match="only matrices"):
         Quantizer(4).fake(torch.ones(3))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 import torch
 from torch import nn
@@ -161,7 +162,7 @@ def prepare(
     opts = Options(**{**options, "sections": tuple(options.get("sections", SECTIONS))})
     opts.check(objective.dim)
     memory = _plan(objective, opts, max_memory)
-    about = {"name": name, "description": description, "training": training}
+    about: dict[str, Any] = {"name": name, "description": description, "training": training}
     about |= {"optimizer": optimizer, "momentum": momentum}
     about |= {"layers_by": layers_by or blocks_by(objective.space), "groups": groups}
     objective.space.blocks(about["layers_by"], groups)  # a bad grouping fails here, not later

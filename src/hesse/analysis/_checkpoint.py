@@ -144,14 +144,15 @@ class ProductLog:
         index, self.index = self.index, self.index + 1
         if self._bar is not None:
             self._bar.update(V.shape[1])
-        digest = None if self.checkpoint is None else _digest(V)
-        stored = None if digest is None else self.checkpoint.get(index, digest)
+        if self.checkpoint is None:
+            return self._compute(op, V)
+        digest = _digest(V)
+        stored = self.checkpoint.get(index, digest)
         if stored is not None:
             self.replayed += 1
             return stored.to(device=V.device, dtype=op.dtype)
         output = self._compute(op, V)
-        if digest is not None:
-            self.checkpoint.put(index, digest, output)
+        self.checkpoint.put(index, digest, output)
         return output
 
     def _compute(self, op: Operator, V: torch.Tensor) -> torch.Tensor:

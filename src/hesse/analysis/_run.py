@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..dynamics import criteria_from
 from ..dynamics.sgd_verdicts import sgd_verdict
@@ -23,7 +23,7 @@ from .report import Report
 if TYPE_CHECKING:
     from ._analyze import Analysis
 
-QUIET = {"progress": False}
+QUIET: dict[str, Any] = {"progress": False}
 """The algorithms' own bars stay off: the analysis shows one bar of products per section."""
 
 
@@ -51,12 +51,10 @@ class Run:
             "layers": self.layers,
             "ggn": self.ggn,
         }
-        steps = {name: (step, totals.get(name)) for name, step in steps.items()}
         todo = [name for name in steps if name in wanted]
         try:
             for name in todo:
-                step, total = steps[name]
-                found[name] = self.timed(name, total, step)
+                found[name] = self.timed(name, totals.get(name), steps[name])
         except TimeUp:
             self.notes.append(_partial_note(todo[len(found) :], self.log))
         self.log.close()

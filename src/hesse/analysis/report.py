@@ -7,12 +7,16 @@ import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hesse import report as _render
 from hesse.analysis.layers import LayerRow
 from hesse.analysis.outliers import Outliers
 from hesse.dynamics.verdicts import Verdict
 from hesse.report.text import WIDTH
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 HEADER_LINES = 2
 """Lines of the summary's header (model, curvature); the parameter and plan lines follow."""
@@ -74,7 +78,7 @@ class Report:
             "config": self.config,
             "problem": self.problem,
         }
-        sections = {
+        sections: dict[str, Any] = {
             "eigs": self.eigs,
             "trace": self.trace,
             "density": self.density,
@@ -134,6 +138,6 @@ def parameters_line(dim: int, total: int, selection: list[str] | None) -> str:
     return f"parameters analysed: {dim} of {total} ({chosen})"
 
 
-def _plain(obj: object) -> dict:
+def _plain(obj: DataclassInstance) -> dict:
     """A frozen dataclass as a JSON-ready dict (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from hesse.problem._positions import is_batch, sample_count
 
-LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "cross_entropy": F.cross_entropy,
+    "mse": F.mse_loss,
+}
 
 
 class UsageError(Exception):
@@ -77,7 +81,8 @@ def call_factory(spec: str, option: str, expected: tuple[type, ...], label: str)
 
 def load_model(spec: str, weights: str | None) -> nn.Module:
     """The model from its factory, with ``weights`` loaded when given, in eval mode."""
-    model = call_factory(spec, "--model", (nn.Module,), "a torch.nn.Module")
+    # call_factory checked that the factory returned an nn.Module
+    model = cast(nn.Module, call_factory(spec, "--model", (nn.Module,), "a torch.nn.Module"))
     if weights is not None:
         model.load_state_dict(load_weights(weights, model))
     return model.eval()
@@ -149,7 +154,12 @@ def load_data(spec: str, samples: int | None, batch_size: int | None) -> object:
     Returns:
         A ``DataLoader`` or a list of batches, as ``hesse.Objective`` takes them.
     """
-    data = call_factory(spec, "--data", (Dataset, DataLoader, tuple, list, Mapping), DATA_KINDS)
+    kinds = (Dataset, DataLoader, tuple, list, Mapping)
+    # call_factory checked that the factory returned one of kinds
+    data = cast(
+        Dataset | DataLoader | tuple | list | Mapping,
+        call_factory(spec, "--data", kinds, DATA_KINDS),
+    )
     if isinstance(data, DataLoader):
         return _loader(spec, data.dataset, samples, batch_size or data.batch_size, data)
     if isinstance(data, Dataset):

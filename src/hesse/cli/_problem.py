@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,8 @@ class Problem:
     name: str
     model: torch.nn.Module
     data: object
-    loss: object
-    loss_fn: object
+    loss: Callable | None
+    loss_fn: Callable | None
     lr: float | None
     n_classes: int | None
     description: str | None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -155,13 +155,14 @@ def _page(problem: Any, args: argparse.Namespace, dense: dict, rows: list[dict])
         "damping": args.damping, "curvature": args.curvature or "fisher", "seed": args.seed,
     }  # fmt: skip
     base = {k: (v.loss, v.accuracy) if v else None for k, v in dense.items()}
+    train = cast(tuple, base["train"])  # _measure always measures the training data
     table = [
         [r["method"], r["sparsity"], f"{r['removed_params']}/{r['total_params']}",
          r["train_loss"], r["train_accuracy"], r["test_loss"], r["test_accuracy"],
          max(r["relative_damping"], default=None), r["seconds"]]
         for r in rows
     ]  # fmt: skip
-    table.insert(0, ["(dense)", 0.0, "0", *base["train"], *(base["test"] or (None, None)), None, 0])
+    table.insert(0, ["(dense)", 0.0, "0", *train, *(base["test"] or (None, None)), None, 0])
     where = "held-out" if dense["test"] is not None else "training"
     text = (
         f"{problem.name}: {args.structure} pruning, {args.recompute} step(s), no retraining; "
@@ -170,7 +171,7 @@ def _page(problem: Any, args: argparse.Namespace, dense: dict, rows: list[dict])
     )
     doc = {"problem": problem.name, "settings": settings, "dense": base, "results": rows}
     section = Section("Pruning", text, COLUMNS, table, figure="prune.png")
-    line = (base["test"] or base["train"])[0]
+    line = (base["test"] or train)[0]
     figure = _plot(rows, where, line)
     return Page(f"hesse prune: {problem.name}", doc, [section], {"prune.png": figure})
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from ..dynamics import SharpnessMonitor, edge_summary, gd_threshold, sharpness_figure
 from ..dynamics._train import digits_subset, eos_model, half_squared_error, train
 from ..report.page import Page, Section, png
+from ._inputs import UsageError
 
 SUMMARY = "Train a small MLP with full-batch GD and watch λmax rise to 2/η (edge of stability)."
 EXAMPLES = """examples:
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace, problem: Any = None) -> Page:
     squared loss ``0.5 ||f(x) - y||^2`` on one-hot targets (Cohen et al. 2021's setting), and
     full-batch GD (mini-batch SGD with ``--batch-size``).
     """
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be positive (the step of gradient descent), got {args.lr}.")
     torch.manual_seed(args.seed)
     data = digits_subset(args.samples or 256, seed=args.seed)
     model = eos_model(args.width, seed=args.seed).double()
@@ -70,8 +73,11 @@ def _page(args: argparse.Namespace, mon: SharpnessMonitor, losses: list, diverge
         f"threshold = {summary['mean_ratio']:.3f} on average (min {summary['min_ratio']:.3f}, "
         f"max {summary['max_ratio']:.3f})." + (" The run diverged." if diverged else "")
     )
-    rows = [[r.step, r.loss, r.lambda_max, r.residual, r.threshold, r.lambda_max / r.threshold,
-             r.n_matvecs] for r in mon.history]  # fmt: skip
+    # the monitor ran at args.lr, nonzero (gd_threshold above divides by it): every record
+    # has a threshold
+    rows = [[r.step, r.loss, r.lambda_max, r.residual, r.threshold,
+             r.lambda_max / cast(float, r.threshold), r.n_matvecs]
+            for r in mon.history]  # fmt: skip
     fig = sharpness_figure({label: mon.history}, losses={label: losses})
     doc = {
         "settings": {k: getattr(args, k) for k in ("lr", "momentum", "steps", "every", "width")},

@@ -52,8 +52,7 @@ def edge_summary(history: Sequence[SharpnessRecord]) -> dict[str, float]:
         ``{"mean_ratio", "min_ratio", "max_ratio", "max_deviation", "checks"}`` with ratio =
         λmax / threshold over the last half of the checks.
     """
-    half = [r for r in history[len(history) // 2 :] if r.threshold]
-    ratios = [r.lambda_max / r.threshold for r in half]
+    ratios = [r.lambda_max / r.threshold for r in history[len(history) // 2 :] if r.threshold]
     if not ratios:
         return {"mean_ratio": float("nan"), "min_ratio": float("nan"),
                 "max_ratio": float("nan"), "max_deviation": float("nan"), "checks": 0}  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -12,7 +13,7 @@ from ..linalg._util import t_quantile
 from ..operators import HessianOperator
 from ..problem._positions import rows_of, sample_count
 from ..problem.objective import Objective
-from ._common import one_batch
+from ._common import count_samples, one_batch
 from .sgd_verdicts import BatchNoise, sgd_verdict
 from .verdicts import Verdict, gd_threshold, gd_verdict, omitted
 
@@ -147,7 +148,8 @@ def stability(
     tr = noise = None
     if minibatch and optimizer == "sgd" and momentum == 0:
         tr = trace(op, budget, seed=seed)
-        noise = _batch_noise(obj, top, batch_size, budget, max_samples, seed)
+        # minibatch is only True when batch_size is not None
+        noise = _batch_noise(obj, top, cast(int, batch_size), budget, max_samples, seed)
         thresholds["sgd"] = 2 / lr
         verdicts.append(sgd_verdict(tr.value, tr.ci95, lr, loss, noise=noise))
     elif minibatch and optimizer == "sgd":
@@ -196,7 +198,7 @@ def _batch_noise(
     lam, res = float(top.values[0]), float(top.residuals[0])
     sharpness = (lam - res, lam + res if top.converged else math.inf)
     data = one_batch(list(obj.batches()), "stability")
-    n = sample_count(data)
+    n = count_samples(data, "stability")
     squared = frobenius_norm(HessianOperator(obj), budget, seed=seed).squared
     gen = torch.Generator().manual_seed(seed)
     every = n <= max_samples

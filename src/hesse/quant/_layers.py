@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
+from typing import cast
 
 import torch
 from torch import nn
@@ -168,14 +169,15 @@ def batch_samples(batch: object) -> int:
 def _units(module: nn.Module, y: torch.Tensor) -> int:
     """The output units of one application: the weight's outputs, or the last dimension."""
     if _weighted(module):
-        return module.weight.shape[output_axis(module, module.weight)]
+        weight = cast(torch.Tensor, module.weight)  # a Linear's, ConvNd's or Conv1D's matrix
+        return weight.shape[output_axis(module, weight)]
     return y.shape[-1]
 
 
 def _first_tensor(out: object) -> torch.Tensor | None:
     if isinstance(out, torch.Tensor):
         return out
-    items = out.values() if isinstance(out, Mapping) else out
     if not isinstance(out, (Mapping, tuple, list)):
         return None
+    items = out.values() if isinstance(out, Mapping) else out
     return next((t for t in map(_first_tensor, items) if t is not None), None)

@@ -254,7 +254,9 @@ def allocate(
     )  # fmt: skip
 
 
-def _totals(sens: Sensitivity, bits: dict[str, int], activation_bits: int) -> tuple[float, ...]:
+def _totals(
+    sens: Sensitivity, bits: dict[str, int], activation_bits: int
+) -> tuple[float, float, float]:
     """Predicted Ω, bytes and bit-operations per sample of ``bits``."""
     rows = [(r, bits[r.name]) for r in sens.layers]
     return (
