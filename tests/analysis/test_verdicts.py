@@ -74,7 +74,8 @@ def _noise(B, lam=0.5, frob=2.0, sample_frob=(16.0, 16.0, 16.0), sample_top=6.8,
     ("noise", "status"),
     [
         (_noise(1), "unstable"),  # F_1 = 16 / 4 = 4 > 2/η = 2.22
-        (_noise(4, lam=2.5), "unstable"),  # λmax > 2/η: no batch size helps
+        (_noise(4, lam=2.5), "unstable"),  # λmax > 1.1 * 2/η: no batch size helps
+        (_noise(4, lam=2.3), "edge"),  # λmax within the 10% edge band above 2/η, as for GD
         (_noise(4), "stable"),  # S_4 = 0.8 * 0.5 + 0.2 * 6.8 = 1.76 <= 2.22
         (_noise(3), "indeterminate"),  # F_3 = 1.51 <= 2.22 < S_3 = 2.32
         (_noise(4, sample_top=None), "indeterminate"),  # no per-sample maximum: no "stable"

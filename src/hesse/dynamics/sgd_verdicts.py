@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .verdicts import Verdict
+from .verdicts import EDGE, Verdict
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def sgd_verdict(
         if S is None
         else f"(1 − γ_B)λmax + γ_B max_i λmax(H_i) = {S:.4g} {'≤' if S <= threshold else '>'} 2/η"
     )
-    text = _SGD_TEXT[status].format(B=B, lr=lr, numbers=numbers, sufficient=sufficient)
+    text = _SGD_TEXT[status].format(B=B, lr=lr, numbers=numbers, sufficient=sufficient, edge=EDGE)
     text += _interpolation_note(loss)
     reference = "Wu, Ma & E 2018; Ma & Ying 2021; Wu & Su 2023"
     return Verdict(
@@ -170,9 +170,16 @@ def _ratio(moment: float, trace: float) -> float:
 
 
 def _sgd_status(lam_low: float, F_lo: float, F_hi: float, S: float | None, thr: float) -> str:
-    """Where the necessary and sufficient conditions of :func:`sgd_verdict` leave SGD."""
-    if lam_low > thr or F_lo > thr:
+    """Where the necessary and sufficient conditions of :func:`sgd_verdict` leave SGD.
+
+    A λmax above 2/η by less than the edge band (``EDGE``) is "edge", as for GD: trained with
+    that step, (S)GD settles there and hovers instead of leaving (Cohen et al. 2021), so the
+    linear theory's "unstable" would contradict what training does.
+    """
+    if F_lo > thr or lam_low > (1 + EDGE) * thr:
         return "unstable"
+    if lam_low > thr:
+        return "edge"
     if S is not None and S <= thr:
         return "stable"
     return "inconclusive" if F_hi > thr else "indeterminate"
@@ -183,6 +190,12 @@ _SGD_TEXT = {
         "SGD with batches of {B} escapes this minimum at η = {lr:.4g}: {numbers}; a necessary "
         "condition of linear stability (λmax ≤ 2/η and E‖H_B‖²_F / Tr(H) ≤ 2/η) fails, so the "
         "second moment of the iterate grows."
+    ),
+    "edge": (
+        "SGD with batches of {B} is at the edge of stability at η = {lr:.4g}: λmax lies above "
+        "2/η by less than {edge:.0%} ({numbers}), where (S)GD trained with this step settles "
+        "and oscillates (Cohen et al. 2021); the linear theory calls it unstable, training "
+        "hovers here instead of leaving."
     ),
     "stable": (
         "SGD with batches of {B} is linearly stable at η = {lr:.4g}: {sufficient}, which "
