@@ -147,7 +147,7 @@ def test_bad_saliency_requests(mlp):
     with pytest.raises(ValueError, match="method must be one of"):
         saliency(obj, "taylor")
     with pytest.raises(ValueError, match="curvature must be one of"):
-        saliency(obj, "obd", curvature="kfac")
+        saliency(obj, "obd", curvature="shampoo")
     with pytest.raises(ValueError, match="damping must be > 0"):
         saliency(obj, "obs", damping=0.0)
     with pytest.raises(ValueError, match="empirical Fisher"):

@@ -1,15 +1,19 @@
 r"""Inverse-curvature products :math:`(A + \lambda I)^{-1} B` for influence and its kin.
 
-One entry point, :func:`inverse_products`, with four methods that all return the same
+One entry point, :func:`inverse_products`, with six methods that all return the same
 diagnostics: ``"exact"`` (dense Cholesky, small ``d``), ``"cg"`` (``hesse.solve``), ``"lissa"``
 (``hesse.solve`` with the scale and depth chosen from a Lanczos estimate of
-:math:`\lambda_{max}`) and ``"woodbury"`` (the exact inverse of a ``WoodburyFisher``). The
-numerics live in ``hesse.linalg``; this module only chooses their settings and turns an
-indefinite system into an error that names the fix.
+:math:`\lambda_{max}`), ``"woodbury"`` (the exact inverse of a ``WoodburyFisher``), and
+``"kfac"`` / ``"ekfac"`` (the exact damped inverse of a ``KFACOperator`` / ``EKFACOperator``,
+block by block from its factors: kronfluence's EK-FAC influence, Grosse et al. 2023,
+"Studying large language model generalization with influence functions"). The numerics live
+in ``hesse.linalg`` and ``hesse.operators``; this module only chooses their settings and turns
+an indefinite system into an error that names the fix.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -17,9 +21,24 @@ from dataclasses import dataclass
 import torch
 
 from ..linalg import eigs, solve
-from ..operators import PSD, SYMMETRIC, Operator, WoodburyFisher
+from ..operators import (
+    PSD,
+    SYMMETRIC,
+    EKFACOperator,
+    KFACOperator,
+    Operator,
+    WoodburyFisher,
+)
+from ..problem.objective import Objective
 
-METHODS = ("exact", "cg", "lissa", "woodbury")
+METHODS = ("exact", "cg", "lissa", "woodbury", "kfac", "ekfac")
+KRONECKER: dict[str, type[KFACOperator] | type[EKFACOperator]] = {
+    "kfac": KFACOperator,
+    "ekfac": EKFACOperator,
+}
+"""The Kronecker-factored methods and their operators."""
+KINDS = {"ggn": "exact", "fisher": "empirical"}
+"""The ``kind`` of the Kronecker factors that approximate each curvature."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +46,7 @@ class InverseDiagnostics:
     r"""How the inverse-curvature products were computed, and how far to trust them.
 
     Attributes:
-        method: ``"exact"``, ``"cg"``, ``"lissa"`` or ``"woodbury"``.
+        method: One of ``METHODS``.
         damping: :math:`\lambda` added to the curvature's diagonal.
         converged: Every column met ``||b - (A + λI) x|| <= tol ||b||``.
         n_matvecs: Curvature-vector products spent (Lanczos estimates included).
@@ -38,6 +57,9 @@ class InverseDiagnostics:
         scale: LiSSA's :math:`s` (None for other methods).
         depth: LiSSA's iteration budget per column (None for other methods).
         seconds: Wall-clock time of the solve.
+        approximates: For ``"kfac"`` and ``"ekfac"``, the curvature whose Kronecker-factored
+            approximation was inverted (``"ggn"`` or ``"fisher"``): the products and their
+            residuals are exact for the damped approximation, not for that curvature itself.
     """
 
     method: str
@@ -51,6 +73,7 @@ class InverseDiagnostics:
     scale: float | None = None
     depth: int | None = None
     seconds: float = 0.0
+    approximates: str | None = None
 
     def to_dict(self) -> dict:
         """Plain numbers, for a JSON report."""
@@ -84,7 +107,8 @@ def inverse_products(
 
     Args:
         op: The symmetric curvature ``A`` (d, d); a ``WoodburyFisher`` for ``"woodbury"``
-            (whose own damping is :math:`\lambda`, so ``damping`` must be 0 there).
+            (whose own damping is :math:`\lambda`, so ``damping`` must be 0 there), a
+            ``KFACOperator`` for ``"kfac"``, an ``EKFACOperator`` for ``"ekfac"``.
         B: ``(d, k)`` right-hand sides.
         method: One of ``METHODS``.
         damping: :math:`\lambda \ge 0`.
@@ -100,7 +124,8 @@ def inverse_products(
 
     Raises:
         ValueError: an unknown method, negative damping, or a curvature that is not positive
-            definite once damped (the message gives the measured eigenvalue and the fix).
+            definite once damped (the message gives the measured eigenvalue and the fix; for
+            ``"kfac"``/``"ekfac"`` the singular block).
     """
     if method not in METHODS:
         raise ValueError(f"{who}: ihvp must be one of {METHODS}, got {method!r}.")
@@ -112,7 +137,8 @@ def inverse_products(
         )
     start = time.perf_counter()
     tol = default_tol(op.dtype) if tol is None else tol
-    solver = {"exact": _exact, "cg": _cg, "lissa": _lissa, "woodbury": _woodbury}[method]
+    solvers = {"exact": _exact, "cg": _cg, "lissa": _lissa, "woodbury": _woodbury}
+    solver = solvers.get(method, functools.partial(_kronecker, method))
     X, diag = solver(op, B, damping, tol, max_matvecs, seed, who)
     return X, _replace(diag, seconds=time.perf_counter() - start)
 
@@ -249,3 +275,28 @@ def _woodbury(op, B, damping, tol, max_matvecs, seed, who):
     rel = _relative(op, X, B, damping)
     ok = bool((rel <= max(tol, 1e-6)).all())
     return X, InverseDiagnostics("woodbury", op.damping + damping, ok, B.shape[1], rel, tol)
+
+
+def kronecker_operator(obj: Objective, method: str, curvature: str) -> KFACOperator | EKFACOperator:
+    """The ``KFACOperator`` or ``EKFACOperator`` of ``obj`` approximating ``curvature``.
+
+    ``"ggn"``: factors of kind ``"exact"`` (the GGN's, KFLR); ``"fisher"``: ``"empirical"``.
+    """
+    return KRONECKER[method](obj, kind=KINDS[curvature])
+
+
+def _kronecker(method, op, B, damping, tol, max_matvecs, seed, who):
+    """The exact damped inverse of a Kronecker-factored operator, checked by its residual."""
+    if not isinstance(op, KRONECKER[method]):
+        expected = KRONECKER[method].__name__
+        raise TypeError(f"{who}(ihvp={method!r}): expected a {expected}, got {op!r}.")
+    try:
+        X = op.inverse(damping) @ B
+    except ValueError as err:  # a singular block at this damping: the message names it
+        raise ValueError(f"{who}(ihvp={method!r}): {err}") from err
+    rel = _relative(op, X, B, damping)
+    ok = bool((rel <= max(tol, 1e-6)).all())
+    approximates = "fisher" if op.kind == "empirical" else "ggn"
+    return X, InverseDiagnostics(
+        method, damping, ok, B.shape[1], rel, tol, approximates=approximates
+    )

@@ -33,12 +33,19 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..operators import CURVATURES, WoodburyFisher, curvature_operator
+from ..operators import CURVATURES, Operator, WoodburyFisher, curvature_operator
 from ..operators.plan import plan
 from ..problem._per_sample import SampleGradients, sample_gradients
 from ..problem.objective import Objective
 from ._grads import check_positions, check_same_layout, in_order
-from ._ihvp import METHODS, InverseDiagnostics, inverse_products
+from ._ihvp import (
+    KINDS,
+    KRONECKER,
+    METHODS,
+    InverseDiagnostics,
+    inverse_products,
+    kronecker_operator,
+)
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,9 @@ class InfluenceResult:
             in the objective (1 per sample for a plain mean; counted tokens; class weights).
         ihvp: The inverse method; ``curvature`` the matrix inverted (``"fisher"``: the
             empirical Fisher of the per-sample gradients, for ``"woodbury"``).
-        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
+        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"``. For ``"kfac"`` and ``"ekfac"``
+            the matrix inverted is the Kronecker-factored APPROXIMATION of this curvature
+            (``inverse.approximates``), so the scores approximate the ``"exact"`` ones.
         inverse: Diagnostics of the inverse products (converged, residuals, matvecs, LiSSA's
             scale and depth).
         gradient_norm: :math:`\|\nabla L(\hat\theta)\|` of the training loss: influence
@@ -177,13 +186,17 @@ def influence(
         loss_fn: Instead of ``loss``: ``loss_fn(model, batch) -> (mean_loss, weight)``
             (``Objective``'s; the Hessian only, as the GGN and Fisher need the outputs).
         ihvp: ``"exact"`` (dense, small ``d``), ``"cg"``, ``"lissa"`` (scale and depth chosen
-            from a Lanczos :math:`\lambda_{max}`; no hand tuning) or ``"woodbury"`` (the exact
-            inverse of the damped empirical Fisher of the per-sample gradients).
+            from a Lanczos :math:`\lambda_{max}`; no hand tuning), ``"woodbury"`` (the exact
+            inverse of the damped empirical Fisher of the per-sample gradients), ``"kfac"`` or
+            ``"ekfac"`` (the exact inverse of the damped ``KFACOperator`` / ``EKFACOperator``
+            of the GGN or empirical Fisher, block by block from the factors: no products with
+            the exact curvature; kronfluence's EK-FAC influence, Grosse et al. 2023).
         damping: :math:`\lambda \ge 0`; pass the weight decay the model was trained with
             (then :math:`H + \lambda I` is exactly the Hessian of its objective), and more
             when the curvature is indefinite or singular. ``"woodbury"`` needs it > 0.
         curvature: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``; ``"woodbury"`` takes
-            only ``"fisher"`` (its default).
+            only ``"fisher"`` (its default); ``"kfac"``/``"ekfac"`` take ``"ggn"`` (default:
+            factors of kind ``"exact"``) or ``"fisher"`` (kind ``"empirical"``).
         params: Which parameters (``Objective``'s ``params=``); the rest are held fixed.
         tol: Relative residual tolerance of ``"cg"`` and ``"lissa"`` (default 1e-6 in float64,
             1e-5 otherwise).
@@ -227,7 +240,11 @@ def influence(
         F = _woodbury(chunks, damping, train)
         X, diag = inverse_products(F, Q.T, method=method, damping=0.0, **solve)
     else:
-        op = curvature_operator(train, curvature)
+        op: Operator = (
+            kronecker_operator(train, method, curvature)
+            if method in KRONECKER
+            else curvature_operator(train, curvature)
+        )
         X, diag = inverse_products(op, Q.T, method=method, damping=damping, **solve)
         chunks = sample_gradients(train)
     projected, gsum, widest = _project(train, chunks, X)
@@ -269,12 +286,25 @@ def _check(ihvp: str, curvature: str | None, damping: float) -> tuple[str, str]:
                 "and is singular; pass damping > 0 (e.g. 1e-3)."
             )
         return ihvp, "fisher"
+    if ihvp in KRONECKER:
+        return ihvp, _kronecker_curvature(ihvp, curvature)
     curvature = curvature or "hessian"
     if curvature not in CURVATURES:
         raise ValueError(
             f"influence: curvature must be one of {tuple(CURVATURES)}, got {curvature!r}."
         )
     return ihvp, curvature
+
+
+def _kronecker_curvature(ihvp: str, curvature: str | None) -> str:
+    """The curvature whose Kronecker factors ``ihvp`` inverts: the GGN unless told otherwise."""
+    if curvature not in (None, *KINDS):
+        raise ValueError(
+            f"influence(ihvp={ihvp!r}) inverts a Kronecker-factored approximation of the GGN "
+            f"(curvature='ggn') or of the empirical Fisher (curvature='fisher'), not of the "
+            f"{curvature!r}; pass one of those, or ihvp='cg' for the {curvature!r}."
+        )
+    return curvature or "ggn"
 
 
 def _woodbury(chunks: list[SampleGradients], damping: float, train: Objective) -> WoodburyFisher:
@@ -326,7 +356,11 @@ def _memory(train: Objective, method: str, curvature: str, n: int, q: int, rows:
         out["gram_and_cholesky"] = 2 * n * n * 8
     elif method == "exact":
         out["dense_curvature"] = 2 * d * d * 8
-    if method != "woodbury":
+    if method in KRONECKER:  # KFAC's factors (EKFAC holds them while it builds) and the
+        # eigenbases: KFAC's inverse forms them, EKFAC keeps them with its scalings
+        kfac = KRONECKER["kfac"].factor_bytes(train)
+        out["kronecker_factors"] = kfac + KRONECKER[method].factor_bytes(train)
+    elif method != "woodbury":
         p = plan(train, k=1, steps=1, probes=1, curvature=curvature)
         out["operator_graphs"] = p.graphs_bytes
     return out | {"total": sum(out.values())}

@@ -1,4 +1,4 @@
-r"""The damped curvature that pruning decisions read: dense, Woodbury (M-FAC) or diagonal.
+r"""The damped curvature that pruning decisions read: dense, Woodbury (M-FAC), diagonal or KFAC.
 
 Damping is relative: :math:`\lambda = \rho \cdot \mathrm{mean}(\mathrm{diag}\, C)`, so one
 ``damping=`` value means the same on every model. A dense matrix is factorized by Cholesky;
@@ -22,8 +22,9 @@ from ..linalg import diagonal
 from ..operators import WoodburyFisher, curvature_operator
 from ..problem.objective import Objective
 from ._gradients import collect_gradients
+from ._kronecker import KRONECKER, KroneckerCurvature, kronecker_blocks
 
-CURVATURES = ("fisher", "ggn", "hessian")
+CURVATURES = ("fisher", "ggn", "hessian", *KRONECKER)
 MAX_DENSE = 8192
 """Largest number of pruned weights whose curvature is formed as a dense matrix."""
 _RAISES = 12  # tenfold increases of the damping tried before giving up
@@ -34,7 +35,7 @@ class Damped:
     r"""A damped curvature :math:`C + \lambda I` over the prunable weights.
 
     Attributes:
-        kind: ``"fisher"``, ``"ggn"`` or ``"hessian"``.
+        kind: ``"fisher"``, ``"ggn"``, ``"hessian"``, ``"kfac"`` or ``"ekfac"``.
         damping: :math:`\lambda`, absolute; with Fisher blocks, each damped relative to its
             own mean diagonal, the mean of their :math:`\lambda` weighted by block size.
         relative: :math:`\rho = \lambda / \mathrm{mean}(\mathrm{diag}\, C)` as used (larger
@@ -45,6 +46,7 @@ class Damped:
         cholesky: Lower Cholesky factor of the dense :math:`C + \lambda I`, or None.
         woodbury: ``(slice, WoodburyFisher)`` for each diagonal block of the Fisher (one block
             for a global Woodbury), or ``()``.
+        kronecker: The KFAC or EKFAC blocks in their eigenbases, or None.
     """
 
     kind: str
@@ -54,9 +56,12 @@ class Damped:
     reached: torch.Tensor
     cholesky: torch.Tensor | None = None
     woodbury: tuple[tuple[slice, WoodburyFisher], ...] = ()
+    kronecker: KroneckerCurvature | None = None
 
     def inverse_diag(self) -> torch.Tensor:
         r""":math:`\mathrm{diag}((C + \lambda I)^{-1})`, ``(d,)``."""
+        if self.kronecker is not None:
+            return self.kronecker.inverse_diag()
         if self.woodbury:
             return torch.cat([F.inverse_diag() for _, F in self.woodbury])
         return torch.cholesky_inverse(self._cholesky()).diagonal()
@@ -73,9 +78,14 @@ class Damped:
         :math:`H_{RR} = \lambda I + G_R^\top G_R / m` is again a Woodbury matrix and
         :math:`H_{RQ} = G_R^\top G_Q / m`: exact, :math:`O(m d)` memory, no
         :math:`|Q| \times |Q|` matrix. Predicted: :math:`\frac12 \delta^\top H \delta`.
+        KFAC/EKFAC: the dense form per block, solved by CG on products with the Kronecker
+        inverse, holding the weights pruned before at zero too (their curvature is not
+        decoupled; see :meth:`KroneckerCurvature.obs_update`).
         """
         if len(Q) == 0:
             return torch.zeros_like(w), 0.0
+        if self.kronecker is not None:
+            return self.kronecker.obs_update(w, Q)
         if self.woodbury:
             return _blockwise_update(self.woodbury, w, Q)
         Hinv = torch.cholesky_inverse(self._cholesky())
@@ -130,7 +140,8 @@ def damped(
     Args:
         obj: The objective over the prunable weights.
         kind: ``"fisher"`` (empirical, from ``m`` gradients of ``batch_size`` samples),
-            ``"ggn"`` or ``"hessian"``.
+            ``"ggn"``, ``"hessian"``, or ``"kfac"``/``"ekfac"`` (of the GGN, any size: see
+            :mod:`hesse.prune._kronecker`; the weights pruned before are not decoupled).
         relative: :math:`\rho > 0`.
         form: ``"diagonal"`` (OBD), ``"dense"`` (OBS) or ``"woodbury"`` (M-FAC; Fisher only).
         m: Gradients of the empirical Fisher (``"auto"``: 256, or every chunk when the data
@@ -157,6 +168,8 @@ def damped(
             f"{relative}; 1e-2 is a safe start."
         )
     alive = torch.ones(obj.dim, dtype=torch.bool) if alive is None else alive.cpu()
+    if kind in KRONECKER:
+        return _kronecker(obj, kind, relative, form, alive)
     if form == "woodbury":
         return _woodbury(obj, kind, relative, m, batch_size, seed, alive, fisher_block)
     if form == "diagonal":
@@ -169,6 +182,25 @@ def damped(
     keep = alive.to(C.dtype)
     C = C * keep[:, None] * keep[None, :]
     return _factorized(kind, C, relative, _scale(C.diagonal()[alive]))
+
+
+def _kronecker(obj, kind: str, relative: float, form: str, alive: torch.Tensor) -> Damped:
+    r"""KFAC or EKFAC plus :math:`\lambda I`, relative to the mean diagonal of the alive weights.
+
+    The weights pruned before keep their curvature: every OBS update holds them at zero.
+    """
+    if form == "woodbury":
+        raise ValueError(
+            f"prune: method 'mfac' inverts the empirical Fisher of m gradients (Woodbury), not "
+            f"curvature={kind!r}; use method='obs' or 'obd' with the Kronecker factors."
+        )
+    blocks = kronecker_blocks(obj, kind)
+    C_diag = torch.empty(obj.dim, dtype=obj.dtype, device=obj.device)
+    for b in blocks:
+        C_diag[b.index] = b.diag
+    lam = relative * _scale(C_diag[alive])
+    H = KroneckerCurvature(blocks, lam, ~alive)
+    return Damped(kind, lam, relative, C_diag + lam, C_diag != 0, kronecker=H)
 
 
 def _woodbury(obj, kind, relative, m, batch_size, seed, alive, fisher_block) -> Damped:

@@ -24,7 +24,8 @@ class PrunePlan:
         structure: ``"unstructured"``, ``"n:m"``, ``"heads"`` or ``"channels"``.
         scope: ``"global"`` (one ranking over all layers) or ``"layer"`` (each layer alike).
         sparsity: The fraction asked for (of weights, or of units when structured).
-        curvature: ``"fisher"``, ``"ggn"`` or ``"hessian"``; None when no curvature is read.
+        curvature: ``"fisher"``, ``"ggn"``, ``"hessian"``, ``"kfac"`` or ``"ekfac"``; None when
+            no curvature is read.
         damping: Absolute damping of each step (empty when no curvature is read).
         relative_damping: Damping relative to the mean curvature diagonal, as used per step.
         predicted: Predicted loss increase of each OBS step (empty for other methods).

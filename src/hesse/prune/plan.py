@@ -54,7 +54,10 @@ def prune(
         recompute: Steps of gradual pruning (1: one shot).
         params: Parameters to prune (names or patterns); default: the weights of at least two
             dimensions outside embeddings.
-        curvature: ``"fisher"``, ``"ggn"`` or ``"hessian"`` (OBD and OBS).
+        curvature: ``"fisher"``, ``"ggn"`` or ``"hessian"`` (OBD and OBS), or ``"kfac"`` /
+            ``"ekfac"`` (OBD and OBS with the Kronecker-factored GGN, as LLM Surgeon: any size,
+            exact for K + λI block by block; the weights pruned in earlier steps are held at
+            zero by each OBS update rather than decoupled).
         damping: Damping relative to the mean curvature diagonal (and to the mean diagonal of
             each layer's input Hessian for ``"layer_obs"``); raised where a Cholesky fails.
         m: Gradients of the empirical Fisher per step (``"auto"``: 256, or every chunk when

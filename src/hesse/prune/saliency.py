@@ -10,7 +10,10 @@ GGN or Hessian), the predicted loss increase of setting weight :math:`q` to zero
 (LeCun, Denker & Solla 1990, "Optimal Brain Damage"; Hassibi & Stork 1993, "Optimal Brain
 Surgeon"); OBS lets the other weights move, OBD does not. ``"mfac"`` is OBS with the empirical
 Fisher of ``m`` gradients inverted by Woodbury (Singh & Alistarh 2020, "WoodFisher"; Frantar
-et al. 2021, "M-FAC").
+et al. 2021, "M-FAC"). With ``curvature="kfac"`` or ``"ekfac"``, :math:`C` is the
+Kronecker-factored GGN (``KFACOperator`` / ``EKFACOperator``) and both saliencies are exact
+for :math:`C + \lambda I` from its factors, at any size (LLM Surgeon, van der Ouderaa et al.
+2023, "The LLM Surgeon").
 
 A weight the loss never reaches (its row of the curvature is zero: for the Fisher, a zero
 gradient on every sample drawn) scores 0 under every curvature method, so it is pruned first.
@@ -37,7 +40,8 @@ class Saliency:
         scores: ``{name: tensor of the parameter's shape}``; the smallest are pruned first.
             Weights the loss never reaches (a zero row of the curvature) score 0.
         method: ``"magnitude"``, ``"obd"``, ``"obs"`` or ``"mfac"``.
-        curvature: ``"fisher"``, ``"ggn"`` or ``"hessian"``; None for magnitude.
+        curvature: ``"fisher"``, ``"ggn"``, ``"hessian"``, ``"kfac"`` or ``"ekfac"``; None for
+            magnitude.
         damping: The absolute damping :math:`\lambda` used (0 for magnitude; for M-FAC blocks,
             each damped relative to its own mean diagonal, their size-weighted mean).
         relative_damping: :math:`\lambda` over the mean curvature diagonal, as used (larger
@@ -73,10 +77,12 @@ def saliency(
     Args:
         obj: The objective; restrict it (``obj.restrict("*.weight")``) to score fewer weights.
         method: ``"magnitude"`` (:math:`|w_q|`), ``"obd"``, ``"obs"`` (dense curvature, at most
-            ``MAX_DENSE`` weights) or ``"mfac"`` (Woodbury, any size).
+            ``MAX_DENSE`` weights; any size with ``"kfac"``/``"ekfac"``) or ``"mfac"``
+            (Woodbury, any size).
         curvature: ``"fisher"`` (empirical, from ``m`` gradients: positive semi-definite, the
             default), ``"ggn"`` or ``"hessian"`` (indefinite away from a minimum: OBS then
-            needs a large damping, found automatically).
+            needs a large damping, found automatically), or ``"kfac"`` / ``"ekfac"`` (the
+            ``KFACOperator`` / ``EKFACOperator`` of the GGN, factors of kind ``"exact"``).
         damping: :math:`\rho`, the damping relative to the mean curvature diagonal.
         m: Gradients of the empirical Fisher (``"auto"``: 256, or every chunk when the data
             holds fewer; None: every chunk).

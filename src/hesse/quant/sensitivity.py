@@ -1,4 +1,4 @@
-"""Per-layer quantization sensitivity: HAWQ, HAWQ-V2 and Q-BERT from the Hessian."""
+"""Per-layer quantization sensitivity: HAWQ, HAWQ-V2 and Q-BERT from the Hessian, or KFAC."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..linalg import block_traces, eigs
-from ..operators import CURVATURES, curvature_operator
+from ..operators import CURVATURES, KFACOperator, curvature_operator
 from ..problem.objective import Objective
 from ._layers import batch_samples, macs_per_sample, output_axes, quantizable
 from .quantizer import Quantizer, check_bits
 
-METHODS = ("trace", "eig", "qbert")
+METHODS = ("trace", "eig", "qbert", "kfac")
+KFAC_KINDS = {"ggn": "exact", "fisher": "empirical"}
+"""The ``kind`` of the Kronecker factors that approximate each curvature (``method="kfac"``)."""
 RULE = (
     "omega[b] = max(s, 0) * delta_sq[b]: a layer whose score s comes out negative (flag "
     "'negative') is predicted to cost nothing when quantized; its estimate is reported as it is"
@@ -33,11 +35,12 @@ class LayerSensitivity:
         n_params: Its number of weights :math:`n_i`.
         macs: Multiply-accumulates of the weight per sample (for ``cost="bops"``), measured
             on the first batch (see :func:`hesse.quant._layers.macs_per_sample`).
-        score: The curvature score :math:`s_i` of the method: ``trace_per_param`` (trace),
-            ``top_eig`` (eig) or ``eig_mean + eig_std`` (qbert).
+        score: The curvature score :math:`s_i` of the method: ``trace_per_param`` (trace and
+            kfac), ``top_eig`` (eig) or ``eig_mean + eig_std`` (qbert).
         negative: The score is below 0 (a non-convex direction or noise); see ``RULE``.
-        trace: Hutchinson estimate of :math:`\mathrm{tr}(H_{ii})` (trace method), else None.
-        trace_stderr: Its standard error.
+        trace: Hutchinson estimate of :math:`\mathrm{tr}(H_{ii})` (trace method), the exact
+            trace of the KFAC block (kfac method), else None.
+        trace_stderr: Its standard error (0 for kfac: no estimate).
         trace_ci95: Its 95% interval.
         trace_per_param: ``trace / n_params``.
         per_param_stderr: ``trace_stderr / n_params``.
@@ -73,7 +76,7 @@ class Sensitivity:
     """Per-layer sensitivities, one row per quantizable layer, in the model's order.
 
     Attributes:
-        method: ``"trace"``, ``"eig"`` or ``"qbert"``.
+        method: ``"trace"``, ``"eig"``, ``"qbert"`` or ``"kfac"``.
         bits: The widths ``delta_sq`` and ``omega`` are given for.
         layers: One :class:`LayerSensitivity` per layer.
         quantizer: The grid ``delta_sq`` was measured with.
@@ -121,7 +124,7 @@ class Sensitivity:
         """The table's rows: name, size, score with its standard error, flag, omega per width."""
         out = []
         for r in self.layers:
-            err = r.per_param_stderr if self.method == "trace" else r.eig_std
+            err = r.per_param_stderr if self.method in ("trace", "kfac") else r.eig_std
             out.append(
                 [r.name, r.n_params, r.score, err, "yes" if r.negative else ""]
                 + [r.omega[b] for b in self.bits]
@@ -145,7 +148,7 @@ def sensitivity(
     budget: int = 100,
     seed: int = 0,
     layers: Sequence[str] | None = None,
-    curvature: str = "hessian",
+    curvature: str | None = None,
 ) -> Sensitivity:
     r"""How much the loss is predicted to rise when each layer is quantized to each width.
 
@@ -164,7 +167,12 @@ def sensitivity(
       quantization of neural networks with mixed-precision"), by Lanczos on each block with at
       most ``budget`` products;
     - ``"qbert"``: mean + standard deviation of the block's :math:`\lambda_{\max}` over the
-      batches (Shen et al. 2020, "Q-BERT"), ``budget`` products per block and batch.
+      batches (Shen et al. 2020, "Q-BERT"), ``budget`` products per block and batch;
+    - ``"kfac"``: :math:`\mathrm{tr}(K_{ii}) / n_i` for the KFAC block
+      :math:`K_{ii} = G \otimes A` of the GGN (or the empirical Fisher) of the layer's weight,
+      :math:`\mathrm{tr}(G)\,\mathrm{tr}(A)` from the factors (:class:`~hesse.KFACOperator`):
+      one data pass, no products, no estimator error. Exact where KFAC is exact (a deep linear
+      network with squared loss, where it also equals the Hessian's block trace).
 
     A layer the loss does not reach (in any batch, or for ``"qbert"`` in that batch) has a zero
     block, and scores 0 by every method. :math:`\|Q_b(W_i) - W_i\|^2` is taken along each
@@ -173,12 +181,14 @@ def sensitivity(
     Args:
         obj: The loss, model and data; the layers' weights must be among its parameters.
         bits: Widths to evaluate, 1 to 16.
-        method: ``"trace"``, ``"eig"`` or ``"qbert"``.
+        method: ``"trace"``, ``"eig"``, ``"qbert"`` or ``"kfac"``.
         quantizer: The grid that ``quantize`` will apply (default ``Quantizer()``).
-        budget: Curvature products (see ``method``).
+        budget: Curvature products (see ``method``; unused by ``"kfac"``).
         seed: Seed of the probes and start vectors.
         layers: Layer names or globs (default: every quantizable layer that ``obj`` analyses).
-        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical).
+        curvature: ``"hessian"`` (the default), ``"ggn"`` or ``"fisher"`` (empirical);
+            ``"kfac"`` approximates ``"ggn"`` (its default; factors of kind ``"exact"``) or
+            ``"fisher"`` (kind ``"empirical"``).
 
     Returns:
         Sensitivity.
@@ -202,10 +212,7 @@ def sensitivity(
     bits = tuple(sorted({check_bits(b, "sensitivity") for b in bits}))
     if method not in METHODS:
         raise ValueError(f"sensitivity: method must be one of {METHODS}, got {method!r}.")
-    if curvature not in CURVATURES:
-        raise ValueError(
-            f"sensitivity: curvature must be one of {tuple(CURVATURES)}, got {curvature!r}."
-        )
+    curvature = _curvature(method, curvature)
     chosen = _analysed(obj, layers)
     sub = obj.restrict(list(chosen.values()))
     scores, n_matvecs = _SCORES[method](sub, chosen, curvature, budget, seed)
@@ -227,6 +234,23 @@ def sensitivity(
         )
     settings = {"budget": budget, "seed": seed}
     return Sensitivity(method, bits, tuple(rows), quantizer, curvature, n_matvecs, RULE, settings)
+
+
+def _curvature(method: str, curvature: str | None) -> str:
+    """The curvature of ``method``: the Hessian by default, the GGN for ``"kfac"``."""
+    if method == "kfac":
+        if curvature not in (None, *KFAC_KINDS):
+            raise ValueError(
+                f"sensitivity(method='kfac'): Kronecker factors approximate the GGN "
+                f"(curvature='ggn') or the empirical Fisher (curvature='fisher'), not the "
+                f"{curvature!r}; pass one of those, or method='trace' for the {curvature!r}."
+            )
+        return curvature or "ggn"
+    if curvature not in (None, *CURVATURES):
+        raise ValueError(
+            f"sensitivity: curvature must be one of {tuple(CURVATURES)}, got {curvature!r}."
+        )
+    return curvature or "hessian"
 
 
 def _analysed(obj: Objective, layers: Sequence[str] | None) -> dict[str, str]:
@@ -303,7 +327,24 @@ def _qbert_scores(sub, chosen, curvature, budget, seed):
     return out, used
 
 
-_SCORES = {"trace": _trace_scores, "eig": _eig_scores, "qbert": _qbert_scores}
+def _kfac_scores(sub, chosen, curvature, budget, seed):
+    """Each layer's KFAC block trace per weight, exact from the factors (no budget, no seed)."""
+    K = KFACOperator(sub, kind=KFAC_KINDS[curvature])
+    out = {}
+    for name, param in chosen.items():
+        t, n = K.restrict([param]).trace(), sub.params[param].numel()
+        out[name] = {
+            "score": t / n,
+            "trace": t,
+            "trace_stderr": 0.0,
+            "trace_ci95": (t, t),
+            "trace_per_param": t / n,
+            "per_param_stderr": 0.0,
+        }
+    return out, 0
+
+
+_SCORES = {"trace": _trace_scores, "eig": _eig_scores, "qbert": _qbert_scores, "kfac": _kfac_scores}
 
 
 def _cell(v) -> str:
