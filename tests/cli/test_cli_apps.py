@@ -94,3 +94,16 @@ def test_a_self_contained_command_needs_no_source_and_refuses_one(monkeypatch, c
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["fake", "--demo", "digits"])
     assert exit_info.value.code == 2 and "builds its own model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quantize", "--demo", "digits", "--method", "kfac", "--samples", "256"],
+        ["influence", "--demo", "digits", "--ihvp", "ekfac", "--query", "0:2", "--top", "3",
+         "--samples", "256"],
+    ],
+)  # fmt: skip
+def test_kronecker_methods_run_from_the_command_line(argv, tmp_path):
+    # --method kfac needed --curvature ggn and then had no score words; --ihvp ekfac needed it too
+    assert cli.main([*argv, "--out", str(tmp_path), "--quiet"]) == 0

@@ -38,7 +38,8 @@ def add_arguments(group: Any) -> None:
         choices=IHVP_METHODS,
         default="cg",
         help="inverse: exact (dense), cg, lissa, woodbury (damped empirical "
-        "Fisher of the per-sample gradients); default cg",
+        "Fisher of the per-sample gradients), kfac or ekfac (Kronecker factors of the GGN, "
+        "or of the empirical Fisher with --curvature fisher); default cg",
     )
     group.add_argument(
         "--damping",
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
     if args.top < 1:
         raise UsageError(f"--top must be >= 1, got {args.top}.")
     dtype, params = DTYPES.get(args.dtype), parse_params(args.params)
-    curvature = args.curvature or ("fisher" if args.ihvp == "woodbury" else "hessian")
+    defaults = {"woodbury": "fisher", "kfac": "ggn", "ekfac": "ggn"}
+    curvature = args.curvature or defaults.get(args.ihvp, "hessian")
     if args.ihvp == "woodbury" and curvature != "fisher":
         raise UsageError(
             "--ihvp woodbury inverts the damped empirical Fisher of the per-sample gradients; "

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
     budget = args.budget or problem.defaults.get("budget", 100)
     sens = sensitivity(
         obj, bits, method=args.method, quantizer=quantizer, budget=budget, seed=args.seed,
-        curvature=args.curvature or "hessian", layers=layers,
+        curvature=args.curvature, layers=layers,
     )  # fmt: skip
     cost, limit = _budget(args, sens)
     try:
@@ -178,6 +178,7 @@ def _score_words(method: str) -> str:
         "trace": "Tr(H_i)/n_i (Hutchinson, ± its standard error)",
         "eig": "λmax(H_i) (Lanczos)",
         "qbert": "mean + std of λmax(H_i) over batches (± the std)",
+        "kfac": "Tr(A_i) Tr(G_i)/n_i from the Kronecker factors (no products)",
     }[method]
 
 
