@@ -141,7 +141,7 @@ def test_one_line_and_a_dict_for_the_report():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"curvature": "kfac"}, {"k": 0}, {"steps": 0}, {"group": 11}, {"block_size": 0}],
+    [{"curvature": "shampoo"}, {"k": 0}, {"steps": 0}, {"group": 11}, {"block_size": 0}],
 )
 def test_settings_are_checked(kwargs):
     with pytest.raises(ValueError, match="plan:"):

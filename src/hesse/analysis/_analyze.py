@@ -51,7 +51,9 @@ def analyze(
     spectral density (stochastic Lanczos quadrature), the GGN's top eigenvalues and trace
     beside the Hessian's, a per-module table (trace, trace per parameter, top eigenvalue),
     the bulk/outlier split against the number of classes, and, given the training learning
-    rate, the GD and SGD stability verdicts. ``analyze(...)`` is
+    rate, the GD and SGD stability verdicts. With ``curvature="kfac"`` or ``"ekfac"`` the
+    sections describe the Kronecker-factored GGN (its trace from the factors), and a ``kfac``
+    section measures it against the exact GGN (``hesse.curvature_gap``). ``analyze(...)`` is
     ``prepare(Objective(...), ...).run(...)``: call those two to see the memory plan before
     any product is computed.
 

@@ -5,18 +5,26 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..dynamics import criteria_from
 from ..dynamics.sgd_verdicts import sgd_verdict
 from ..dynamics.verdicts import gd_verdict, omitted
-from ..linalg import density, eigs, trace
-from ..operators import FisherOperator, GGNOperator, HessianOperator
+from ..linalg import curvature_gap, density, eigs, trace
+from ..operators import (
+    EKFACOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    KFACOperator,
+    ModelOperator,
+    Operator,
+)
 from ..problem.objective import Objective
 from ._checkpoint import ProductLog, RecordingOperator, TimeUp
-from ._documents import density_dict, eig_dict, meta, no_ggn, trace_dict
+from ._documents import density_dict, eig_dict, factor_trace, gap_dict, meta, no_ggn, trace_dict
 from .layers import empty_modules, layer_table, layer_table_cost
-from .options import Options
+from .options import KRONECKER, Options
 from .outliers import find_outliers
 from .report import Report
 
@@ -33,9 +41,12 @@ class Run:
     def __init__(self, job: Analysis, log: ProductLog, problem: dict):
         self.job, self.model, self.objective = job, job.objective.model, job.objective
         self.opts, self.log, self.lr, self.problem = job.options, log, job.lr, problem
+        start = time.perf_counter()
         self.base = _operator(self.objective, self.opts, job.operator_options())
-        self.op = RecordingOperator(self.base, log)
         self.timings: dict[str, float] = {}
+        if self.opts.curvature in KRONECKER:  # one data pass (two for EKFAC) for the factors
+            self.timings["factors"] = round(time.perf_counter() - start, 3)
+        self.op = RecordingOperator(self.base, log)
         self.notes: list[str] = []
         self.by, self.groups = job.about["layers_by"], job.about["groups"]
 
@@ -50,8 +61,9 @@ class Run:
             "density": self.density,
             "layers": self.layers,
             "ggn": self.ggn,
+            "kfac": self.kfac,
         }
-        todo = [name for name in steps if name in wanted]
+        todo = [name for name in steps if name in wanted and _applies(name, o.curvature)]
         try:
             for name in todo:
                 found[name] = self.timed(name, totals.get(name), steps[name])
@@ -105,6 +117,8 @@ class Run:
             self.notes.append(f"The {what} are NOT converged: {result.reason}.")
 
     def trace(self) -> dict:
+        if self.opts.curvature in KRONECKER:
+            return factor_trace(_kronecker(self.base).trace())
         return trace_dict(trace(self.op, self.opts.budget, seed=self.opts.seed, **QUIET))
 
     def density(self) -> dict:
@@ -116,7 +130,7 @@ class Run:
         return density_dict(result, o.steps, o.probes)
 
     def layers(self) -> tuple:
-        self.base.clear_cache()  # the blocks keep graphs of their own
+        _clear_cache(self.base)  # the blocks keep graphs of their own
         empty = empty_modules(self.op.space, self.by, self.groups)
         if empty:
             self.notes.append(
@@ -128,9 +142,12 @@ class Run:
 
     def ggn(self) -> dict:
         o = self.opts
+        if o.curvature in KRONECKER:
+            return no_ggn(f"the analysed curvature is {o.curvature}; the kfac section compares "
+                          "it with the GGN")  # fmt: skip
         if o.curvature != "hessian":
             return no_ggn(f"the analysed curvature is already {o.curvature}")
-        self.base.clear_cache()  # room for the GGN's graphs
+        _clear_cache(self.base)  # room for the GGN's graphs
         try:
             G = RecordingOperator(
                 GGNOperator(self.objective, **self.job.operator_options()), self.log
@@ -141,6 +158,18 @@ class Run:
         self.unconverged(f"GGN's {o.k} largest eigenvalues", top)
         return {"available": True, "reason": None, "eigs": eig_dict(top),
                 "trace": trace_dict(trace(G, o.budget, seed=o.seed, **QUIET))}  # fmt: skip
+
+    def kfac(self) -> dict:
+        """The Kronecker curvature against the exact GGN (``curvature_gap``), same budget."""
+        o, K = self.opts, _kronecker(self.base)
+        G = RecordingOperator(GGNOperator(self.objective, **self.job.operator_options()),
+                              self.log)  # fmt: skip
+        gap = curvature_gap(G, K, o.k, by=self.by, groups=self.groups, budget=o.budget,
+                            seed=o.seed, max_matvecs=o.budget, **QUIET)  # fmt: skip
+        if not gap.converged:
+            self.notes.append(f"The kfac section's eigenvalues are NOT converged: {gap.reason}.")
+        traces = {name: _kronecker(b).trace() for name, b in K.blocks(self.by, self.groups).items()}
+        return gap_dict(gap, K, traces, "groups" if self.groups else self.by)
 
     def criteria(self, found: dict) -> dict | None:
         """LLA's spectral criteria from the eigenvalues and the density (no extra product)."""
@@ -216,8 +245,16 @@ def section_products(
         "density": opts.steps * opts.probes,
         "layers": layer_table_cost(space, opts.budget, by, groups),
         "ggn": 2 * opts.budget,
+        # the GGN's products: Lanczos, then tr(G - K), ||G - K||_F, ||G||_F, whole and per block
+        "kfac": opts.budget * (1 + 3 * (1 + len(space.blocks(by, groups)))),
     }
-    return {name: n for name, n in most.items() if name in opts.sections}
+    wanted = [name for name in opts.sections if _applies(name, opts.curvature)]
+    return {name: n for name, n in most.items() if name in wanted}
+
+
+def _applies(section: str, curvature: str) -> bool:
+    """Whether ``section`` is computed for ``curvature`` (``kfac`` only for Kronecker ones)."""
+    return section != "kfac" or curvature in KRONECKER
 
 
 def _partial_note(missing: list[str], log: ProductLog) -> str:
@@ -233,9 +270,24 @@ def _partial_note(missing: list[str], log: ProductLog) -> str:
     )
 
 
-def _operator(objective: Objective, opts: Options, sizes: dict):
+def _operator(objective: Objective, opts: Options, sizes: dict) -> Operator:
+    if opts.curvature == "kfac":
+        return KFACOperator(objective)
+    if opts.curvature == "ekfac":
+        return EKFACOperator(objective)
     if opts.curvature == "ggn":
         return GGNOperator(objective, **sizes)
     if opts.curvature == "fisher":
         return FisherOperator(objective, "mc", seed=opts.seed, **sizes)
     return HessianOperator(objective, **sizes)
+
+
+def _kronecker(op: Operator) -> KFACOperator | EKFACOperator:
+    """A Kronecker operator (or one of its blocks, of the same class) as its type."""
+    return cast("KFACOperator | EKFACOperator", op)
+
+
+def _clear_cache(op: Operator) -> None:
+    """Free the graphs a model operator keeps (a Kronecker operator keeps none)."""
+    if isinstance(op, ModelOperator):
+        op.clear_cache()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SECTIONS = ("eigs", "trace", "density", "layers", "ggn")
-CURVATURES = ("hessian", "ggn", "fisher")
+SECTIONS = ("eigs", "trace", "density", "layers", "ggn", "kfac")
+CURVATURES = ("hessian", "ggn", "fisher", "kfac", "ekfac")
+KRONECKER = ("kfac", "ekfac")
+"""Curvatures built from Kronecker factors; the ``kfac`` section measures them against the GGN."""
 
 
 @dataclass(frozen=True)
@@ -13,8 +15,13 @@ class Options:
     """What ``analyze`` computes and how much it may spend.
 
     Attributes:
-        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (Monte-Carlo "true" Fisher).
+        curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` (Monte-Carlo "true" Fisher),
+            ``"kfac"`` or ``"ekfac"`` (``hesse.KFACOperator`` / ``hesse.EKFACOperator`` of the
+            GGN, ``kind="exact"``, ``approx="expand"``: the sections describe that matrix,
+            its trace comes from the factors).
         sections: which of ``SECTIONS`` to compute (outliers and stability follow from them).
+            ``ggn`` applies to the Hessian only, ``kfac`` (the gap to the exact GGN,
+            ``hesse.curvature_gap``) to a Kronecker curvature only.
         k: number of largest eigenvalues.
         k_smallest: number of smallest (most negative) eigenvalues.
         budget: products per estimate: each eigenvalue run, the trace, the block traces.
@@ -71,5 +78,6 @@ class Options:
 
     def _lanczos_sizes(self) -> list[int]:
         """Numbers of eigenvalues the chosen sections ask Lanczos for."""
-        sizes = [self.k] if {"eigs", "ggn"} & set(self.sections) else []
+        top = {"eigs", "ggn"} | ({"kfac"} if self.curvature in KRONECKER else set())
+        sizes = [self.k] if top & set(self.sections) else []
         return sizes + ([self.k_smallest] if "eigs" in self.sections else [])

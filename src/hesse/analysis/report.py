@@ -38,6 +38,11 @@ class Report:
         trace: the trace estimate with standard error and 95% CI.
         density: SLQ nodes and weights, and the smoothed density on a grid.
         ggn: the GGN's top eigenvalues and trace beside the Hessian's (or why not).
+        kfac: for a Kronecker curvature (``kfac``, ``ekfac``), its gap to the exact GGN
+            (``hesse.curvature_gap``): the top-k eigenvalues of both with their relative
+            errors, the principal angles between the top-k eigenspaces, and, whole and per
+            block, the trace and Frobenius norm of ``G - K`` with standard errors, ``||G||_F``
+            and ``tr(K)`` (from the factors).
         layers: the per-module table.
         outliers: the bulk/outlier split of the top eigenvalues.
         stability: the GD and SGD verdicts at the training learning rate.
@@ -59,6 +64,7 @@ class Report:
     trace: dict | None = None
     density: dict | None = None
     ggn: dict | None = None
+    kfac: dict | None = None
     layers: tuple[LayerRow, ...] | None = None
     outliers: Outliers | None = None
     stability: tuple[Verdict, ...] | None = None
@@ -83,6 +89,7 @@ class Report:
             "trace": self.trace,
             "density": self.density,
             "ggn": self.ggn,
+            "kfac": self.kfac,
             "criteria": self.criteria,
         }
         if self.layers is not None:

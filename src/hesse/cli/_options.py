@@ -59,8 +59,9 @@ def add_source_options(group: argparse._ArgumentGroup) -> None:
 def add_common_options(group: argparse._ArgumentGroup) -> None:
     """Add the common options to ``group``."""
     group.add_argument(
-        "--curvature", choices=["hessian", "ggn", "fisher"],
-        help="curvature matrix (default: hessian; application commands name their own default)",
+        "--curvature", choices=["hessian", "ggn", "fisher", "kfac", "ekfac"],
+        help="curvature matrix (default: hessian; application commands name their own default). "
+        "kfac, ekfac: the Kronecker-factored GGN (analyze adds its gap to the exact GGN)",
     )  # fmt: skip
     group.add_argument("--budget", type=int, help="products per estimate (default 100)")
     group.add_argument("--seed", type=int, default=0, help="seed of the random probes")

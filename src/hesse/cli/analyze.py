@@ -8,6 +8,7 @@ import json
 import sys
 
 from ..analysis import SECTIONS, Options, prepare
+from ..analysis.options import KRONECKER
 from ..problem.objective import Objective
 from . import _inputs as inputs
 from ._inputs import UsageError
@@ -15,7 +16,10 @@ from ._options import DEFAULTS, DTYPES
 from ._problem import Problem, cli_words, load, use_threads
 
 COMMANDS = {
-    "analyze": (SECTIONS, "The full report: spectrum, trace, density, GGN, layers, stability."),
+    "analyze": (
+        SECTIONS,
+        "The full report: spectrum, trace, density, GGN (or KFAC's gap to it), layers, stability.",
+    ),
     "eigs": (("eigs",), "Largest and smallest eigenvalues with residual bounds (Lanczos)."),
     "trace": (("trace",), "Trace with standard error and 95% CI (Hutch++)."),
     "density": (("density",), "Spectral density by stochastic Lanczos quadrature."),
@@ -31,6 +35,7 @@ EXAMPLES = """examples:
   hesse {cmd} --model mymodels:make_net --data mymodels:make_data \\
               --params 'encoder.layer.5.*,classifier' --max-memory 8G
   hesse {cmd} --demo digits --checkpoint run.ckpt   # rerun the same line to resume
+  hesse {cmd} --demo digits --curvature kfac        # KFAC, and its gap to the exact GGN
 """
 
 
@@ -70,10 +75,16 @@ def _estimate(command: str, job):
 
     def say(seconds: float) -> None:
         most = job.max_products()
+        o = job.options
+        if o.curvature in KRONECKER and "kfac" in o.sections:  # the first is with the factors
+            why = "with the factors; each of the exact GGN's in the kfac section is a data pass"
+            eta = ""
+        else:
+            why = "with the graphs it keeps, later ones cost less"
+            eta = f", so at most ~{_duration(seconds * most)}"
         print(
-            f"hesse {command}: first product took {seconds:.2g} s (with the graphs it keeps, "
-            f"later ones cost less); at most {most} products planned, so at most "
-            f"~{_duration(seconds * most)}",
+            f"hesse {command}: first product took {seconds:.2g} s ({why}); at most {most} "
+            f"products planned{eta}",
             file=sys.stderr,
         )
 
@@ -114,6 +125,8 @@ CLI_WORDS = (
     ("raise max_memory", "raise --max-memory"),
     ("Objective(params=): ", "--params "),
     ("(params=)", "(--params)"),
+    ("(params=...)", "(--params)"),
+    ('curvature="ggn"', "--curvature ggn"),
 )
 """API words in ``analyze``/``plan`` messages and the command-line options they mean."""
 

@@ -3,17 +3,18 @@
 The big allocations of an analysis are few and predictable: the Lanczos basis of ``eigs``
 (``ncv + 1`` float64 vectors of the parameter dimension ``d``), the stochastic Lanczos
 quadrature of ``density`` (``steps + 1`` float64 vectors per probe processed together), the
-per-batch graphs that the curvature operators keep between products, and the widest block of
-columns pushed through the model at once. :func:`plan` measures the one unknown (the graph
-of one batch, by building it once) and adds the rest up, before any product runs; with
-``max_memory`` it chooses the probe group and block size that fit, or refuses.
+per-batch graphs that the curvature operators keep between products, the widest block of
+columns pushed through the model at once, and, for a Kronecker curvature, its factors.
+:func:`plan` measures the one unknown (the graph of one batch, by building it once) and adds
+the rest up, before any product runs; with ``max_memory`` it chooses the probe group and
+block size that fit, or refuses.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,16 +23,29 @@ import torch
 from ..problem._positions import sample_count
 from ..problem.objective import Objective
 from ._cache import AUTO_CACHE_FRACTION
+from ._kfac_layers import factor_shapes, find_groups, matrix_shape
 from ._memory import available_bytes, probe_group
 from ._memory import format_bytes as _size
 from .gauss_newton import FisherOperator, GGNOperator
 from .hessian import HessianOperator
+from .kfac import MAX_DENSE, EKFACOperator, KFACOperator
 
 BLOCK_FACTOR = 4
 """Copies of a ``(d, block_size)`` block alive during a product: the input, its per-parameter
 split, the per-column results and their concatenation."""
 
-_OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": FisherOperator}
+# A Kronecker curvature's products need no graph, but a run measures it against the exact GGN
+# (``curvature_gap``, the report's gap section), whose graphs it keeps.
+_OPERATORS = {
+    "hessian": HessianOperator,
+    "ggn": GGNOperator,
+    "fisher": FisherOperator,
+    "kfac": GGNOperator,
+    "ekfac": GGNOperator,
+}
+EIGH_ENTRIES = 4
+"""float64 ``n x n`` arrays alive while EKFAC decomposes a factor of size ``n``: its float64
+copy, the eigenvectors and LAPACK's workspace (about ``2 n^2`` for ``syevd``)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +56,8 @@ class MemoryPlan:
         dim: Parameters analysed ``d``.
         samples: Samples of this process's data (dim 0 of each batch).
         batches: Batches of this process's data.
-        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"``: whose graphs are kept.
+        curvature: ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"kfac"`` or ``"ekfac"`` (these two
+            keep the GGN's graphs, for the gap to the exact GGN).
         k: Eigenpairs ``eigs`` computes.
         ncv: Lanczos basis size of ``eigs`` (its default ``max(2k + 1, 20)``, at most ``d``).
         steps: Lanczos steps per probe of ``density`` (at most ``d``).
@@ -58,6 +73,12 @@ class MemoryPlan:
         graph_bytes: One batch's graph (measured on the first batch).
         graphs_bytes: The kept graphs, ``graph_bytes * batches``; one batch's when not kept.
         block_bytes: ``BLOCK_FACTOR * block_size * d * itemsize``, the widest product.
+        factor_bytes: A Kronecker curvature's factors (0 for the others):
+            ``KFACOperator.factor_bytes``; for EKFAC its ``factor_bytes``, plus KFAC's factors
+            that it is built from, plus the float64 eigendecomposition of its largest factor
+            (``EIGH_ENTRIES * 8 * n^2``).
+        largest_factor: The largest factor, e.g. ``"layer lm_head: output factor 50,257 x
+            50,257 (10.1 GB)"`` (``""`` when there are none).
         total_bytes: The sum of the items above.
         available_bytes: Memory free on the device when the plan was made.
         max_memory: The cap the plan was fitted to (None: no cap).
@@ -81,6 +102,8 @@ class MemoryPlan:
     graph_bytes: int
     graphs_bytes: int
     block_bytes: int
+    factor_bytes: int
+    largest_factor: str
     total_bytes: int
     available_bytes: int
     max_memory: int | None
@@ -90,11 +113,12 @@ class MemoryPlan:
         graphs = "kept" if self.keep_graphs else "not kept: one batch at a time"
         cap = "" if self.max_memory is None else f" of max {_size(self.max_memory)}"
         batches = f"{self.batches:,} batch{'es' * (self.batches != 1)}"
+        factors = f", factors {_size(self.factor_bytes)}" if self.largest_factor else ""
         return (
             f"plan: d={self.dim:,} params, {self.samples:,} samples in {batches}; "
             f"memory ~ {_size(self.total_bytes)}{cap} (basis {_size(self.basis_bytes)}, "
             f"probes {_size(self.probes_bytes)}, graphs {_size(self.graphs_bytes)} "
-            f"[{graphs}], block {_size(self.block_bytes)}); group={self.group}, "
+            f"[{graphs}], block {_size(self.block_bytes)}{factors}); group={self.group}, "
             f"block_size={self.block_size}"
             + ("" if self.fits else f"; does NOT fit ({_size(self.available_bytes)} free)")
         )
@@ -131,11 +155,18 @@ def plan(
           + \underbrace{(s+1)\,g\,d\,8}_{\text{density}}
           + \underbrace{B\,m_{\text{graph}}}_{\text{kept graphs}}
           + \underbrace{4\,b\,d\,\text{itemsize}}_{\text{widest product}}
+          + \underbrace{m_{\text{factors}}}_{\text{KFAC, EKFAC}}
 
     for ``d`` parameters, ``B`` batches whose graphs take :math:`m_{\text{graph}}` each
     (measured on the first batch: one forward and backward pass), ``s`` steps, a probe group
     ``g`` and a block of ``b`` columns. The items are not all alive at once (``eigs`` and
     ``density`` run one after the other), so ``M`` is an upper bound of the peak.
+
+    ``curvature="kfac"`` or ``"ekfac"`` adds the Kronecker factors, counted from the layer
+    shapes without building them (:attr:`MemoryPlan.factor_bytes`), and the graphs are the
+    GGN's (the gap to the exact GGN is measured with its products). No setting shrinks the
+    factors: a plan they do not fit is refused, naming the largest (a 50k-token LM head's
+    output factor is 10 GB in float32).
 
     Without ``group`` the probe group is the one ``density`` takes by default: as many probes as
     fit in ``GROUP_BYTES`` (1 GiB) of basis, at least one. Without ``max_memory`` the
@@ -154,14 +185,16 @@ def plan(
             lowered to fit ``max_memory``).
         block_size: Most columns per product (lowered to fit ``max_memory``).
         max_memory: Bytes the run may use, or None.
-        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
+        curvature: ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"kfac"`` or ``"ekfac"``.
 
     Returns:
         MemoryPlan.
 
     Raises:
-        MemoryPlanError: nothing fits ``max_memory`` (the message holds the smallest plan).
-        ValueError: a setting out of range.
+        MemoryPlanError: nothing fits ``max_memory`` (the message holds the smallest plan and,
+            for a Kronecker curvature, the largest factor).
+        ValueError: a setting out of range; for a Kronecker curvature, a module the factors
+            cannot cover (as ``KFACOperator`` says).
 
     Example:
         >>> import torch
@@ -183,6 +216,7 @@ def plan(
             raise ValueError(f"plan: {name} must be >= 1, got {value}.")
     if group is not None and not 1 <= group <= probes:
         raise ValueError(f"plan: group must be between 1 and probes={probes}, got {group}.")
+    factor_bytes, largest = _factors(objective, curvature)  # refuses an uncovered module early
     d, steps = objective.dim, min(steps, objective.dim)
     samples, batches, first = _count(objective.batches())
     graph = _OPERATORS[curvature](objective, max_cache_bytes=0)._measure_state(first)
@@ -197,6 +231,8 @@ def plan(
         "steps": steps,
         "probes": probes,
         "graph_bytes": graph,
+        "factor_bytes": factor_bytes,
+        "largest_factor": largest,
         "available_bytes": free,
         "max_memory": max_memory,
     }
@@ -224,12 +260,24 @@ def _fitted(
             p = sized(g, b, keep, max_memory)
         if p.fits:
             return p
-    raise MemoryPlanError(
+    raise MemoryPlanError(_refusal(p, max_memory), p)
+
+
+def _refusal(p: MemoryPlan, max_memory: int) -> str:
+    """Why the smallest plan ``p`` does not fit, and what to change."""
+    head = (
         f"plan: the run needs ~{_size(p.total_bytes)} even with the smallest settings, more "
-        f"than max_memory={_size(max_memory)}: {p}. Analyse fewer parameters (params=), lower "
-        "k, ncv or steps, or raise max_memory.",
-        p,
+        f"than max_memory={_size(max_memory)}: {p}."
     )
+    if p.factor_bytes <= max_memory:
+        fix = "Analyse fewer parameters (params=), lower k, ncv or steps, or raise max_memory."
+    else:
+        fix = (
+            f"The {p.curvature.upper()} factors alone take {_size(p.factor_bytes)}, the largest "
+            f"being {p.largest_factor}: leave that layer out (params=), use the exact products "
+            '(curvature="ggn": no factors), or raise max_memory.'
+        )
+    return f"{head} {fix}"
 
 
 def _sized(
@@ -243,11 +291,11 @@ def _sized(
         "probes_bytes": (fixed["steps"] + 1) * group * d * 8,
         "graphs_bytes": graphs,
         "block_bytes": BLOCK_FACTOR * block * d * itemsize,
+        "factor_bytes": fixed["factor_bytes"],
     }
     total = sum(sizes.values())
     return MemoryPlan(
-        **fixed,
-        **sizes,
+        **(fixed | sizes),
         group=group,
         block_size=block,
         keep_graphs=keep,
@@ -270,3 +318,41 @@ def _count(batches: Iterable) -> tuple[int, int, Any]:
 def _eigs_vectors(ncv: int, k: int) -> int:
     """Float64 ``d``-vectors alive at the peak of ``eigs`` (see its docstring, "Memory")."""
     return ncv + 3 if k == 1 else ncv + max(k + 3, 6)
+
+
+def _factors(objective: Objective, curvature: str) -> tuple[int, str]:
+    """Bytes of a Kronecker curvature's factors and its largest factor (``0, ""`` otherwise)."""
+    if curvature not in ("kfac", "ekfac"):
+        return 0, ""
+    factors = list(_each_factor(objective))
+    if not factors:
+        return 0, ""
+    total = KFACOperator.factor_bytes(objective)
+    if curvature == "ekfac":
+        # EKFAC is built from KFAC's factors, held while their eigenbases are formed in float64
+        side = max(f[2] for f in factors)
+        total += EKFACOperator.factor_bytes(objective) + EIGH_ENTRIES * 8 * side * side
+    entries, largest, _ = max(factors)
+    item = torch.empty((), dtype=objective.dtype).element_size()
+    return total, f"{largest} ({_size(entries * item)})"
+
+
+def _each_factor(objective: Objective) -> Iterator[tuple[int, str, int]]:
+    """``(entries, description, side)`` of each factor; ``side`` 0 for those never decomposed."""
+    for group in find_groups(objective, MAX_DENSE, "plan"):
+        if group.dense:
+            n = sum(objective.params[name].numel() for name in group.names)
+            yield n * n, f"layer {group.label}: exact block {n:,} x {n:,}", 0
+            continue
+        rows = matrix_shape(group, objective)[0]
+        for use in group.uses:
+            L, R = factor_shapes(use, objective, rows)
+            for shape, what in ((L, "output"), (R, "input")):
+                size = " x ".join(f"{s:,}" for s in shape)
+                kind = "diagonal" if len(shape) == 1 else "factor"
+                side = shape[0] if len(shape) == 2 else 0
+                yield (
+                    math.prod(shape),
+                    f"layer {use.module or '(root)'}: {what} {kind} {size}",
+                    side,
+                )

@@ -47,6 +47,7 @@ def render_html(doc: dict, plots: dict[str, bytes]) -> str:
         _spectrum(doc, plots),
         _density(plots),
         _layers(doc, plots),
+        _kfac(doc),
         _notes(doc),
         _reproduce(doc),
     ]
@@ -165,6 +166,37 @@ def _layers(doc: dict, plots: dict[str, bytes]) -> str:
         for r in doc["layers"]["rows"]
     ]  # fmt: skip
     return "<h2>Per-layer curvature</h2>" + _table(header, rows) + _img(plots, "layers.png", "")
+
+
+def _kfac(doc: dict) -> str:
+    """The gap of a Kronecker curvature K to the exact GGN G: top-k spectra, then per block."""
+    if "kfac" not in doc:
+        return ""
+    q = doc["kfac"]
+    status = "converged" if q["converged"] else f"not converged: {q['reason']}"
+    about = (
+        f"<p>{escape(q['approximation'])} (kind {escape(q['kind'])}, {escape(q['approx'])}) "
+        f"measured against the exact GGN with {q['n_matvecs']} GGN products "
+        f"(hesse.curvature_gap); eigenvalues {escape(status)}. Principal angles in radians, "
+        "ascending; a block-diagonal K misses the off-diagonal blocks of G, which the whole "
+        "row includes.</p>"
+    )
+    spectra = zip(q["exact_eigenvalues"], q["approx_eigenvalues"], q["eigenvalue_errors"],
+                  q["principal_angles"], strict=True)  # fmt: skip
+    top = [[i, g, k, "—" if e is None else e, a] for i, (g, k, e, a) in enumerate(spectra, 1)]
+    header = ["i", "λ_i(G)", "λ_i(K)", "relative error", "principal angle θ_i"]
+    gaps = [_gap_row(b) for b in [*q["blocks"], q["whole"]]]
+    columns = ["block", "parameters", "tr(G − K)", "± std. error", "tr(K)", "‖G − K‖_F",
+               "± std. error", "‖G‖_F", "‖G − K‖_F / ‖G‖_F"]  # fmt: skip
+    title = "<h2>Kronecker factors against the exact GGN</h2>"
+    return title + about + _table(header, top) + _table(columns, gaps)
+
+
+def _gap_row(b: dict) -> list[object]:
+    t, f = b["trace"], b["frobenius"]
+    relative = "—" if b["relative_frobenius"] is None else b["relative_frobenius"]
+    return [b["name"], b["dim"], t["value"], t["stderr"], b["approx_trace"], f["value"],
+            f["stderr"], b["exact_frobenius"]["value"], relative]  # fmt: skip
 
 
 def _notes(doc: dict) -> str:

@@ -65,6 +65,41 @@ LAYER: dict[str, Spec] = {
     "top_residual": Number,
     "converged": bool,
 }
+FROBENIUS: dict[str, Spec] = {
+    "value": Number,
+    "stderr": Number,
+    "ci95": [Number],
+    "n_matvecs": int,
+}
+BLOCK_GAP: dict[str, Spec] = {
+    "name": str,
+    "dim": int,
+    "trace": TRACE,
+    "approx_trace": Number,
+    "frobenius": FROBENIUS,
+    "exact_frobenius": FROBENIUS,
+    "relative_frobenius": Nullable(Number),
+}
+"""``G - K`` on one block (or the whole matrix): its trace and Frobenius norm, ``||G||_F``,
+``tr(K)`` from the factors; ``relative_frobenius`` is null when ``||G||_F`` is 0."""
+KFAC: dict[str, Spec] = {
+    "approximation": str,
+    "kind": str,
+    "approx": str,
+    "exact": str,
+    "k": int,
+    "exact_eigenvalues": [Number],
+    "approx_eigenvalues": [Number],
+    "eigenvalue_errors": [Nullable(Number)],
+    "principal_angles": [Number],
+    "whole": BLOCK_GAP,
+    "by": str,
+    "blocks": [BLOCK_GAP],
+    "converged": bool,
+    "reason": str,
+    "n_matvecs": int,
+}
+"""A Kronecker curvature ``K`` against the exact GGN ``G`` (``hesse.curvature_gap``)."""
 OUTLIERS: dict[str, Spec] = {
     "n_classes": Nullable(int),
     "expected": Nullable(int),
@@ -105,6 +140,7 @@ SCHEMA: dict[str, Spec] = {
     "density?": DENSITY,
     "ggn?": {"available": bool, "reason": Nullable(str), "eigs": Nullable(EIGS),
              "trace": Nullable(TRACE)},
+    "kfac?": KFAC,
     "layers?": {"by": str, "rows": [LAYER]},
     "outliers?": OUTLIERS,
     "stability?": {"lr": Number, "threshold": Number, "verdicts": [VERDICT]},

@@ -5,6 +5,8 @@ from __future__ import annotations
 import textwrap
 
 WIDTH = 100
+SYMBOLS = {"hessian": "Tr(H)", "ggn": "Tr(G)", "fisher": "Tr(F)", "kfac": "Tr(K)", "ekfac": "Tr(K)"}
+"""The trace's symbol for each analysed curvature."""
 
 
 def render_text(doc: dict) -> str:
@@ -17,7 +19,7 @@ def render_text(doc: dict) -> str:
         The summary, lines joined by newlines (no trailing newline).
     """
     sections = [_header(doc), _eigs(doc), _trace(doc), _outliers(doc), _criteria(doc)]
-    sections += [_layers(doc)]
+    sections += [_layers(doc), _kfac(doc)]
     sections += [_stability(doc), [_wrap(f"note: {note}") for note in doc["notes"]]]
     return "\n".join(line for lines in sections for line in lines)
 
@@ -55,7 +57,8 @@ def _eigs(doc: dict) -> list[str]:
 def _trace(doc: dict) -> list[str]:
     lines = []
     if "trace" in doc:
-        lines.append("trace:    " + _trace_line("Tr(H)", doc["trace"]))
+        symbol = SYMBOLS.get(doc["config"]["curvature"], "Tr")
+        lines.append("trace:    " + _trace_line(symbol, doc["trace"]))
     ggn = doc.get("ggn")
     if ggn and ggn["trace"]:
         lines.append("GGN:      " + _trace_line("Tr(G)", ggn["trace"]))
@@ -101,6 +104,42 @@ def _layers(doc: dict) -> list[str]:
             f"{_g(row['top_eigenvalue']):>10}"
         )
     return lines
+
+
+def _kfac(doc: dict) -> list[str]:
+    """The gap of a Kronecker curvature K to the exact GGN G: top-k spectra, then per block."""
+    if "kfac" not in doc:
+        return []
+    q = doc["kfac"]
+    status = "converged" if q["converged"] else "NOT converged"
+    title = (
+        f"{q['approximation']} (kind {q['kind']}, {q['approx']}) against the exact GGN: "
+        f"{q['n_matvecs']} GGN products, eigenvalues {status}"
+    )
+    head = f"{'i':>3}  {'λ_i(G)':>10}  {'λ_i(K)':>10}  {'rel. error':>10}  {'θ_i (rad)':>9}"
+    lines = ["", _wrap(title), head]
+    rows = zip(q["exact_eigenvalues"], q["approx_eigenvalues"], q["eigenvalue_errors"],
+               q["principal_angles"], strict=True)  # fmt: skip
+    for i, (g, k, err, angle) in enumerate(rows, start=1):
+        lines.append(f"{i:>3}  {_g(g):>10}  {_g(k):>10}  {_g(err, 3):>10}  {angle:>9.3f}")
+    blocks = [*q["blocks"], q["whole"]]
+    width = max(5, *(len(b["name"]) for b in blocks))
+    lines.append(f"{'block':<{width}}  {'params':>7}  {'tr(G−K) ± s.e.':>19}  {'tr(K)':>9}  "
+                 f"{'‖G−K‖F ± s.e.':>19}  {'‖G‖F':>9}  {'‖G−K‖/‖G‖':>9}")  # fmt: skip
+    return lines + [_gap_row(b, width) for b in blocks]
+
+
+def _gap_row(b: dict, width: int) -> str:
+    t, f = b["trace"], b["frobenius"]
+    return (
+        f"{b['name']:<{width}}  {b['dim']:>7}  {_pm(t['value'], t['stderr']):>19}  "
+        f"{_g(b['approx_trace']):>9}  {_pm(f['value'], f['stderr']):>19}  "
+        f"{_g(b['exact_frobenius']['value']):>9}  {_g(b['relative_frobenius'], 3):>9}"
+    )
+
+
+def _pm(value: float, stderr: float) -> str:
+    return f"{_g(value)} ± {_g(stderr, 2)}"
 
 
 def _stability(doc: dict) -> list[str]:
