@@ -7,6 +7,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 
@@ -265,7 +266,9 @@ def _analysed(obj: Objective, layers: Sequence[str] | None) -> dict[str, str]:
     return kept
 
 
-def _trace_scores(sub, chosen, curvature, budget, seed):
+def _trace_scores(
+    sub: Objective, chosen: dict[str, str], curvature: str, budget: int, seed: int
+) -> tuple[dict[str, dict], int]:
     op = curvature_operator(sub, curvature, "sensitivity")
     groups = {name: [param] for name, param in chosen.items()}
     found = block_traces(op, budget, groups=groups, seed=seed)
@@ -283,7 +286,9 @@ def _trace_scores(sub, chosen, curvature, budget, seed):
     return out, op.n_matvecs
 
 
-def _eig_scores(sub, chosen, curvature, budget, seed):
+def _eig_scores(
+    sub: Objective, chosen: dict[str, str], curvature: str, budget: int, seed: int
+) -> tuple[dict[str, dict], int]:
     op, out = curvature_operator(sub, curvature, "sensitivity"), {}
     reached = _reached(sub, chosen)
     for name, param in chosen.items():
@@ -311,7 +316,9 @@ def _reached(obj: Objective, chosen: dict[str, str]) -> set[str]:
     return found
 
 
-def _qbert_scores(sub, chosen, curvature, budget, seed):
+def _qbert_scores(
+    sub: Objective, chosen: dict[str, str], curvature: str, budget: int, seed: int
+) -> tuple[dict[str, dict], int]:
     tops: dict[str, list[float]] = {name: [] for name in chosen}
     used = 0
     for batch in sub.batches():
@@ -327,12 +334,15 @@ def _qbert_scores(sub, chosen, curvature, budget, seed):
     return out, used
 
 
-def _kfac_scores(sub, chosen, curvature, budget, seed):
+def _kfac_scores(
+    sub: Objective, chosen: dict[str, str], curvature: str, budget: int, seed: int
+) -> tuple[dict[str, dict], int]:
     """Each layer's KFAC block trace per weight, exact from the factors (no budget, no seed)."""
     K = KFACOperator(sub, kind=KFAC_KINDS[curvature])
     out = {}
     for name, param in chosen.items():
-        t, n = K.restrict([param]).trace(), sub.params[param].numel()
+        block = cast(KFACOperator, K.restrict([param]))  # a KFAC block restricts to one
+        t, n = block.trace(), sub.params[param].numel()
         out[name] = {
             "score": t / n,
             "trace": t,
