@@ -87,17 +87,6 @@ FACTORIES = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def env(tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "hesse-cache"
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HESSE_CACHE_DIR", str(cache))
-        load_demo("digits")
-        yield
-    torch.set_num_threads(threads)  # the demos run single-threaded; give the suite its threads
-
-
 @pytest.fixture(scope="module")
 def factories(tmp_path_factory):
     folder = tmp_path_factory.mktemp("factories")

@@ -3,25 +3,12 @@
 import json
 
 import pytest
-import torch
 
 from hesse.cli import main
-from hesse.demo import load_demo
 from hesse.report import validate
 
 SMALL = ["--k", "3", "--budget", "12", "--steps", "6", "--probes", "2", "--samples", "100"]
 BLOCKS = ["conv1", "conv2", "fc1", "fc2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def env(tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "hesse-cache"
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HESSE_CACHE_DIR", str(cache))
-        load_demo("digits")
-        yield
-    torch.set_num_threads(threads)  # the demos run single-threaded; give the suite its threads
 
 
 def run(argv, capsys):

@@ -30,7 +30,16 @@ MAX_DENSE = 4096
 class _Kronecker(Operator):
     """A block-diagonal operator of Kronecker-factored and exact dense blocks (the shared base)."""
 
-    def __init__(self, objective, kind, approx, seed, mc_samples, max_dense):
+    def __init__(
+        self,
+        objective: Objective,
+        kind: str = "exact",
+        approx: str = "expand",
+        *,
+        seed: int = 0,
+        mc_samples: int = 1,
+        max_dense: int = MAX_DENSE,
+    ):
         who = type(self).__name__
         _check_settings(who, kind, approx, mc_samples, max_dense)
         super().__init__(
@@ -207,18 +216,6 @@ class KFACOperator(_Kronecker):
         True
     """
 
-    def __init__(
-        self,
-        objective: Objective,
-        kind: str = "exact",
-        approx: str = "expand",
-        *,
-        seed: int = 0,
-        mc_samples: int = 1,
-        max_dense: int = MAX_DENSE,
-    ):
-        super().__init__(objective, kind, approx, seed, mc_samples, max_dense)
-
     def _factored(self, objective, groups, layouts, vectors) -> dict:
         who = type(self).__name__
         terms = factor_terms(objective, groups, layouts, vectors, self.approx, who)
@@ -273,18 +270,6 @@ class EKFACOperator(_Kronecker):
         >>> bool(abs(E.trace() - float(E.eigenvalues().sum())) < 1e-10)
         True
     """
-
-    def __init__(
-        self,
-        objective: Objective,
-        kind: str = "exact",
-        approx: str = "expand",
-        *,
-        seed: int = 0,
-        mc_samples: int = 1,
-        max_dense: int = MAX_DENSE,
-    ):
-        super().__init__(objective, kind, approx, seed, mc_samples, max_dense)
 
     def _factored(self, objective, groups, layouts, vectors) -> dict:
         who = type(self).__name__
