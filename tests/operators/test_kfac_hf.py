@@ -149,3 +149,17 @@ def test_gpt2_ekfac_scalings_are_the_ggn_diagonal_in_its_eigenbasis():
         kfac = K.restrict(block.names).to_dense()
         ekfac = E.restrict(block.names).to_dense()
         assert (ekfac - G).norm() <= (kfac - G).norm() * (1 + 1e-12), label
+
+
+def test_bert_key_biases_whose_gradient_softmax_cancels_are_not_refused():
+    # a key bias adds q·b to every score of a query, which softmax cancels: its gradient is
+    # round-off, and the coverage check refused it for a "relative difference" of round-off
+    from hf_models import bert_classifier, classifier_batches
+
+    torch.manual_seed(0)
+    obj = Objective(
+        bert_classifier(torch.float64), classifier_batches(sizes=(8, 8), lengths=(12, 9))
+    )
+    K = KFACOperator(obj)
+    assert K.shape == (obj.dim, obj.dim)
+    assert "bert.encoder.layer.0.attention.self.key" in K.factors
