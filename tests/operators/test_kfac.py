@@ -373,6 +373,36 @@ def test_class_weights_and_ignored_labels_are_weighted_as_the_objective():
         KFACOperator(obj, "mc")
 
 
+class _CausalAttention(nn.Module):
+    """Two causal attention heads written with three ``nn.Linear``, a head on the mean token."""
+
+    def __init__(self, d=8, classes=3):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (f(x).reshape(B, T, 2, D // 2).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(a.transpose(1, 2).reshape(B, T, D).mean(1))
+
+
+def test_causal_first_query_counts_alike_whatever_its_round_off():
+    """``A`` of ``q`` is the same for every kind: query 0 of every sample is left out.
+
+    Query 0 attends to one key, so its gradient is 0 mathematically: in floating point exactly
+    0 for some samples and round-off for others.
+    """
+    model = _model(12, _CausalAttention())
+    x = _randn(16, 6, 8, seed=2)
+    obj = Objective(model, (x, torch.randint(0, 3, (16,), generator=_gen(3))), F.cross_entropy)
+    A = {k: KFACOperator(obj, kind=k).factors["0.q"].terms[0][1] for k in ("exact", "empirical")}
+    assert _rel(A["empirical"], A["exact"]) < 1e-12
+    rows = torch.cat([x[:, 1:], torch.ones(16, 5, 1, dtype=DT)], 2).reshape(-1, 9)
+    assert _rel(A["exact"], rows.T @ rows / rows.shape[0]) < 1e-12  # query 0 of every sample out
+
+
 # ---------------------------------------------------------------------- coverage and refusals
 
 

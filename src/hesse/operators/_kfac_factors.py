@@ -11,8 +11,11 @@ the gradients over the shared positions (``"reduce"``, Eschenhagen et al. 2023),
 batch and process (``Objective.accumulate``), :math:`W` the objective's total weight and
 :math:`N_A` the number of rows in :math:`A`. An embedding's activation factor is the diagonal
 of its token counts (always ``"expand"``). Only the positions that some backpropagated vector
-reaches (a gradient not exactly 0) enter :math:`A` and :math:`N_A`: padding, ignored labels
-and the positions that predict nothing add no row, as they add nothing to the curvature.
+reaches enter :math:`A` and :math:`N_A`: padding, ignored labels and the positions that
+predict nothing add no row, as they add nothing to the curvature. A position counts as
+unreached when its largest gradient over the vectors is at most ``REACH_TOL · eps`` times the
+largest of its sample's (dim 0 row's) positions: a gradient that is zero mathematically (the
+first query of causal attention) is exactly 0 or round-off of that size, by sample.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from ..problem.objective import Objective
 from ._kfac_blocks import Layout, left, right
 from ._kfac_capture import BatchPass, Call, Vectors
 from ._kfac_layers import Group, Use, conv_padding, factor_shapes
+
+REACH_TOL = 1e3  # in units of the dtype's eps: round-off of a gradient that is zero mathematically
 
 
 def activation_rows(use: Use, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +103,7 @@ class UseSums:
     def __init__(self, use, objective, layout: Layout, approx: str, bp=None, i=0, who=""):
         self.calls = bp.calls[i] if bp is not None else []
         self.n, self.who = (bp.n if bp is not None else 0), who
-        self.live: list[torch.Tensor | None] = [None] * len(self.calls)
+        self.peak: list[torch.Tensor | None] = [None] * len(self.calls)
         L, R = factor_shapes(use, objective, layout.rows)
         act, grad = (L, R) if use.kind == "embedding" else (R, L)
         self.use, self.rows = use, layout.rows
@@ -112,21 +117,21 @@ class UseSums:
         return [self.act, self.count, self.grad]
 
     def add_gradients(self, grads: list[torch.Tensor | None]) -> None:
-        """Add one vector's output gradients (one per call), and mark the positions reached."""
+        """Add one vector's output gradients (one per call), and keep each position's largest."""
         for c, g in enumerate(grads):
             if g is None:
                 continue
             rows = gradient_rows(self.use, g)
             flat = rows.sum(1) if self.reduce else rows.flatten(0, 1)
             self.grad += flat.T @ flat
-            hit, seen = (rows != 0).any(-1), self.live[c]
-            self.live[c] = hit if seen is None else seen | hit
+            size, seen = rows.abs().amax(-1), self.peak[c]
+            self.peak[c] = size if seen is None else torch.maximum(seen, size)
 
     def add_activations(self) -> None:
-        """Add the input rows of the positions that some vector reached."""
-        for call, live in zip(self.calls, self.live, strict=True):
-            if live is not None:
-                self._add_rows(call, live)
+        """Add the input rows of the positions that some vector reached (beyond round-off)."""
+        for call, peak in zip(self.calls, self.peak, strict=True):
+            if peak is not None:
+                self._add_rows(call, reached(peak))
 
     def _add_rows(self, call: Call, live: torch.Tensor) -> None:
         if self.use.kind == "embedding":
@@ -149,6 +154,12 @@ class UseSums:
             a = a[live]
             self.act += a.T @ a
             self.count += a.shape[0]
+
+
+def reached(peak: torch.Tensor) -> torch.Tensor:
+    """The positions ``(n, positions)`` whose largest gradient is above their row's round-off."""
+    tol = REACH_TOL * torch.finfo(peak.dtype).eps
+    return peak > tol * peak.amax(1, keepdim=True)
 
 
 def factor_terms(
@@ -297,6 +308,10 @@ def eigen_scalings(
 
     :math:`\nabla_{n,c}` is sample :math:`n`'s gradient of the group's matrix for vector
     :math:`c` (summed over a tied weight's uses); the result is float64, ``(rows, cols)``.
+    The rows are rotated before the per-sample matrices are formed,
+    :math:`Q_L^\top (\sum_t g_t a_t^\top) Q_R = \sum_t (Q_L^\top g_t)(Q_R^\top a_t)^\top`
+    (the activations once per batch), and a group with one position per sample needs no
+    per-sample matrix: :math:`S \mathrel{+}= ((Q_L^\top g)^{\odot 2})^\top (Q_R^\top a)^{\odot 2}`.
     """
     uses = [(gi, u) for gi, g in enumerate(groups) if not g.dense for u in g.uses]
     if not uses:
@@ -309,18 +324,76 @@ def eigen_scalings(
             gi: torch.zeros(s, dtype=torch.float64, device=objective.device)
             for gi, s in shapes.items()
         }
+        acts = [
+            [_rotated_activations(use, call, layouts[gi], bases[gi][1]) for call in calls]
+            for (gi, use), calls in zip(uses, bp.calls, strict=True)
+        ]
+        single = _one_row_groups(uses, acts, bp.n)
         for v in vectors(index, bp):
             grads, _ = bp.gradients(v)
-            P = {gi: bp.f.new_zeros(bp.n, *s) for gi, s in shapes.items()}
-            for (gi, use), calls, gs in zip(uses, bp.calls, grads, strict=True):
-                for call, g in zip(calls, gs, strict=True):
-                    if g is not None:
-                        part = sample_gradients(use, call, g, shapes[gi][0])
-                        P[gi][:, :, columns(use, layouts[gi])] += per_sample(part, bp.n, use, who)
-            for gi, (QL, QR) in bases.items():
-                S[gi] += (right(left(QL, P[gi], transpose=True), QR).double() ** 2).sum(0)
+            P: dict[int, torch.Tensor] = {}
+            for (gi, use), calls, a_rot, gs in zip(uses, bp.calls, acts, grads, strict=True):
+                QL, QR = bases[gi]
+                for call, a, g in zip(calls, a_rot, gs, strict=True):
+                    if g is None:
+                        continue
+                    if gi in single:
+                        S[gi] += _squared_rows(gradient_rows(use, g)[:, 0], QL).T @ single[gi]
+                        continue
+                    part = _rotated_gradients(use, call, g, layouts[gi], QL, QR, a)
+                    part = per_sample(part, bp.n, use, who)
+                    P[gi] = P[gi] + part if gi in P else part
+            for gi, M in P.items():
+                S[gi] += (M.double() ** 2).sum(0)
         return torch.cat([S[gi].reshape(-1) for gi in shapes]), bp.w
 
     flat = objective.accumulate(term)
     pieces = torch.split(flat, [r * c for r, c in shapes.values()])
     return {gi: p.reshape(shapes[gi]) for gi, p in zip(shapes, pieces, strict=True)}
+
+
+def _rotated_activations(use: Use, call: Call, layout: Layout, QR) -> torch.Tensor | None:
+    """A linear or convolutional call's input rows in the group's columns, times ``Q_R``.
+
+    ``(n, positions, cols)``; None for an embedding (its rows are tokens, not activations).
+    """
+    if use.kind == "embedding":
+        return None
+    a, idx = activation_rows(use, call.x), columns(use, layout).to(call.x.device)
+    if QR is not None:
+        return a @ QR[idx]
+    out = a.new_zeros(*a.shape[:-1], layout.cols)
+    out[..., idx] = a
+    return out
+
+
+def _squared_rows(g: torch.Tensor, QL) -> torch.Tensor:
+    """Rows ``g`` times ``Q_L`` (``Q_L^T g`` for each row), squared in float64."""
+    return (g if QL is None else g @ QL).double() ** 2
+
+
+def _one_row_groups(uses, acts, n: int) -> dict[int, torch.Tensor]:
+    """Groups with a single call of a single use, one position per sample along dim 0.
+
+    Returns:
+        Per such group, its rotated activations squared in float64, ``(n, cols)``.
+    """
+    calls: dict[int, list] = {}
+    for (gi, _), a_rot in zip(uses, acts, strict=True):
+        calls.setdefault(gi, []).extend(a_rot)
+    return {
+        gi: cs[0][:, 0].double() ** 2
+        for gi, cs in calls.items()
+        if len(cs) == 1 and cs[0] is not None and cs[0].shape[:2] == (n, 1)
+    }
+
+
+def _rotated_gradients(use: Use, call: Call, g, layout: Layout, QL, QR, a) -> torch.Tensor:
+    """One call's gradients of the group's matrix per row of dim 0, in the eigenbasis."""
+    if a is not None:
+        gr = gradient_rows(use, g)
+        return torch.einsum("nso,nsc->noc", gr if QL is None else gr @ QL, a)
+    part = sample_gradients(use, call, g, layout.rows)
+    M = part.new_zeros(*part.shape[:2], layout.cols)
+    M[:, :, columns(use, layout)] = part
+    return right(left(QL, M, transpose=True), QR)
