@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from cli_env import digits_cache  # noqa: F401 (an autouse fixture: the demo's cache)
 
 from hesse import Objective, reference
 from hesse.cli import main

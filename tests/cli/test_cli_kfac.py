@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from cli_env import digits_cache  # noqa: F401 (an autouse fixture: the demo's cache)
 
 from hesse.cli import main
 from hesse.report import validate

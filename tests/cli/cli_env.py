@@ -1,4 +1,7 @@
-"""Command-line tests: the digits demo trained once per test process, in a cache of its own."""
+"""Command-line tests: the digits demo trained once per test process, in a cache of its own.
+
+Imported by the test modules that run the demo (an autouse fixture applies to its module).
+"""
 
 import pytest
 import torch
