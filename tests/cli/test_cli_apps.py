@@ -107,3 +107,16 @@ def test_a_self_contained_command_needs_no_source_and_refuses_one(monkeypatch, c
 def test_kronecker_methods_run_from_the_command_line(argv, tmp_path):
     # --method kfac needed --curvature ggn and then had no score words; --ihvp ekfac needed it too
     assert cli.main([*argv, "--out", str(tmp_path), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "fix"),
+    [
+        (["influence", "--demo", "digits", "--curvature", "kfac", "--query", "0:1"], "--ihvp kfac"),
+        (["quantize", "--demo", "digits", "--curvature", "ekfac"], "--method kfac"),
+    ],
+)
+def test_a_kronecker_curvature_where_it_is_no_option_is_a_usage_error(argv, fix, tmp_path, capsys):
+    # it failed deep inside with a ValueError (exit 1) instead of naming the option to use
+    assert cli.main([*argv, "--samples", "64", "--out", str(tmp_path), "--quiet"]) == 2
+    assert fix in capsys.readouterr().err

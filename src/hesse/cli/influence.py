@@ -72,6 +72,12 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
             "drop --curvature (or pass --curvature fisher), or use --ihvp cg for the "
             f"{curvature}."
         )
+    if curvature in ("kfac", "ekfac"):
+        raise UsageError(
+            f"--curvature {curvature} is not a matrix influence inverts by products; pass "
+            f"--ihvp {curvature} (Kronecker factors of the GGN, or of the Fisher with "
+            "--curvature fisher)."
+        )
     damping, spectrum = _damping(args, problem, curvature, dtype, params)
     result = influence(
         problem.model,

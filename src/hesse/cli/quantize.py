@@ -62,6 +62,11 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
         params=parse_params(args.params), dtype=DTYPES.get(args.dtype), device=args.device,
     )  # fmt: skip
     budget = args.budget or problem.defaults.get("budget", 100)
+    if args.curvature in ("kfac", "ekfac"):
+        raise UsageError(
+            f"--curvature {args.curvature} is not a matrix the sensitivity scores; pass "
+            "--method kfac for scores from the Kronecker factors of the GGN."
+        )
     sens = sensitivity(
         obj, bits, method=args.method, quantizer=quantizer, budget=budget, seed=args.seed,
         curvature=args.curvature, layers=layers,
