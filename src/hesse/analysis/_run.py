@@ -19,6 +19,7 @@ from ..operators import (
     KFACOperator,
     ModelOperator,
     Operator,
+    kronecker_operator,
 )
 from ..problem.objective import Objective
 from ._checkpoint import ProductLog, RecordingOperator, TimeUp
@@ -271,10 +272,8 @@ def _partial_note(missing: list[str], log: ProductLog) -> str:
 
 
 def _operator(objective: Objective, opts: Options, sizes: dict) -> Operator:
-    if opts.curvature == "kfac":
-        return KFACOperator(objective)
-    if opts.curvature == "ekfac":
-        return EKFACOperator(objective)
+    if opts.curvature in ("kfac", "ekfac"):
+        return kronecker_operator(objective, opts.curvature)
     if opts.curvature == "ggn":
         return GGNOperator(objective, **sizes)
     if opts.curvature == "fisher":

@@ -29,7 +29,6 @@ from ..operators import (
     Operator,
     WoodburyFisher,
 )
-from ..problem.objective import Objective
 
 METHODS = ("exact", "cg", "lissa", "woodbury", "kfac", "ekfac")
 KRONECKER: dict[str, type[KFACOperator] | type[EKFACOperator]] = {
@@ -37,7 +36,6 @@ KRONECKER: dict[str, type[KFACOperator] | type[EKFACOperator]] = {
     "ekfac": EKFACOperator,
 }
 """The Kronecker-factored methods and their operators."""
-KINDS = {"ggn": "exact", "fisher": "empirical"}
 """The ``kind`` of the Kronecker factors that approximate each curvature."""
 
 
@@ -275,14 +273,6 @@ def _woodbury(op, B, damping, tol, max_matvecs, seed, who):
     rel = _relative(op, X, B, damping)
     ok = bool((rel <= max(tol, 1e-6)).all())
     return X, InverseDiagnostics("woodbury", op.damping + damping, ok, B.shape[1], rel, tol)
-
-
-def kronecker_operator(obj: Objective, method: str, curvature: str) -> KFACOperator | EKFACOperator:
-    """The ``KFACOperator`` or ``EKFACOperator`` of ``obj`` approximating ``curvature``.
-
-    ``"ggn"``: factors of kind ``"exact"`` (the GGN's, KFLR); ``"fisher"``: ``"empirical"``.
-    """
-    return KRONECKER[method](obj, kind=KINDS[curvature])
 
 
 def _kronecker(method, op, B, damping, tol, max_matvecs, seed, who):

@@ -33,18 +33,23 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..operators import CURVATURES, Operator, WoodburyFisher, curvature_operator
+from ..operators import (
+    CURVATURES,
+    KRONECKER_KINDS,
+    Operator,
+    WoodburyFisher,
+    curvature_operator,
+    kronecker_operator,
+)
 from ..operators.plan import plan
 from ..problem._per_sample import SampleGradients, sample_gradients
 from ..problem.objective import Objective
 from ._grads import check_positions, check_same_layout, in_order
 from ._ihvp import (
-    KINDS,
     KRONECKER,
     METHODS,
     InverseDiagnostics,
     inverse_products,
-    kronecker_operator,
 )
 
 
@@ -298,7 +303,7 @@ def _check(ihvp: str, curvature: str | None, damping: float) -> tuple[str, str]:
 
 def _kronecker_curvature(ihvp: str, curvature: str | None) -> str:
     """The curvature whose Kronecker factors ``ihvp`` inverts: the GGN unless told otherwise."""
-    if curvature not in (None, *KINDS):
+    if curvature not in (None, *KRONECKER_KINDS):
         raise ValueError(
             f"influence(ihvp={ihvp!r}) inverts a Kronecker-factored approximation of the GGN "
             f"(curvature='ggn') or of the empirical Fisher (curvature='fisher'), not of the "

@@ -9,7 +9,7 @@ from .base import (
     ScaledOperator,
     SumOperator,
 )
-from .curvatures import CURVATURES, curvature_operator
+from .curvatures import CURVATURES, KRONECKER_KINDS, curvature_operator, kronecker_operator
 from .dense import DenseOperator, infer_tags
 from .gauss_newton import FisherOperator, GGNOperator
 from .hessian import HessianOperator
@@ -35,5 +35,7 @@ __all__ = [
     "SumOperator",
     "WoodburyFisher",
     "curvature_operator",
+    "KRONECKER_KINDS",
+    "kronecker_operator",
     "infer_tags",
 ]

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from ..linalg import solve
-from ..operators import PSD, SYMMETRIC, EKFACOperator, KFACOperator, Operator
-from ..operators._kfac_blocks import DenseBlock, EigenBlock, KronBlock
+from ..operators import PSD, SYMMETRIC, Operator, kronecker_operator
+from ..operators.kfac import DenseBlock, EigenBlock, KronBlock
 from ..problem.objective import Objective
 
 KRONECKER = ("kfac", "ekfac")
@@ -119,7 +119,7 @@ def kronecker_blocks(obj: Objective, kind: str) -> tuple[Eigenform, ...]:
 
     The factors are those of the GGN (``kind="exact"``, KFLR).
     """
-    K = (KFACOperator if kind == "kfac" else EKFACOperator)(obj, kind="exact")
+    K = kronecker_operator(obj, kind)
     positions = obj.space.split(torch.arange(obj.dim))
     return tuple(_eigenform(b, positions, obj.dtype) for b in K.factors.values())
 

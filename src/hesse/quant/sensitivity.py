@@ -12,13 +12,18 @@ from typing import cast
 import torch
 
 from ..linalg import block_traces, eigs
-from ..operators import CURVATURES, KFACOperator, curvature_operator
+from ..operators import (
+    CURVATURES,
+    KRONECKER_KINDS,
+    KFACOperator,
+    curvature_operator,
+    kronecker_operator,
+)
 from ..problem.objective import Objective
 from ._layers import batch_samples, macs_per_sample, output_axes, quantizable
 from .quantizer import Quantizer, check_bits
 
 METHODS = ("trace", "eig", "qbert", "kfac")
-KFAC_KINDS = {"ggn": "exact", "fisher": "empirical"}
 """The ``kind`` of the Kronecker factors that approximate each curvature (``method="kfac"``)."""
 RULE = (
     "omega[b] = max(s, 0) * delta_sq[b]: a layer whose score s comes out negative (flag "
@@ -240,7 +245,7 @@ def sensitivity(
 def _curvature(method: str, curvature: str | None) -> str:
     """The curvature of ``method``: the Hessian by default, the GGN for ``"kfac"``."""
     if method == "kfac":
-        if curvature not in (None, *KFAC_KINDS):
+        if curvature not in (None, *KRONECKER_KINDS):
             raise ValueError(
                 f"sensitivity(method='kfac'): Kronecker factors approximate the GGN "
                 f"(curvature='ggn') or the empirical Fisher (curvature='fisher'), not the "
@@ -338,7 +343,7 @@ def _kfac_scores(
     sub: Objective, chosen: dict[str, str], curvature: str, budget: int, seed: int
 ) -> tuple[dict[str, dict], int]:
     """Each layer's KFAC block trace per weight, exact from the factors (no budget, no seed)."""
-    K = KFACOperator(sub, kind=KFAC_KINDS[curvature])
+    K = kronecker_operator(sub, "kfac", curvature)
     out = {}
     for name, param in chosen.items():
         block = cast(KFACOperator, K.restrict([param]))  # a KFAC block restricts to one
