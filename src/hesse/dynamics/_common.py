@@ -9,8 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..problem._positions import sample_count
-
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
@@ -47,14 +45,3 @@ def one_batch(batches: list, who: str) -> Any:
         f"{who}: batches must hold tensors (tuples, lists or dicts of them) to be redrawn, got "
         f"{type(first).__name__}."
     )
-
-
-def count_samples(batch: Any, who: str) -> int:
-    """Samples in ``batch`` (dim 0 of its first tensor); a batch without a tensor is refused."""
-    n = sample_count(batch)
-    if n is None:
-        raise ValueError(
-            f"{who}: the data holds no tensor to count its samples by (dim 0); pass batches of "
-            "tensors, or tuples, lists or dicts of them."
-        )
-    return n

@@ -11,9 +11,9 @@ import torch
 
 from ..linalg import eigs
 from ..operators import curvature_operator
-from ..problem._positions import rows_of
+from ..problem._positions import rows_of, samples_in
 from ..problem.objective import Objective
-from ._common import count_samples, one_batch
+from ._common import one_batch
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def batch_spectrum(
         (True, (4, 64))
     """
     data = one_batch(list(obj.batches()), "batch_spectrum")
-    n = count_samples(data, "batch_spectrum")
+    n = samples_in(data, "batch_spectrum")
     sizes = tuple(n if B == "full" else int(B) for B in batch_sizes)
     if samples < 1 or any(not 1 <= B <= n for B in sizes):
         raise ValueError(

@@ -11,9 +11,9 @@ import torch
 from ..linalg import EigResult, TraceResult, eigs, frobenius_norm, trace
 from ..linalg._util import t_quantile
 from ..operators import HessianOperator
-from ..problem._positions import rows_of, sample_count
+from ..problem._positions import rows_of, sample_count, samples_in
 from ..problem.objective import Objective
-from ._common import count_samples, one_batch
+from ._common import one_batch
 from .sgd_verdicts import BatchNoise, sgd_verdict
 from .verdicts import Verdict, gd_threshold, gd_verdict, omitted
 
@@ -198,7 +198,7 @@ def _batch_noise(
     lam, res = float(top.values[0]), float(top.residuals[0])
     sharpness = (lam - res, lam + res if top.converged else math.inf)
     data = one_batch(list(obj.batches()), "stability")
-    n = count_samples(data, "stability")
+    n = samples_in(data, "stability")
     squared = frobenius_norm(HessianOperator(obj), budget, seed=seed).squared
     gen = torch.Generator().manual_seed(seed)
     every = n <= max_samples

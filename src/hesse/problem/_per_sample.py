@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.func import grad, vmap
 
-from ._positions import rows_of, sample_count
+from ._positions import rows_of, samples_in
 from .objective import Objective
 
 HOW = ("auto", "vmap", "loop")
@@ -115,7 +115,7 @@ def sample_weights(objective: Objective, batch: Any) -> torch.Tensor:
             "sample_weights: a loss_fn= objective gives its weights with its losses; use "
             "batch_gradients (its SampleGradients.weights)."
         )
-    n = _count(batch)
+    n = samples_in(batch, "per-sample gradients")
     rows = (rows_of(batch, slice(i, i + 1)) for i in range(n))
     return torch.tensor([objective.batch_weight(r) for r in rows], dtype=torch.float64)
 
@@ -174,7 +174,7 @@ def _unsqueezed(batch: Any) -> Any:
 
 def _looped(objective: Objective, batch: Any, size: int) -> SampleGradients:
     """One backward pass per chunk of ``size`` samples, through ``Objective.batch_loss``."""
-    n = _count(batch)
+    n = samples_in(batch, "per-sample gradients")
     chunks = (rows_of(batch, slice(s, min(s + size, n))) for s in range(0, n, size))
     grads, weights, losses = zip(*(_term_gradient(objective, c) for c in chunks), strict=True)
     w = torch.tensor(weights, dtype=torch.float64)
@@ -191,13 +191,3 @@ def _term_gradient(objective: Objective, batch: Any) -> tuple[torch.Tensor, floa
         )
     mean = value.detach() / w if w else value.detach()
     return objective.space.join(dict(zip(params, g, strict=True))), w, mean
-
-
-def _count(batch: Any) -> int:
-    n = sample_count(batch)
-    if n is None:
-        raise ValueError(
-            "per-sample gradients: a batch holds no tensor to count its samples by (dim 0); "
-            "pass batches of tensors, or dicts of them."
-        )
-    return n

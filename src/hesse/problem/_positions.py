@@ -223,6 +223,17 @@ def sample_count(batch: Any) -> int | None:
     return next((n for n in map(sample_count, items) if n is not None), None)
 
 
+def samples_in(batch: Any, who: str) -> int:
+    """:func:`sample_count`, refusing a batch without a tensor (the error starts with ``who``)."""
+    n = sample_count(batch)
+    if n is None:
+        raise ValueError(
+            f"{who}: a batch holds no tensor to count its samples by (dim 0); pass batches of "
+            "tensors, or tuples, lists or dicts of them."
+        )
+    return n
+
+
 def rows_of(batch: Any, index: slice | torch.Tensor) -> Any:
     """The samples ``index`` (a slice or an index tensor of dim 0) of every tensor of a batch.
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 
 from ..problem._per_sample import batch_gradients
-from ..problem._positions import rows_of, sample_count
+from ..problem._positions import rows_of, samples_in
 from ..problem.objective import Objective
 
 AUTO_M = 256
@@ -60,7 +59,7 @@ def collect_gradients(
             f"collect_gradients: m must be 'auto', None or >= 1 and batch_size >= 1, got "
             f"m={m!r}, batch_size={batch_size}."
         )
-    sizes = [_count(b) for b in obj.batches()]
+    sizes = [samples_in(b, "collect_gradients") for b in obj.batches()]
     n_chunks = sum(-(-n // batch_size) for n in sizes)
     if isinstance(m, str):  # "auto", as checked above
         m = min(AUTO_M, n_chunks)
@@ -107,11 +106,3 @@ def _drawn(n: int, m: int | None, seed: int) -> set[int]:
         return set(range(n))
     gen = torch.Generator().manual_seed(seed)
     return set(torch.randperm(n, generator=gen)[:m].tolist())
-
-
-def _count(batch: Any) -> int:
-    """Samples in a batch (dim 0 of its first tensor); a batch without a tensor is refused."""
-    n = sample_count(batch)
-    if n is None:
-        raise ValueError("collect_gradients: a batch holds no tensor to count samples from.")
-    return n
