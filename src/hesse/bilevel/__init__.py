@@ -1,0 +1,1 @@
+"""Bilevel optimisation on Hessian-vector products (hypergradients without inverting)."""

@@ -1,0 +1,1 @@
+"""Optimal-transport numerics (entropic OT solved by Sinkhorn and sparse Newton steps); imports nothing of hesse."""
