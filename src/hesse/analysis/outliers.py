@@ -14,12 +14,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import losses
+
 EXPECTED = {
     "cross_entropy": (-1, "C - 1 for cross-entropy"),
     "nll": (-1, "C - 1 for cross-entropy (NLL of log-softmax)"),
     "mse": (0, "C for squared loss"),
 }
-"""Offset from the number of classes to the expected number of outliers, per loss."""
+"""Offset from the number of classes to the expected number of outliers, for torch's losses.
+
+Every other loss that :mod:`hesse.losses` names predicts its own count (``OutputLoss.outliers``:
+the directions in which its output Hessian curves upward: ``C - 1`` for all comp-sum losses,
+``C - 2`` for the Z-loss, 1 or 2 for AnyLoss)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,8 @@ def find_outliers(
     Args:
         values: top eigenvalues, descending.
         n_classes: number of classes ``C``, or None.
-        loss_name: ``"cross_entropy"``, ``"mse"`` or another loss (no prediction then).
+        loss_name: ``"cross_entropy"``, ``"mse"``, a :mod:`hesse.losses` name, or another
+            loss (no prediction then).
         loss: the training loss, quoted when explaining a mismatch.
 
     Returns:
@@ -70,19 +77,42 @@ def find_outliers(
     gaps = tuple(a / b for a, b in zip(positive, positive[1:], strict=False))
     n = max(range(len(gaps)), key=gaps.__getitem__) + 1 if gaps else None
     ratio = gaps[n - 1] if n else None
-    expected, rule = _expected(n_classes, loss_name)
+    expected, rule = expected_outliers(n_classes, loss_name)
     matches = None if n is None or expected is None else n == expected
     text = _describe(values, n, gaps, expected, rule, matches, loss)
     return Outliers(n_classes, expected, rule, n, ratio, gaps, matches, text)
 
 
-def _expected(n_classes: int | None, loss_name: str) -> tuple[int | None, str]:
-    if loss_name not in EXPECTED:
-        return None, f"no prediction for the loss {loss_name!r}"
-    offset, rule = EXPECTED[loss_name]
+def expected_outliers(n_classes: int | None, loss_name: str) -> tuple[int | None, str]:
+    """The outlier count that a loss predicts for ``C`` classes, and the rule behind it.
+
+    Args:
+        n_classes: ``C``, or None.
+        loss_name: torch's ``"cross_entropy"``, ``"mse"``, ``"nll"``, or a :mod:`hesse.losses`
+            name (``"gce:q=0.7"``, ``"zloss:a=1,b=1"``, as ``Objective.loss_spec.kind`` has it).
+
+    Returns:
+        ``(count, rule)``; the count is None without a prediction or without ``C``.
+
+    Example:
+        >>> expected_outliers(10, "gce:q=0.7")[0], expected_outliers(10, "mse")[0]
+        (9, 10)
+    """
+    if loss_name in EXPECTED:
+        offset, rule = EXPECTED[loss_name]
+        count = None if n_classes is None else n_classes + offset
+    else:
+        try:
+            loss = losses.parse(loss_name)
+        except ValueError:
+            return None, f"no prediction for the loss {loss_name!r}"
+        rule = f"{loss.outlier_rule} for {loss_name}"
+        count = None if n_classes is None else loss.outliers(n_classes)
+        if count is None and n_classes is not None:
+            return None, f"no prediction for {loss_name}: {loss.outlier_rule}"
     if n_classes is None:
         return None, rule + " (number of classes unknown; pass n_classes)"
-    return n_classes + offset, rule
+    return count, rule
 
 
 def _describe(values, n, gaps, expected, rule, matches, loss) -> str:

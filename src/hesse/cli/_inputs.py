@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from hesse import losses
 from hesse.problem._positions import is_batch, sample_count
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -234,9 +235,20 @@ def _kind(obj: object) -> str:
 
 
 def load_loss(name: str) -> Callable:
-    """``cross_entropy``, ``mse`` or a ``pkg.mod:fn`` taking ``(outputs, targets)``."""
+    """``cross_entropy``, ``mse``, a :mod:`hesse.losses` name or a ``pkg.mod:fn``.
+
+    A :mod:`hesse.losses` name carries its parameters after a colon, comma-separated:
+    ``gce:q=0.7``, ``mae``, ``sum_exp``, ``comp_sum:tau=0.5``, ``zloss:a=2,b=1``,
+    ``anyloss:metric=f_beta,beta=1,L=73``, ``adv_comp_sum:tau=1,nu=1`` (see
+    ``hesse.losses.parse``); a dotted name before a colon is a ``pkg.mod:fn``.
+    """
     if name in LOSSES:
         return LOSSES[name]
+    if name.partition(":")[0] in losses.NAMES:
+        try:
+            return losses.parse(name)
+        except ValueError as err:
+            raise UsageError(f"--loss {err}") from None
     loss = load_object(name, "--loss")
     if not callable(loss):
         raise UsageError(

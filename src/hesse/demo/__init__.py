@@ -68,7 +68,8 @@ def load_demo(
 
     Args:
         name: ``"digits"`` or ``"tiny-lm"``.
-        loss: ``"cross_entropy"`` or ``"mse"`` (digits only: squared loss on one-hot targets).
+        loss: ``"cross_entropy"`` or ``"mse"`` (digits only: squared loss on one-hot targets);
+            the digits demo also takes multi-class :mod:`hesse.losses` names (``"gce:q=0.7"``).
         seed: seed of the initialisation, of the batch order and of the held-out split.
         holdout: fraction of the samples kept out of training (a seeded random split), for
             measuring test loss and accuracy; their model is trained (and cached) on the rest.

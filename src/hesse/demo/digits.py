@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import losses as hesse_losses
 from ._demo import Demo, split
 
 N_CLASSES = 10
@@ -21,7 +22,10 @@ class Config:
 
     Training stops at the end of the first epoch whose full-data loss is at most
     ``target()``: the outlier structure of the Hessian is clearest at a moderate loss,
-    before the model interpolates and the curvature collapses.
+    before the model interpolates and the curvature collapses. ``loss`` is ``cross_entropy``,
+    ``mse`` or a multi-class :mod:`hesse.losses` name (``gce:q=0.7``, ``mae``, ``zloss``...);
+    training with the latter stops on the cross-entropy instead, so that every loss is
+    compared at the same fit.
     """
 
     loss: str = "cross_entropy"
@@ -36,7 +40,7 @@ class Config:
         """``target_loss``, or the loss's default: 0.1 for cross-entropy, 0.01 for MSE."""
         if self.target_loss is not None:
             return self.target_loss
-        return {"cross_entropy": 0.1, "mse": 0.01}[self.loss]
+        return {"mse": 0.01}.get(self.loss, 0.1)
 
 
 def build_model(config: Config) -> nn.Module:
@@ -73,14 +77,25 @@ def dataset(config: Config) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def loss_function(config: Config):
-    """``F.cross_entropy`` or ``F.mse_loss`` according to ``config.loss``."""
+    """``F.cross_entropy``, ``F.mse_loss`` or the :mod:`hesse.losses` loss ``config.loss`` names."""
     losses = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
-    if config.loss not in losses:
+    if config.loss in losses:
+        return losses[config.loss]
+    try:
+        loss = hesse_losses.parse(config.loss)
+    except ValueError as err:
+        raise ValueError(f"digits demo: {err}") from None
+    if not isinstance(loss, (hesse_losses.CompSum, hesse_losses.ZLoss)):
         raise ValueError(
-            f"digits demo: loss {config.loss!r} is not supported; expected one of "
-            f"{', '.join(losses)}."
+            f"digits demo: {config.loss} is not a loss of (n, 10) logits and class labels; "
+            "the digits demo takes cross_entropy, mse, the comp-sum losses and zloss."
         )
-    return losses[config.loss]
+    return loss
+
+
+def _monitor(config: Config):
+    """The loss whose full-data value stops training: the training loss for torch's losses."""
+    return loss_function(config) if config.loss == "mse" else F.cross_entropy
 
 
 def parts(config: Config) -> tuple[tuple, tuple]:
@@ -93,7 +108,7 @@ def parts(config: Config) -> tuple[tuple, tuple]:
 def train(model: nn.Module, config: Config, *, progress: bool = False) -> dict:
     """Train with plain mini-batch SGD (no momentum) until ``target_loss`` or ``max_epochs``."""
     (inputs, targets), _ = parts(config)
-    loss = loss_function(config)
+    loss, monitor = loss_function(config), _monitor(config)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     epochs = tqdm(range(config.max_epochs), desc="training digits CNN", disable=not progress)
@@ -104,7 +119,7 @@ def train(model: nn.Module, config: Config, *, progress: bool = False) -> dict:
             loss(model(inputs[idx]), targets[idx]).backward()
             optimizer.step()
         with torch.no_grad():
-            full_loss = loss(model(inputs), targets).item()
+            full_loss = monitor(model(inputs), targets).item()
         epochs.set_postfix(loss=f"{full_loss:.3f}")
         if full_loss <= config.target():
             break
@@ -142,7 +157,8 @@ def make_demo(model: nn.Module, config: Config, training: dict):
             f"SGD (lr {config.lr}, batch {config.batch_size}, {config.loss} loss) on "
             f"{len(inputs)} of scikit-learn's 1797 handwritten digits (8x8 pixels, {N_CLASSES} "
             f"classes){held_out} until "
-            f"the training loss reached {config.target()} ({training['epochs']} epochs)."
+            f"the training {'loss' if config.loss == 'mse' else 'cross-entropy'} reached "
+            f"{config.target()} ({training['epochs']} epochs)."
         ),
         training={"config": {**vars(config)}, **training},
         # One batch per data pass: at 8x8 pixels and 3658 parameters the cost of a product is

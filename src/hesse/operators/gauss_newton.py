@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad, vjp, vmap
 
+from ..losses import OutputLoss
 from ..problem.objective import Batch, Objective
 from ._autograd import (
     Linearization,
@@ -40,8 +41,12 @@ class GGNOperator(_Linearized):
     :math:`J_b` is the Jacobian of the model outputs on batch :math:`b` with respect to the
     parameters and :math:`H_b` the Hessian of the (weighted) loss with respect to the outputs
     (Schraudolph 2002, "Fast curvature matrix-vector products for second-order gradient
-    descent"). PSD when the loss is convex in the outputs (cross-entropy, MSE), which is
-    then tagged; pass ``psd=True`` to declare it for another convex loss. Each batch's
+    descent"). PSD when the loss is convex in the outputs, which is then tagged: each
+    recognised loss declares it (``objective.loss_spec.curvature.convex``: cross-entropy, MSE,
+    comp-sum with tau <= 1; not GCE, MAE, Z-loss or AnyLoss); pass ``psd=True`` to declare it for
+    another convex loss. A :mod:`hesse.losses` loss gives :math:`H_b` in closed form
+    (``hessian_product``) instead of autograd; a loss linear in the outputs (``nll_loss``)
+    is refused, its GGN being zero. Each batch's
     linearization (the graphs of :math:`f` and :math:`J^\top u`) is kept between products when
     it fits ``max_cache_bytes``, as the Hessian keeps its graphs.
 
@@ -73,26 +78,26 @@ class GGNOperator(_Linearized):
         block_size: int = 32,
         max_cache_bytes="auto",
     ):
-        kind = _loss_kind(objective)
-        if kind == "nll":
-            raise ValueError(
-                "GGNOperator: nll_loss is linear in its inputs (log-probabilities), so its GGN is "
-                "zero; let the model output logits and use loss=cross_entropy."
-            )
-        psd = kind in ("cross_entropy", "mse") if psd is None else psd
+        curvature, closed_form = _declared_curvature(objective)
+        convex = curvature is not None and curvature.convex
+        psd = convex if psd is None else psd
         tags = (SYMMETRIC, PSD) if psd else (SYMMETRIC,)
         super().__init__(objective, tags, block_size, max_cache_bytes)
+        self._closed_form = curvature if closed_form else None
 
     def _state(self, index: int, batch: Batch, lin: Linearization):
         obj = self.objective
         y, w = obj.targets(batch), obj.batch_weight(batch)
+        f, closed = lin.f.detach(), self._closed_form
+        if closed is not None:  # the loss's own closed form (hesse.losses)
+            return lin, lambda u: (w * closed.hessian_product(f, y, u),), w
 
         def loss(out: torch.Tensor) -> torch.Tensor:
             return obj.output_loss(out, y, w)
 
         # reverse-over-reverse on the small output space: forward mode through mse_loss's
         # backward fails on its constant target (an immutable ZeroTensor tangent)
-        hessian_out = vjp(grad(loss), lin.f.detach())[1]
+        hessian_out = vjp(grad(loss), f)[1]
         return lin, hessian_out, w
 
     def _apply(self, state, V: Tangents) -> tuple[Tangents, float]:
@@ -175,6 +180,28 @@ class FisherOperator(_Linearized):
 
     def _held_bytes(self, state) -> int:
         return (1 + len(state[1])) * nbytes(state[0].f)
+
+
+def _declared_curvature(objective: Objective) -> tuple[OutputLoss | None, bool]:
+    """The curvature the objective's loss declares, and whether its products are closed-form.
+
+    Raises:
+        ValueError: a loss linear in the outputs (``nll_loss``): its GGN is zero.
+    """
+    spec = objective.loss_spec
+    if spec is None or spec.curvature is None:
+        return None, False
+    if spec.curvature.linear:
+        hint = (
+            "let the model output logits and use loss=cross_entropy"
+            if spec.kind == "nll"
+            else "analyse the model with a loss that is not linear in the outputs"
+        )
+        raise ValueError(
+            f"GGNOperator: {spec.kind} is linear in its inputs, so its output Hessian and GGN "
+            f"are zero; {hint}."
+        )
+    return spec.curvature, spec.closed_form
 
 
 def _loss_kind(objective: Objective) -> str | None:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..losses import CompSum, OutputLoss, SquaredError, nll_curvature
+
 IGNORE_INDEX = -100  # torch's and transformers' default label for "not counted"
 
 _LOSS_FUNCTIONS: dict[Callable[..., torch.Tensor], str] = {
@@ -20,6 +22,13 @@ _LOSS_FUNCTIONS: dict[Callable[..., torch.Tensor], str] = {
 }
 LOSS_BY_KIND = {kind: fn for fn, kind in _LOSS_FUNCTIONS.items()}
 _LOSS_MODULES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.NLLLoss: "nll"}
+# torch's losses declare their output curvature through the hesse.losses that they equal
+# (label smoothing and class weights keep cross-entropy convex); autograd forms their products
+_CURVATURE: dict[str, OutputLoss] = {
+    "cross_entropy": CompSum(1.0),
+    "mse": SquaredError(),
+    "nll": nll_curvature,
+}
 _SETTINGS = {
     "cross_entropy": ("weight", "ignore_index", "reduction", "label_smoothing"),
     "nll": ("weight", "ignore_index", "reduction"),
@@ -48,12 +57,22 @@ class LossSpec:
         class_weighted: Per-class weights are set. The loss is then no negative
             log-likelihood, so there is no predictive distribution to sample a "true" Fisher from.
         label_smoothing: Cross-entropy smoothing (again no likelihood to sample from when > 0).
+        curvature: What the loss declares about its Hessian in the outputs (convexity, a zero
+            Hessian, the predicted outliers): a :class:`hesse.losses.OutputLoss`.
+        closed_form: The loss is a :mod:`hesse.losses` loss whose output-Hessian products
+            (``curvature.hessian_product``) replace autograd's in the GGN.
     """
 
     kind: str
     ignore_index: int | None = None
     class_weighted: bool = False
     label_smoothing: float = 0.0
+    curvature: OutputLoss | None = None
+    closed_form: bool = False
+
+    def __post_init__(self):
+        if self.curvature is None and self.kind in _CURVATURE:
+            object.__setattr__(self, "curvature", _CURVATURE[self.kind])
 
 
 @dataclass(frozen=True)
@@ -80,9 +99,11 @@ class ResolvedLoss:
 
 
 def loss_kind(loss: Callable | None) -> str | None:
-    """Which of torch's losses ``loss`` is: ``"cross_entropy"``, ``"mse"``, ``"nll"``, or None.
+    """Which recognised loss ``loss`` is: torch's, a :mod:`hesse.losses` one, or None.
 
-    Instances of the exact module classes, the functions of ``torch.nn.functional`` and
+    Torch's are ``"cross_entropy"``, ``"mse"`` and ``"nll"``; a :class:`hesse.losses.OutputLoss`
+    is known by its ``spec``, its name with its parameters (``"gce:q=0.7"``). Of torch's,
+    instances of the exact module classes, the functions of ``torch.nn.functional`` and
     ``functools.partial`` of those functions are recognised; their settings are read by
     :class:`~hesse.Objective` (``objective.loss_spec``). A subclass may compute another loss in
     its ``forward`` (a focal loss derived from ``nn.CrossEntropyLoss``), so it is not
@@ -96,6 +117,8 @@ def loss_kind(loss: Callable | None) -> str | None:
         >>> loss_kind(nn.MSELoss()), loss_kind(functools.partial(F.nll_loss)), loss_kind(Focal())
         ('mse', 'nll', None)
     """
+    if isinstance(loss, OutputLoss):
+        return loss.spec
     if isinstance(loss, functools.partial):
         loss = loss.func
     elif isinstance(loss, nn.Module):
@@ -128,6 +151,8 @@ def given_loss(
             f"first batch has the keys {sorted(first)}. Name the targets 'labels', pass "
             "(inputs, targets) batches (inputs may be a dict), or pass loss_fn=."
         )
+    if isinstance(loss, OutputLoss):
+        return _output_loss(loss)
     kind = loss_kind(loss)
     if kind is None:
         return ResolvedLoss(loss, None, "loss=")
@@ -150,6 +175,26 @@ def given_loss(
     )
     call = functools.partial(LOSS_BY_KIND[kind], **settings)
     return ResolvedLoss(call, spec, "loss=", class_weights=settings.get("weight"))
+
+
+def _output_loss(loss: OutputLoss) -> ResolvedLoss:
+    """A :mod:`hesse.losses` loss: its own closed-form curvature, or torch's cross-entropy.
+
+    Raises:
+        ValueError: a loss drawn anew at every call (EnsLoss), which is no fixed function.
+    """
+    if loss.stochastic:
+        raise ValueError(
+            f"Objective: loss={loss.spec} draws a new random loss at every call, so the "
+            "objective would change between evaluations and its curvature products would be "
+            "noise (its per-step output Hessian is 0 anyway: the loss is linear in the outputs). "
+            "Train with it, then analyse the trained model with a fixed calibrated loss, e.g. "
+            "loss=torch.nn.functional.binary_cross_entropy_with_logits."
+        )
+    if isinstance(loss, CompSum) and loss.tau == 1:  # exactly torch's cross-entropy
+        return ResolvedLoss(F.cross_entropy, LossSpec("cross_entropy", IGNORE_INDEX), "loss=")
+    spec = LossSpec(loss.spec, curvature=loss, closed_form=True)
+    return ResolvedLoss(loss, spec, "loss=")
 
 
 def _settings(loss: Callable, kind: str) -> dict[str, Any]:
@@ -183,6 +228,8 @@ def target_weight(
         >>> target_weight(torch.tensor([2, -100, 0]), LossSpec("cross_entropy", -100))
         2.0
     """
+    if spec is not None and spec.closed_form:  # hesse.losses: a mean over rows
+        return float(y.shape[0])
     if y.is_floating_point():
         if spec is not None and spec.kind == "cross_entropy":  # class probabilities
             return float(y.numel() // y.shape[min(1, y.dim() - 1)])
