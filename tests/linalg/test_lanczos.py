@@ -60,10 +60,10 @@ def test_orthogonalize_reorthogonalizes_only_when_the_norm_drops():
     Q = torch.linalg.qr(torch.randn(50, 5, generator=gen, dtype=DT))[0]
     far = torch.randn(50, generator=gen, dtype=DT)
     near = Q @ torch.ones(5, dtype=DT) + 1e-9 * far
-    passes = []
+    passes, unsharded = [], Counted(torch.eye(50, dtype=DT))
     for w in (far, near):
         with CountMatmuls() as count:
-            h, g, r, norm = orthogonalize(w, Q, torch.zeros(50, 0, dtype=DT))
+            h, g, r, norm = orthogonalize(w, Q, torch.zeros(50, 0, dtype=DT), unsharded)
         passes.append(count.n // 2)
         assert norm == pytest.approx(float(r.norm()), rel=1e-15)
         assert (Q.T @ r).abs().max() <= 1e-14 * norm

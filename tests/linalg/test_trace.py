@@ -5,6 +5,7 @@ import torch
 
 import hesse
 from cases import DT, dense, objective, sym_matrix
+from hesse.linalg._util import Counted
 from hesse.linalg.trace import MIN_SAMPLES, _Spread
 from hesse.problem.params import ParamSpace
 
@@ -231,7 +232,7 @@ def test_block_traces_refuse_an_input_without_a_layout():
 def test_the_variance_accumulator_does_not_write_into_its_input():
     W = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=DT)
     before = W.clone()
-    spread = _Spread()
+    spread = _Spread(Counted(torch.eye(6, dtype=DT)))
     spread.add(W)
     assert torch.equal(W, before)
     centred = W - W.mean(1, keepdim=True)

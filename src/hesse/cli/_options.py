@@ -39,7 +39,9 @@ def add_source_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--weights", metavar="FILE", help="state dict (torch.load weights_only)")
     group.add_argument(
         "--loss",
-        help="cross_entropy | mse | PKG.MOD:FN (default cross_entropy; with --hf the model's "
+        help="cross_entropy | mse | a hesse.losses name with its parameters (gce:q=0.7, mae, "
+        "sum_exp, comp_sum:tau=T, zloss:a=A,b=B, anyloss:metric=f_beta,beta=1,L=73, "
+        "adv_comp_sum:tau=T,nu=V) | PKG.MOD:FN (default cross_entropy; with --hf the model's "
         "own loss)",
     )
     group.add_argument(
@@ -70,6 +72,11 @@ def add_common_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--threads", type=int, help="torch CPU threads (default: 1 for demos, else torch's)"
     )
+    group.add_argument(
+        "--shard", action="store_true",
+        help="under torchrun: shard the parameters over the processes (FSDP2 fully_shard per "
+        "layer and at the root) and split the batches; every process gets the same numbers",
+    )  # fmt: skip
 
 
 def add_method_options(group: argparse._ArgumentGroup) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -10,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import losses
 from ..demo import load_demo
 from ..problem import hf
+from ..problem._shard import my_batches, shard_model
 from . import _inputs as inputs
 from ._inputs import UsageError
 
@@ -51,10 +54,11 @@ class Problem:
 def from_demo(args: argparse.Namespace, progress: bool, holdout: float = 0.0) -> Problem:
     """A built-in demo (``--demo``), with ``holdout`` of its samples held out when > 0."""
     loss = args.loss or "cross_entropy"
-    if loss not in inputs.LOSSES:
+    if loss not in inputs.LOSSES and loss.partition(":")[0] not in losses.NAMES:
         raise UsageError(
-            f"--loss {loss!r} with --demo: the demos train with cross_entropy or mse; "
-            "a custom loss needs --model and --data."
+            f"--loss {loss!r} with --demo: the demos train with cross_entropy, mse or a "
+            "hesse.losses name (gce:q=0.7, mae, zloss, ...); a custom loss needs --model and "
+            "--data."
         )
     try:
         demo = load_demo(args.demo, loss=loss, holdout=holdout, progress=progress)
@@ -140,8 +144,19 @@ def cli_words(message: str, words: tuple) -> str:
 def load(args: argparse.Namespace, progress: bool, holdout: float = 0.0) -> Problem:
     """The problem the command line names: a demo (with ``holdout``), an HF folder or factories."""
     if args.demo:
-        return from_demo(args, progress, holdout=holdout)
-    return from_hf(args) if args.hf else from_factories(args)
+        problem = from_demo(args, progress, holdout=holdout)
+    else:
+        problem = from_hf(args) if args.hf else from_factories(args)
+    return sharded(problem) if getattr(args, "shard", False) else problem
+
+
+def sharded(problem: Problem) -> Problem:
+    """``--shard``: the model sharded with FSDP2 and this process's share of the batches."""
+    try:
+        model = shard_model(problem.model)
+        return dataclasses.replace(problem, model=model, data=my_batches(problem.data))
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def use_threads(args: argparse.Namespace) -> None:

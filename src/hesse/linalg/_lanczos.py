@@ -28,9 +28,14 @@ computed in the operator's dtype) is what the last term, one unit of round-off o
 dtype, stands for: of ``E`` the run sees only its components along the basis (for a symmetric
 operator they are all that ``K`` holds) and along the next direction (inside ``C``), not its
 size as a whole; :math:`\varepsilon\,\|A\|` is the error of a product of a unit vector whose
-entries are each rounded once. The basis, its inner products and norms are
+entries are each rounded once. Products that carry a measured error of their own
+(finite differences: ``Counted.error``, per unit input) add it to that term, and may be that
+far from symmetric. The basis, its inner products and norms are
 float64 whatever the operator's dtype; only ``A @ F`` runs in the operator's dtype (Paige 1976:
-the accuracy of Lanczos is set by the arithmetic of its basis).
+the accuracy of Lanczos is set by the arithmetic of its basis). Where a float64 basis does not
+fit, ``eigs(basis_dtype=torch.float32)`` stores it in float32 (half the memory): its inner
+products and norms are still float64 sums (in row chunks), and the bounds add what storing
+rounds away, :math:`\varepsilon_{\text{basis}} \sqrt{n}\,\|A\|`.
 
 Every new vector is orthogonalized against the basis with the DGKS test (Daniel, Gragg, Kaufman
 & Stewart 1976): another pass only when a pass shrank the vector by more than
@@ -58,8 +63,10 @@ ASYMMETRY = 0.5  # the exponent of eps: the largest relative asymmetry accepted
 ROWS = 1 << 16  # rows per chunk when a restart rotates the basis in place
 
 
-def basis_dtype(device: torch.device) -> torch.dtype:
-    """float64, except on Apple's MPS, which has no float64."""
+def basis_dtype(device: torch.device, chosen: torch.dtype | None = None) -> torch.dtype:
+    """``chosen``, or float64, except on Apple's MPS, which has no float64."""
+    if chosen is not None:
+        return chosen
     return torch.float32 if torch.device(device).type == "mps" else F64
 
 
@@ -87,7 +94,10 @@ class Lanczos:
         self.op, self.gen, self.anorm = op, gen, anorm
         self.eps = torch.finfo(op.dtype).eps
         width = capacity + start.shape[1]
-        self.V = torch.zeros(op.d, width, dtype=basis_dtype(op.device), device=op.device)
+        dtype = basis_dtype(op.device, op.basis_dtype)
+        self.V = torch.zeros(op.d, width, dtype=dtype, device=op.device)
+        # a basis stored below float64 loses orthogonality by its own round-off: bounds say so
+        self.eps_basis = 0.0 if dtype == F64 else torch.finfo(dtype).eps
         no_lock = torch.zeros(op.d, 0, dtype=self.V.dtype, device=op.device)
         self.L = no_lock if locked is None else locked.to(self.V)
         self.n, self.b = 0, 0
@@ -108,7 +118,7 @@ class Lanczos:
     @property
     def room(self) -> int:
         """Directions left: ``d`` minus the basis, the frontier and the locked vectors."""
-        return self.op.d - self.n - self.b - self.L.shape[1]
+        return self.op.dim - self.n - self.b - self.L.shape[1]
 
     def append(self, z: torch.Tensor | None = None) -> bool:
         """Add ``z`` (default: a random vector) to the frontier, uncoupled; False if dependent."""
@@ -117,8 +127,8 @@ class Lanczos:
         if z is None:
             z = gaussian(self.gen, self.op.d, 1, self.op, self.V.dtype)[:, 0]
         z = z.to(self.V)
-        size = float(torch.linalg.vector_norm(z))
-        _, _, z, norm = orthogonalize(z, self.V[:, : self.n + self.b], self.L)
+        size = float(self.op.norm(z))
+        _, _, z, norm = orthogonalize(z, self.V[:, : self.n + self.b], self.L, self.op)
         if not norm > 1e-10 * size:
             return False
         self.V[:, self.n + self.b].copy_(z).div_(norm)
@@ -140,14 +150,14 @@ class Lanczos:
                 "operator (a half-precision one may overflow: try float32)."
             )
         W = W.to(self.V)
-        self.anorm = max(self.anorm, float(torch.linalg.vector_norm(W, dim=0).max()))
+        self.anorm = max(self.anorm, float(self.op.norm(W, dim=0).max()))
         floor = BREAKDOWN * self.eps * self.anorm
         coef = torch.zeros(n + 2 * b, b, dtype=F64)
         G = torch.zeros(self.L.shape[1], b, dtype=F64)
         D = torch.zeros(0, b, dtype=F64)
         a = 0
         for j in range(b):
-            h, G[:, j], w, beta = orthogonalize(W[:, j], self.V[:, : n + b + a], self.L)
+            h, G[:, j], w, beta = orthogonalize(W[:, j], self.V[:, : n + b + a], self.L, self.op)
             coef[: n + b + a, j] = h
             if beta > floor:
                 self.V[:, n + b + a].copy_(w).div_(beta)
@@ -174,7 +184,8 @@ class Lanczos:
         """
         n = self.n
         worst = max(float(K[:n].abs().max()) if n else 0.0, 2 * float(K[n:].abs().max()))
-        limit = self.eps**ASYMMETRY * self.anorm
+        # approximate products (finite differences) are symmetric only up to their error
+        limit = max(self.eps**ASYMMETRY * self.anorm, 4 * self.op.error)
         if worst > limit:
             raise ValueError(
                 f"{self.op.name or 'Lanczos'}: the operator is not symmetric: <A q_j, q_i> and "
@@ -208,12 +219,15 @@ class Lanczos:
             self.anorm = max(self.anorm, float(theta.abs().max()))
         norm = torch.linalg.vector_norm
         bounds = norm(self.C @ S, dim=0) + norm(self.G @ S, dim=0) + norm(self.K @ S, dim=0)
-        return theta, S, bounds + (self.D @ S).abs().sum(0) + self.eps * self.anorm
+        # the products' own error, and what a basis stored below float64 rounds away
+        stored = self.eps_basis * math.sqrt(self.n + self.b) * self.anorm
+        rounding = self.eps * self.anorm + self.op.error + stored
+        return theta, S, bounds + (self.D @ S).abs().sum(0) + rounding
 
     def vectors(self, S: torch.Tensor) -> torch.Tensor:
         """Unit Ritz vectors ``V S`` ``(d, j)``, normalized in float64 (in place: no copy)."""
         X = self.V[:, : self.n] @ S.to(self.V)
-        return X.div_(torch.linalg.vector_norm(X, dim=0))
+        return X.div_(self.op.norm(X, dim=0))
 
     def restart(self, theta: torch.Tensor, S: torch.Tensor, keep: torch.Tensor) -> None:
         """Thick restart (Wu & Simon 2000): keep the Ritz vectors ``keep`` and the frontier."""
@@ -235,7 +249,7 @@ class Lanczos:
 
 
 def orthogonalize(
-    w: torch.Tensor, Q: torch.Tensor, L: torch.Tensor
+    w: torch.Tensor, Q: torch.Tensor, L: torch.Tensor, op: Counted
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     r"""Remove from ``w`` its components along ``Q`` and ``L`` (DGKS test).
 
@@ -247,22 +261,26 @@ def orthogonalize(
         w: ``(d,)`` the vector, in the dtype of ``Q``.
         Q: ``(d, n)`` orthonormal columns (the basis and the frontier).
         L: ``(d, l)`` orthonormal columns, orthogonal to ``Q`` (the locked vectors).
+        op: The counted operator, whose inner products sum over the processes when its
+            vectors are shards.
 
     Returns:
         ``(h, g, w, norm)``: the float64 coefficients along ``Q`` ``(n,)`` and ``L`` ``(l,)`` on
         the CPU, the orthogonal remainder ``(d,)`` and its norm.
     """
-    h = torch.zeros(Q.shape[1], dtype=Q.dtype, device=Q.device)
-    g = torch.zeros(L.shape[1], dtype=Q.dtype, device=Q.device)
-    norm, own = float(torch.linalg.vector_norm(w)), False
+    acc = Q.dtype if Q.device.type == "mps" else F64
+    h = torch.zeros(Q.shape[1], dtype=acc, device=Q.device)
+    g = torch.zeros(L.shape[1], dtype=acc, device=Q.device)
+    norm, own = float(op.norm(w)), False
     for _ in range(3):
         for B, coef in ((Q, h), (L, g)):
             if B.shape[1]:
-                c = B.T @ w
-                w = w.addmv_(B, c, alpha=-1) if own else torch.addmv(w, B, c, alpha=-1)
+                c = op.dot64(B, w)  # float64 sums whatever the basis dtype
+                cb = c.to(B.dtype)
+                w = w.addmv_(B, cb, alpha=-1) if own else torch.addmv(w, B, cb, alpha=-1)
                 own = True
                 coef += c
-        new = float(torch.linalg.vector_norm(w))
+        new = float(op.norm(w))
         if new > norm / math.sqrt(2) or new == 0.0:
             break
         norm = new

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..operators import SYMMETRIC, infer_tags
+from ..operators import SYMMETRIC, Operator, infer_tags
 
 
 @runtime_checkable
@@ -23,6 +23,16 @@ class OperatorLike(Protocol):
     device: Any
 
     def __matmul__(self, V: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Approximate(Protocol):
+    r"""An operator whose products carry a measured error (finite differences).
+
+    ``product_error`` bounds :math:`\|A v - \tilde A v\| / \|v\|` over the products made so far.
+    """
+
+    product_error: float
 
 
 @runtime_checkable
@@ -92,6 +102,21 @@ def as_operator(A: Any) -> Any:
     return A
 
 
+ROWS = 1 << 16  # rows per chunk of a float64 reduction of a lower-precision basis
+
+
+def shard_of(A: Any) -> Any:
+    """The ``Shard`` of an operator over local shards of the parameters (FSDP), or None."""
+    space = A.space if isinstance(A, Operator) else None
+    return None if space is None else space.shard
+
+
+def dimension(A: Any) -> int:
+    """The dimension of ``A`` (as :func:`as_operator` takes it): global when it is sharded."""
+    shard = shard_of(A)
+    return A.shape[0] if shard is None else shard.dim
+
+
 def _progress_bar(progress: bool | None, total: int | None, desc: str) -> tqdm:
     """A tqdm bar; ``progress=None`` shows it only on a terminal and only after a second."""
     if progress is None:
@@ -105,11 +130,20 @@ class Counted:
     Each product ``A @ V`` runs in ``A``'s dtype and on its device: ``V`` is cast first, and the
     result comes back in ``A``'s dtype.
 
+    It is also the one place where vectors meet across processes: an operator whose layout
+    (``A.space``) holds each process's local shard of the parameters (FSDP) has ``shard`` set,
+    and :meth:`total`, :meth:`norm` and :meth:`dot` sum their local parts over the processes in
+    float64; ``d`` is then the local length and ``dim`` the global one.
+
     Args:
         A: The operator.
         progress: Progress bar: True, False, or None (on a terminal, after a second).
         total: Products the bar counts up to.
         desc: The algorithm's name, for the bar and for error messages (``name``).
+
+    Attributes:
+        error: The largest error per unit input of the products so far (an
+            :class:`Approximate` operator's ``product_error``; 0 for exact products).
     """
 
     def __init__(
@@ -119,17 +153,58 @@ class Counted:
         if len(A.shape) != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"expected a square operator, got shape {tuple(A.shape)}.")
         self.A, self.d = A, A.shape[0]
+        self.shard = shard_of(A)
+        self.dim = self.d if self.shard is None else self.shard.dim
         self.dtype, self.device = A.dtype, torch.device(A.device)
-        self.n, self.name = 0, desc
+        self.n, self.name, self.error = 0, desc, 0.0
+        self.basis_dtype: torch.dtype | None = None  # of the Lanczos basis; None: float64
         self.bar = _progress_bar(progress, total, desc)
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
         self.n += V.shape[1]
         self.bar.update(V.shape[1])
-        return self.A @ V.to(device=self.device, dtype=self.dtype)
+        out = self.A @ V.to(device=self.device, dtype=self.dtype)
+        if isinstance(self.A, Approximate):  # what every bound must then allow for
+            self.error = max(self.error, float(self.A.product_error))
+        return out
 
     def close(self) -> None:
         self.bar.close()
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """A sum of local parts over the processes (float64); ``t`` itself on one process."""
+        return t if self.shard is None else self.shard.sum(t)
+
+    def norm(self, V: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """Euclidean norm of ``V`` (of its columns with ``dim=0``), over all shards."""
+        if self.shard is None:
+            if V.dtype == torch.float64 or V.device.type == "mps":
+                return torch.linalg.vector_norm(V, dim=dim)
+            return torch.linalg.vector_norm(V, dim=dim, dtype=torch.float64).to(V.dtype)
+        squares = V.double().square().sum() if dim is None else V.double().square().sum(dim)
+        return self.shard.sum(squares).sqrt().to(V.dtype)
+
+    def dot64(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """``X^T Y`` accumulated in float64 over all shards, whatever the dtype of ``X``.
+
+        A float64 ``X`` is multiplied as it is; a lower-precision one (a float32 basis) in row
+        chunks cast to float64, so that no float64 copy of it is ever whole.
+        """
+        if X.dtype == torch.float64 or X.device.type == "mps":
+            out = X.T @ Y
+        else:
+            out = torch.zeros((X.shape[1], *Y.shape[1:]), dtype=torch.float64, device=X.device)
+            for r in range(0, X.shape[0], ROWS):
+                out += X[r : r + ROWS].double().T @ Y[r : r + ROWS].double()
+        return self.total(out)
+
+    def dot(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """``X^T Y`` over all shards (in the dtype of ``X``)."""
+        return X.T @ Y if self.shard is None else self.shard.sum(X.T @ Y).to(X.dtype)
+
+    def rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a tensor laid out on the full (global) dimension."""
+        return full if self.shard is None else self.shard.local(full)
 
 
 @overload
@@ -204,9 +279,13 @@ def generator(seed: int) -> torch.Generator:
 def rademacher(
     gen: torch.Generator, d: int, k: int, like: Counted, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """``(d, k)`` random signs (Hutchinson 1989 probes) in ``dtype`` (default ``like.dtype``)."""
-    z = torch.randint(0, 2, (d, k), generator=gen, dtype=torch.int8) * 2 - 1
-    return z.to(device=like.device, dtype=dtype or like.dtype)
+    """``(d, k)`` random signs (Hutchinson 1989 probes) in ``dtype`` (default ``like.dtype``).
+
+    For a sharded ``like``, the local rows of the signs drawn for the full dimension: the same
+    probes on one process and on many.
+    """
+    z = torch.randint(0, 2, (like.dim if like.shard else d, k), generator=gen, dtype=torch.int8)
+    return like.rows(z * 2 - 1).to(device=like.device, dtype=dtype or like.dtype)
 
 
 def gaussian(
@@ -214,10 +293,11 @@ def gaussian(
 ) -> torch.Tensor:
     """``(d, k)`` standard normal entries, drawn in float64 on the CPU.
 
-    They go to ``like``'s device in ``dtype`` (default ``like.dtype``).
+    They go to ``like``'s device in ``dtype`` (default ``like.dtype``); for a sharded ``like``,
+    the local rows of those drawn for the full dimension (see :func:`rademacher`).
     """
-    z = torch.randn(d, k, generator=gen, dtype=torch.float64)
-    return z.to(device=like.device, dtype=dtype or like.dtype)
+    z = torch.randn(like.dim if like.shard else d, k, generator=gen, dtype=torch.float64)
+    return like.rows(z).to(device=like.device, dtype=dtype or like.dtype)
 
 
 def mean_ci(samples: torch.Tensor) -> tuple[float, float, tuple[float, float]]:

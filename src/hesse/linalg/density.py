@@ -10,7 +10,15 @@ import torch
 
 from ..operators._memory import probe_group
 from ._lanczos import Lanczos, basis_dtype, step
-from ._util import Counted, as_operator, generator, mean_ci, rademacher, require_symmetric
+from ._util import (
+    Counted,
+    as_operator,
+    dimension,
+    generator,
+    mean_ci,
+    rademacher,
+    require_symmetric,
+)
 from .trace import TraceResult
 
 
@@ -123,7 +131,7 @@ def density(
         raise ValueError(
             f"density: steps, probes and group must be >= 1, got {steps}, {probes}, {group}."
         )
-    d = A.shape[0]
+    d = dimension(A)
     steps = min(steps, d)
     group = probe_group(d, steps, probes, group)
     op, gen = Counted(A, progress, steps * probes, "density"), generator(seed)

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from ._lanczos import Lanczos, basis_dtype, step
-from ._util import Counted, as_operator, gaussian, generator, require_symmetric
+from ._lanczos import Lanczos, step
+from ._lanczos import basis_dtype as storage_dtype
+from ._util import Counted, as_operator, dimension, gaussian, generator, require_symmetric
 
 WHICH = ("largest", "smallest", "magnitude", "both")
 
@@ -60,6 +61,7 @@ def eigs(
     progress: bool | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     v0: Any = None,
+    basis_dtype: torch.dtype | None = None,
 ) -> EigResult:
     r"""``k`` extreme eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
@@ -111,6 +113,10 @@ def eigs(
             on a terminal when the run lasts more than a second).
         callback: Called as ``callback(n_matvecs, ritz_values, residual_bounds)`` at each step.
         v0: Warm start: a ``(d,)`` vector, a ``(d, j)`` block, or an earlier :class:`EigResult`.
+        basis_dtype: Storage of the Krylov basis: None (float64; float32 on MPS), or e.g.
+            ``torch.float32`` where ``hesse.plan`` says a float64 basis does not fit (half the
+            memory; inner products stay float64 sums and the bounds add the storage's
+            round-off, :math:`\varepsilon_{\text{basis}}\sqrt{n}\,\|A\|`).
             Its columns, normalized and summed, make the first start vector (the Krylov space
             of a sum of ``j`` eigenvectors holds all of them after ``j`` products); for
             ``k > 1`` a random vector joins it.
@@ -140,7 +146,7 @@ def eigs(
     """
     A = as_operator(A)
     require_symmetric(A, "eigs")
-    d = A.shape[0]
+    d = dimension(A)
     if which not in WHICH:
         raise ValueError(f"eigs: which must be one of {WHICH}, got {which!r}.")
     if not 1 <= k <= d:
@@ -155,7 +161,10 @@ def eigs(
     budget = max_matvecs or max(1000, 50 * k)
     if budget < k:
         raise ValueError(f"eigs: max_matvecs={budget} cannot find k={k} eigenpairs; give >= k.")
+    if basis_dtype is not None and not basis_dtype.is_floating_point:
+        raise ValueError(f"eigs: basis_dtype must be a floating dtype, got {basis_dtype}.")
     op = Counted(A, progress, budget, "eigs")
+    op.basis_dtype = basis_dtype
     search = _Search(op, which, tol, budget, generator(seed), callback)
     try:
         return search.run(k, b, ncv or max(2 * k + 1, 20), v0)
@@ -222,7 +231,7 @@ class _Search:
 
     def run(self, k: int, b: int, m: int, v0: Any) -> EigResult:
         """``k`` pairs from a start block of ``b`` vectors, restarting at ``m`` basis vectors."""
-        lz = Lanczos(self.op, min(m, self.op.d), self._start(v0, b), self.gen)
+        lz = Lanczos(self.op, min(m, self.op.dim), self._start(v0, b), self.gen)
         found, reason = self.round(lz, k, m), ""
         del lz  # its basis, before a check round builds another
         if not found.converged:
@@ -275,7 +284,7 @@ class _Search:
             The ``k`` most wanted pairs of ``found`` and of the complement, ``converged=False``
             when the budget ran out before the check ended.
         """
-        while found.vectors.shape[1] < self.op.d:
+        while found.vectors.shape[1] < self.op.dim:
             extra = self._complement(found.vectors, m, found.anorm)
             if not extra.converged:
                 return replace(found, converged=False, anorm=extra.anorm)
@@ -292,7 +301,7 @@ class _Search:
 
     def _complement(self, X: torch.Tensor, m: int, anorm: float) -> _Pairs:
         """The most wanted pair(s) of ``A`` on the complement of ``X``, from a random start."""
-        room = self.op.d - X.shape[1]
+        room = self.op.dim - X.shape[1]
         start = gaussian(self.gen, self.op.d, 1, self.op, X.dtype)
         lz = Lanczos(self.op, min(m, room), start, self.gen, locked=X, anorm=anorm)
         del start  # copied into the basis
@@ -300,24 +309,24 @@ class _Search:
 
     def _start(self, v0: Any, b: int) -> torch.Tensor:
         """``(d, b)`` start block: the warm start (if any), then random vectors."""
-        d, dtype = self.op.d, basis_dtype(self.op.device)
-        cols = [] if v0 is None else [_combined(v0, d, self.op.device, dtype)]
+        d, dtype = self.op.d, storage_dtype(self.op.device, self.op.basis_dtype)
+        cols = [] if v0 is None else [_combined(v0, self.op, dtype)]
         while len(cols) < b:
             cols.append(gaussian(self.gen, d, 1, self.op, dtype)[:, 0])
         return torch.stack(cols, 1)
 
 
-def _combined(v0: Any, d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _combined(v0: Any, op: Counted, dtype: torch.dtype) -> torch.Tensor:
     """The sum of the normalized columns of a warm start (vector, block or EigResult)."""
     V = torch.as_tensor(v0.vectors if isinstance(v0, EigResult) else v0)
-    V = V.to(device=device, dtype=dtype)
+    V, d = V.to(device=op.device, dtype=dtype), op.d
     V = V[:, None] if V.dim() == 1 else V
     if V.dim() != 2 or V.shape[0] != d or V.shape[1] == 0:
         raise ValueError(
             f"eigs: v0 must be a ({d},) vector, a ({d}, j) block or an EigResult of the same "
             f"operator, got shape {tuple(V.shape)}."
         )
-    return (V / torch.linalg.vector_norm(V, dim=0).clamp_min(1e-300)).sum(1)
+    return (V / op.norm(V, dim=0).clamp_min(1e-300)).sum(1)
 
 
 def _repeated(theta: torch.Tensor, bounds: torch.Tensor, b: int) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ._util import t_interval, t_quantile
+from ._util import Counted, t_interval, t_quantile
 from .trace import (
     TraceResult,
     _column_squares,
@@ -106,15 +106,15 @@ def frobenius_norm(
     return _norm_of(squared)
 
 
-def _squares(V: torch.Tensor, AV: torch.Tensor) -> tuple[float, float]:
+def _squares(op: Counted, V: torch.Tensor, AV: torch.Tensor) -> tuple[float, float]:
     r""":math:`\|AV\|_F^2` (float64), its own magnitude."""
-    s = float(_column_squares(AV).sum())
+    s = float(_column_squares(AV, op).sum())
     return s, s
 
 
-def _sample_squares(probes: _Probes, Q: torch.Tensor | None) -> _Sampled:
+def _sample_squares(op: Counted, probes: _Probes, Q: torch.Tensor | None) -> _Sampled:
     r"""The samples :math:`\|APz_i\|^2` of :math:`\|AP\|_F^2` with Hall's interval (see above)."""
-    parts = [_column_squares(APZ) for _, APZ in probes]
+    parts = [_column_squares(APZ, op) for _, APZ in probes]
     x = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     mean, se, ci = _skewt_interval(x)
     return _Sampled(mean, se, ci, mean, x.numel())

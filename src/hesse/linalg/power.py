@@ -44,11 +44,11 @@ def power_iteration(
     for i in range(k):
         w, theta, done = gaussian(gen, op.d, 1, op, dtype), None, False
         while op.n < budget * (i + 1) // k and not done:
-            v = w - X @ (X.T @ w)
-            v = v / torch.linalg.vector_norm(v)
+            v = w - X @ op.dot(X, w)
+            v = v / op.norm(v)
             Av = op(v).to(dtype)
-            new = float((v * Av).sum())
-            r = float(torch.linalg.vector_norm(Av - new * v))
+            new = float(op.total((v * Av).sum()))
+            r = float(op.norm(Av - new * v))
             done = theta is not None and abs(theta - new) / (abs(theta) + 1e-6) < tol
             theta, w = new, Av
         ok = ok and done

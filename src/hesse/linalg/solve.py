@@ -92,7 +92,7 @@ def solve(
     X = torch.zeros_like(B) if x0 is None else x0.reshape(B.shape).to(B).clone()
     k = B.shape[1]
     if max_matvecs is None:
-        max_matvecs = min(10 * op.d, 10_000) * k
+        max_matvecs = min(10 * op.dim, 10_000) * k
     _check_budget(max_matvecs, 2 * k, "solve", f" (2 per column of b, which has {k})")
     budget = max_matvecs - k  # k kept for the final residual
     tol = tol if tol is not None else default_tol(op.dtype)
@@ -107,8 +107,8 @@ def solve(
     else:
         s = scale or 1.1 * (_norm_estimate(op, min(20, max(1, budget // 2))) + damping)
         X = _lissa(apply, B, X, tol, budget, op, s)
-    res = torch.linalg.vector_norm((B - apply(X)).double(), dim=0).cpu()
-    ok = bool((res <= tol * torch.linalg.vector_norm(B.double(), dim=0).cpu()).all())
+    res = op.norm((B - apply(X)).double(), dim=0).cpu()
+    ok = bool((res <= tol * op.norm(B.double(), dim=0).cpu()).all())
     return SolveResult(X[:, 0] if b.dim() == 1 else X, ok, op.n, res)
 
 
@@ -116,8 +116,8 @@ def _cg(apply: Callable, B, X, tol, budget, op) -> torch.Tensor:
     """CG on every column at once, multiplying only the columns still running."""
     R = B - apply(X) if X.any() else B.clone()
     P = R.clone()
-    rs = (R.double() ** 2).sum(0)
-    stop = tol**2 * (B.double() ** 2).sum(0)
+    rs = op.total((R.double() ** 2).sum(0))
+    stop = tol**2 * op.total((B.double() ** 2).sum(0))
     live = rs > stop
     while live.any():
         idx = live.nonzero()[:, 0]
@@ -125,12 +125,12 @@ def _cg(apply: Callable, B, X, tol, budget, op) -> torch.Tensor:
             break
         Pa = P[:, idx]
         APa = apply(Pa)
-        pap = (Pa.double() * APa.double()).sum(0)
+        pap = op.total((Pa.double() * APa.double()).sum(0))
         ok = pap > 0  # non-positive curvature: not positive definite, this column stops here
         alpha = torch.where(ok, rs[idx] / pap.clamp_min(1e-300), 0.0)
         X[:, idx] += alpha.to(X) * Pa
         R[:, idx] -= alpha.to(R) * APa
-        rs_new = (R[:, idx].double() ** 2).sum(0)
+        rs_new = op.total((R[:, idx].double() ** 2).sum(0))
         P[:, idx] = R[:, idx] + (rs_new / rs[idx].clamp_min(1e-300)).to(R) * Pa
         rs[idx] = rs_new
         live[idx] = ok & (rs_new > stop[idx])
@@ -184,8 +184,8 @@ def _minres(apply: Callable, b, x, tol, budget, op) -> torch.Tensor:
         return apply(v[:, None])[:, 0]
 
     r1 = b - mv(x) if x.any() else b.clone()
-    beta = float(torch.linalg.vector_norm(r1.double()))
-    bnorm = float(torch.linalg.vector_norm(b.double()))
+    beta = float(op.norm(r1.double()))
+    bnorm = float(op.norm(b.double()))
     if beta <= tol * bnorm:
         return x
     y, r2 = r1.clone(), r1.clone()
@@ -197,10 +197,10 @@ def _minres(apply: Callable, b, x, tol, budget, op) -> torch.Tensor:
         y = mv(v)
         if oldb > 0:
             y = y - (beta / oldb) * r1
-        alfa = float((v.double() * y.double()).sum())
+        alfa = float(op.total((v.double() * y.double()).sum()))
         y = y - (alfa / beta) * r2
         r1, r2 = r2, y
-        oldb, beta = beta, float(torch.linalg.vector_norm(y.double()))
+        oldb, beta = beta, float(op.norm(y.double()))
         oldeps = epsln
         delta = cs * dbar + sn * alfa
         gbar = sn * dbar - cs * alfa
@@ -218,10 +218,10 @@ def _minres(apply: Callable, b, x, tol, budget, op) -> torch.Tensor:
 
 def _lissa(apply: Callable, B, X, tol, budget, op, s) -> torch.Tensor:
     Y = X * s
-    stop = tol * torch.linalg.vector_norm(B.double(), dim=0).cpu()
+    stop = tol * op.norm(B.double(), dim=0).cpu()
     while op.n + B.shape[1] <= budget:
         R = B - apply(Y) / s  # residual of (A + lam I)(Y / s) = B
-        if (torch.linalg.vector_norm(R.double(), dim=0).cpu() <= stop).all():
+        if (op.norm(R.double(), dim=0).cpu() <= stop).all():
             break
         Y = Y + R
     return Y / s

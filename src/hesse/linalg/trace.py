@@ -172,7 +172,7 @@ def block_traces(
     _need(budget, 2, "block_traces")
     op, gen = Counted(A), generator(seed)
     blocks, slices = A.space.blocks(by, groups), A.space.slices()
-    spreads = {name: _Spread() for name in blocks}
+    spreads = {name: _Spread(op) for name in blocks}
     for Z, AZ in _probes(op, gen, budget, block_size, None):
         W = Z * AZ
         for name, names in blocks.items():
@@ -225,8 +225,8 @@ def _estimate(
     block_size: int,
     progress: bool,
     *,
-    exact: Callable[[torch.Tensor, torch.Tensor], tuple[float, float]],
-    sample: Callable[[_Probes, torch.Tensor | None], _Sampled],
+    exact: Callable[[Counted, torch.Tensor, torch.Tensor], tuple[float, float]],
+    sample: Callable[[Counted, _Probes, torch.Tensor | None], _Sampled],
 ) -> TraceResult:
     r"""The estimator behind ``trace`` and ``frobenius_norm``: :math:`\mathrm{tr}(M)`.
 
@@ -242,37 +242,43 @@ def _estimate(
     op = Counted(A, progress, A.shape[0] if method == "exact" else budget, who)
     try:
         if method == "exact":
-            value = sum(exact(E, AE)[0] for E, AE in _identity_blocks(op, block_size))
-            return TraceResult(value, 0.0, (value, value), op.n, method)
+            value = sum(exact(op, E, AE)[0] for E, AE in _identity_blocks(op, block_size))
+            pad = op.dim * op.error  # approximate products: each of the d terms is that far off
+            return TraceResult(value, 0.0, (value - pad, value + pad), op.n, method)
         _need(budget, 2 if method == "hutchinson" else 4, f"{who}({method})")
         gen = generator(seed)
         Q, known, size = None, 0.0, 0.0
         if method == "hutch++":
             Q, AQ = _sketch(op, gen, budget)
-            known, size = exact(Q, AQ)
-        return _result(op, method, known, size, sample(_probes(op, gen, budget, block_size, Q), Q))
+            known, size = exact(op, Q, AQ)
+        probes = _probes(op, gen, budget, block_size, Q)
+        return _result(op, method, known, size, sample(op, probes, Q))
     finally:
         op.close()
 
 
 def _result(op: Counted, method: str, known: float, size: float, s: _Sampled) -> TraceResult:
     """``known + s`` as a ``TraceResult``, its interval widened by the round-off allowance."""
-    pad = _roundoff(op, size + s.size)
+    # approximate products: |z^T E z| <= ||z||^2 ||E|| = d ||E|| per probe, for sketch and samples
+    pad = _roundoff(op, size + s.size) + 2 * op.dim * op.error
     ci = (known + s.ci95[0] - pad, known + s.ci95[1] + pad)
     return TraceResult(known + s.mean, s.stderr, ci, op.n, method, s.converged, s.n)
 
 
-def _forms(V: torch.Tensor, AV: torch.Tensor) -> tuple[float, float]:
+def _forms(op: Counted, V: torch.Tensor, AV: torch.Tensor) -> tuple[float, float]:
     r""":math:`\mathrm{tr}(V^\top A V)` and the magnitude of its terms (float64)."""
     X = V * AV
-    return float(X.sum(dtype=torch.float64)), float(X.abs().sum(dtype=torch.float64))
+    value = op.total(X.sum(dtype=torch.float64))
+    return float(value), float(op.total(X.abs().sum(dtype=torch.float64)))
 
 
-def _sample_trace(probes: _Probes, Q: torch.Tensor | None, target: float | None) -> _Sampled:
+def _sample_trace(
+    op: Counted, probes: _Probes, Q: torch.Tensor | None, target: float | None
+) -> _Sampled:
     """Hutchinson samples of ``PAP`` until the probes end or ``target`` is met (see trace)."""
-    spread = _Spread()
+    spread = _Spread(op)
     for Z, APZ in probes:
-        spread.add(Z * _deflate(APZ, Q))  # w_i = z_i * (PAP z_i), summing to z_i^T PAP z_i
+        spread.add(Z * _deflate(APZ, Q, op))  # w_i = z_i * (PAP z_i), summing to z_i^T PAP z_i
         if target is not None and spread.n >= MIN_SAMPLES and spread.stderr <= target:
             break
     return spread.summary(converged=target is None or spread.stderr <= target)
@@ -283,11 +289,11 @@ class _Spread:
 
     Welford's update in float64, one column at a time (memory: a few ``d``-vectors), accurate
     also where :math:`w_i \approx \bar w`, as for a nearly diagonal matrix. The columns added are
-    only read.
+    only read. Its sums over entries run over all processes when ``op``'s vectors are shards.
     """
 
-    def __init__(self) -> None:
-        self.n, self.m2 = 0, 0.0
+    def __init__(self, op: Counted) -> None:
+        self.op, self.n, self.m2 = op, 0, 0.0
         self.w: torch.Tensor | None = None
 
     def add(self, W: torch.Tensor) -> None:
@@ -298,12 +304,12 @@ class _Spread:
             self.n += 1
             delta = w - self.w
             self.w += delta / self.n
-            self.m2 += float(delta @ (w - self.w))
+            self.m2 += float(self.op.total(delta @ (w - self.w)))
 
     @property
     def mean(self) -> float:
         r""":math:`\bar x = \sum_k \bar w_k`."""
-        return float(self.w.sum()) if self.w is not None else 0.0
+        return float(self.op.total(self.w.sum())) if self.w is not None else 0.0
 
     @property
     def stderr(self) -> float:
@@ -315,7 +321,7 @@ class _Spread:
     @property
     def size(self) -> float:
         r""":math:`\sum_k |\bar w_k|`, the magnitude of what each sample sums."""
-        return float(self.w.abs().sum()) if self.w is not None else 0.0
+        return float(self.op.total(self.w.abs().sum())) if self.w is not None else 0.0
 
     def summary(self, converged: bool = True) -> _Sampled:
         """Mean, standard error and t-interval (see ``trace``)."""
@@ -325,40 +331,58 @@ class _Spread:
 
 def _sketch(op: Counted, gen: torch.Generator, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hutch++'s ``Q = orth(A S)`` (at most ``d`` columns: more would span nothing new), ``AQ``."""
-    Q = torch.linalg.qr(op(rademacher(gen, op.d, min(budget // 3, op.d), op))).Q
+    Q = _orth(op, op(rademacher(gen, op.d, min(budget // 3, op.dim), op)))
     return Q, op(Q)
+
+
+def _orth(op: Counted, Y: torch.Tensor) -> torch.Tensor:
+    r"""An orthonormal basis of the columns of ``Y``: QR, or for shards Cholesky-QR twice.
+
+    Sharded columns have no local QR; their Gram matrix (summed over the processes) gives
+    :math:`Q = Y U \Lambda^{-1/2}` from :math:`Y^\top Y = U \Lambda U^\top`, repeated once to
+    orthonormality at round-off (CholQR2: Fukaya et al. 2014); directions with
+    :math:`\lambda \le \varepsilon \lambda_{\max}` are dropped (a rank-deficient sketch).
+    """
+    if op.shard is None:
+        return torch.linalg.qr(Y).Q
+    for _ in range(2):
+        lam, U = torch.linalg.eigh(op.dot(Y, Y).double().cpu())
+        keep = lam > lam.max().clamp_min(1e-300) * torch.finfo(Y.dtype).eps
+        Y = Y @ (U[:, keep] / lam[keep].sqrt()).to(Y)
+    return Y
 
 
 def _probes(
     op: Counted, gen: torch.Generator, budget: int, block_size: int, Q: torch.Tensor | None
 ) -> _Probes:
     """Blocks of Rademacher probes ``Z`` and ``A P Z`` (``P = I - QQ^T``) until the budget ends."""
-    if Q is not None and Q.shape[1] == op.d:
+    if Q is not None and Q.shape[1] == op.dim:
         return  # P = 0: the sketch is exact and samples would add nothing
     while op.n < budget:
         Z = rademacher(gen, op.d, min(block_size, budget - op.n), op)
-        yield Z, op(_deflate(Z, Q))
+        yield Z, op(_deflate(Z, Q, op))
 
 
-def _deflate(V: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
-    return V if Q is None else V - Q @ (Q.T @ V)
+def _deflate(V: torch.Tensor, Q: torch.Tensor | None, op: Counted) -> torch.Tensor:
+    return V if Q is None else V - Q @ op.dot(Q, V)
 
 
-def _column_squares(V: torch.Tensor) -> torch.Tensor:
-    """``||v_i||^2`` of each column, accumulated in float64, on the CPU."""
-    return (torch.linalg.vector_norm(V, dim=0, dtype=torch.float64) ** 2).cpu()
+def _column_squares(V: torch.Tensor, op: Counted) -> torch.Tensor:
+    """``||v_i||^2`` of each column (over all shards), accumulated in float64, on the CPU."""
+    return op.total(torch.linalg.vector_norm(V, dim=0, dtype=torch.float64) ** 2).cpu()
 
 
 def _roundoff(op: Counted, size: float) -> float:
     """Round-off allowance of a sum of ``d`` terms of total magnitude ``size``: ``sqrt(d) eps``."""
-    return math.sqrt(op.d) * torch.finfo(op.dtype).eps * size
+    return math.sqrt(op.dim) * torch.finfo(op.dtype).eps * size
 
 
 def _identity_blocks(op: Counted, block_size: int) -> _Probes:
     """Blocks ``E`` of identity columns and their products ``A E`` (``d`` products in all)."""
-    for i in range(0, op.d, block_size):
-        E = torch.zeros(op.d, min(block_size, op.d - i), dtype=op.dtype, device=op.device)
+    for i in range(0, op.dim, block_size):
+        E = torch.zeros(op.dim, min(block_size, op.dim - i), dtype=op.dtype, device=op.device)
         E[torch.arange(i, i + E.shape[1]), torch.arange(E.shape[1])] = 1
+        E = op.rows(E)  # a shard's rows of the global identity columns
         yield E, op(E)
 
 

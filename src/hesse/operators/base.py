@@ -191,9 +191,15 @@ class Operator:
         return {name: self._restrict(names) for name, names in blocks.items()}
 
     def to_dense(self, block_size: int = 256) -> torch.Tensor:
-        """The ``(d, d)`` matrix, built from products with identity columns (``d`` matvecs)."""
-        d = self.shape[0]
+        """The ``(d, d)`` matrix, built from products with identity columns (``d`` matvecs).
+
+        For an operator on local shards of parameters split across processes (FSDP), this
+        process's rows of the full matrix: ``(d_local, D)``, from the ``D`` global columns.
+        """
+        shard = None if self.space is None else self.space.shard
+        d = self.shape[0] if shard is None else shard.dim
         eye = torch.eye(d, dtype=self.dtype, device=self.device)
+        eye = eye if shard is None else shard.local(eye)
         return torch.cat([self @ eye[:, i : i + block_size] for i in range(0, d, block_size)], 1)
 
     def to_scipy(self):

@@ -13,6 +13,7 @@ from typing import cast
 
 import torch
 
+from ..problem._shard import refuse_sharded
 from ..problem.objective import Objective
 from ..problem.params import ParamSpace
 from ._kfac_blocks import DenseBlock, EigenBlock, KronBlock, Layout, eigenbasis
@@ -42,6 +43,7 @@ class _Kronecker(Operator):
     ):
         who = type(self).__name__
         _check_settings(who, kind, approx, mc_samples, max_dense)
+        refuse_sharded(objective, who, "Kronecker factors of sharded layers are not built yet")
         super().__init__(
             objective.dim, objective.dtype, objective.device, (SYMMETRIC, PSD), objective.space
         )

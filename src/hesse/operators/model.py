@@ -80,7 +80,9 @@ class ModelOperator(Operator):
 
     def _pass(self, V: torch.Tensor, product: Callable, items=None) -> torch.Tensor:
         """One pass over ``items`` (default: the batches) applying ``product`` per column chunk."""
-        space, size = self.objective.space, self.block_size
+        # sharded parameters (FSDP): the pass runs on full vectors, gathered from the shards
+        shard, space, size = self.objective.shard, self.objective.full_space, self.block_size
+        V = V if shard is None else shard.gather(V)
         chunks = [space.split(V[:, i : i + size]) for i in range(0, V.shape[1], size)]
 
         def term(index: int, item) -> tuple[torch.Tensor, float]:
@@ -91,7 +93,8 @@ class ModelOperator(Operator):
                     parts.append(space.join(out))
             return torch.cat(parts, dim=1), w
 
-        return self.objective.accumulate(term, items)
+        out = self.objective.accumulate(term, items)  # the sum over processes: all-reduced
+        return out if shard is None else shard.local(out)
 
     def _matmat_batch(self, index: int, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
         return self._apply(self._state_of(index, batch), V)

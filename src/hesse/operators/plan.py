@@ -83,6 +83,10 @@ class MemoryPlan:
         available_bytes: Memory free on the device when the plan was made.
         max_memory: The cap the plan was fitted to (None: no cap).
         fits: ``total_bytes`` is within ``max_memory`` (or within the free memory if None).
+        gathered_bytes: Under FSDP (parameters sharded across processes), the full parameters
+            the data pass holds on each process, ``D * itemsize`` (0 otherwise). Everything
+            else is per process: ``dim`` and the bases are the local shard's, while
+            ``block_bytes`` counts full ``D``-vectors (products gather their columns).
     """
 
     dim: int
@@ -108,6 +112,7 @@ class MemoryPlan:
     available_bytes: int
     max_memory: int | None
     fits: bool
+    gathered_bytes: int = 0
 
     def __str__(self) -> str:
         graphs = "kept" if self.keep_graphs else "not kept: one batch at a time"
@@ -217,7 +222,9 @@ def plan(
     if group is not None and not 1 <= group <= probes:
         raise ValueError(f"plan: group must be between 1 and probes={probes}, got {group}.")
     factor_bytes, largest = _factors(objective, curvature)  # refuses an uncovered module early
-    d, steps = objective.dim, min(steps, objective.dim)
+    # the algorithms' sizes follow the global dimension (the same on every process under FSDP)
+    d, full = objective.dim, objective.dim if objective.shard is None else objective.shard.dim
+    steps = min(steps, full)
     samples, batches, first = _count(objective.batches())
     graph = _OPERATORS[curvature](objective, max_cache_bytes=0)._measure_state(first)
     free = available_bytes(objective.device)
@@ -227,7 +234,7 @@ def plan(
         "batches": batches,
         "curvature": curvature,
         "k": k,
-        "ncv": min(ncv or max(2 * k + 1, 20), d),
+        "ncv": min(ncv or max(2 * k + 1, 20), full),
         "steps": steps,
         "probes": probes,
         "graph_bytes": graph,
@@ -235,10 +242,12 @@ def plan(
         "largest_factor": largest,
         "available_bytes": free,
         "max_memory": max_memory,
+        "full_dim": full,
+        "sharded": objective.shard is not None,
     }
     itemsize = torch.empty((), dtype=objective.dtype).element_size()
     sized = functools.partial(_sized, fixed, itemsize)
-    first_group = probe_group(d, steps, probes, group)
+    first_group = probe_group(full, steps, probes, group)
     if max_memory is None:
         keep = graph * batches <= AUTO_CACHE_FRACTION * free
         return sized(first_group, block_size, keep, free)
@@ -284,14 +293,17 @@ def _sized(
     fixed: dict[str, Any], itemsize: int, group: int, block: int, keep: bool, budget: int
 ) -> MemoryPlan:
     """The plan of the ``fixed`` items for a group, block size and graph keeping."""
-    d, graph = fixed["dim"], fixed["graph_bytes"]
+    fixed = dict(fixed)
+    d, graph, full = fixed["dim"], fixed["graph_bytes"], fixed.pop("full_dim")
+    sharded = fixed.pop("sharded")
     graphs = graph * fixed["batches"] if keep else graph
     sizes = {
         "basis_bytes": _eigs_vectors(fixed["ncv"], fixed["k"]) * d * 8,
         "probes_bytes": (fixed["steps"] + 1) * group * d * 8,
         "graphs_bytes": graphs,
-        "block_bytes": BLOCK_FACTOR * block * d * itemsize,
+        "block_bytes": BLOCK_FACTOR * block * full * itemsize,
         "factor_bytes": fixed["factor_bytes"],
+        "gathered_bytes": full * itemsize if sharded else 0,
     }
     total = sum(sizes.values())
     return MemoryPlan(

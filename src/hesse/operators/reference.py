@@ -19,6 +19,15 @@ from ..problem.objective import Batch, Objective
 from ._autograd import second_order
 
 
+def _unsharded(obj: Objective, who: str) -> None:
+    if obj.shard is not None:
+        raise ValueError(
+            f"{who}: the objective's parameters are sharded across processes (FSDP); the dense "
+            "references are of one process's full model: build the Objective on the unsharded "
+            "model, or use Operator.to_dense() (this process's rows of the full matrix)."
+        )
+
+
 def dense_hessian(obj: Objective) -> torch.Tensor:
     r"""The Hessian of the mean loss, formed column by column.
 
@@ -43,6 +52,7 @@ def dense_hessian(obj: Objective) -> torch.Tensor:
         >>> torch.allclose(dense_hessian(obj), 2 * X.T @ X / 8, rtol=1e-12, atol=0)
         True
     """
+    _unsharded(obj, "dense_hessian")
     theta = obj.space.join(obj.params)
 
     def term(i: int, batch: Batch) -> tuple[torch.Tensor, float]:
@@ -121,6 +131,7 @@ def _jacobian(
     obj: Objective, batch: Batch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Jacobian ``(m, d)`` of the flattened outputs, the outputs, targets and batch weight."""
+    _unsharded(obj, "hesse.reference")
 
     def outputs(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = obj.outputs(obj.space.split(t), batch)

@@ -27,6 +27,7 @@ from ._losses import (
 from ._modes import check_repeatable, check_train_mode
 from ._positions import as_batches, check_shards, positions, weighted_mean
 from ._selection import Selection, aliases, choose, resolve
+from ._shard import Shard, full_tensor, is_sharded, plain_module
 from .params import ParamSpace
 
 __all__ = ["Batch", "LossFn", "LossSpec", "Objective", "loss_kind"]
@@ -43,6 +44,13 @@ class Objective:
     batches are weighted exactly; a batch with :math:`w_b = 0` (every label ignored) adds
     nothing. Under ``torch.distributed`` both sums are all-reduced: each rank passes its own
     shard of the data and every rank gets the full-data value.
+
+    A model sharded with FSDP2 (``fully_shard``: its parameters are ``DTensor`` shards) is a
+    function of each process's *local shards*: :attr:`space`, :attr:`dim` and every vector
+    (gradients, operator products) are the local rows, :attr:`shard` maps them to the full
+    layout (:attr:`full_space`), and the curvature operators' products are exact (the data
+    pass runs on a hook-free copy of the modules with the full parameters, gathered once here;
+    see ``hesse.problem._shard``).
 
     A Hugging Face model that computes its own loss (dict batches with ``labels``, no ``loss=``)
     gets that loss inferred from its class and config: token cross-entropy for causal LMs
@@ -79,6 +87,8 @@ class Objective:
         progress: Show a progress bar over batches on each data pass.
 
     Attributes:
+        shard: Under FSDP, this process's ``Shard`` of the parameters (None otherwise).
+        full_space: The layout of the full parameters (:attr:`space` when not sharded).
         loss: The loss of the outputs as given, or the one inferred for a Hugging Face model
             (None for ``loss_fn=`` and unrecognised own losses).
         loss_spec: The recognised loss (:class:`LossSpec`), or None.
@@ -119,21 +129,26 @@ class Objective:
             raise ValueError(f"Objective: dtype must be a real floating dtype, got {dtype}.")
         suspects = check_train_mode(model, allow_train_mode)
         self.model, self.loss_fn, self.progress = model, loss_fn, progress
+        # FSDP2: the data pass runs on full parameters, on a copy of the modules without hooks
+        sharded = is_sharded(model)
+        self._module = plain_module(model) if sharded else model
         chosen, named = choose(model, params)
         first = named[chosen[0]]
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype or first.dtype
-        self.params = {n: self._cast(named[n].detach()) for n in chosen}
+        self.params = {n: self._cast(full_tensor(named[n].detach())) for n in chosen}
         state = dict(model.named_parameters()) | dict(model.named_buffers())
         # train-mode batch-norm updates its running statistics in place: work on copies then
         self.frozen = {
-            n: self._cast(t.detach().clone() if allow_train_mode else t.detach())
+            n: self._cast(full_tensor(t.detach().clone() if allow_train_mode else t.detach()))
             for n, t in state.items()
             if n not in self.params
         }
-        self.space = ParamSpace.from_named(self.params, aliases(model))
+        self.full_space = ParamSpace.from_named(self.params, aliases(model))
+        self.shard = Shard.of({n: named[n] for n in chosen}, self.full_space) if sharded else None
+        self.space = self.full_space if self.shard is None else self.shard.space
         self._data = as_batches(data, has_loss_fn=loss_fn is not None)
-        self._caller = CallLossFn(model, loss_fn) if loss_fn is not None else None
+        self._caller = CallLossFn(self._module, loss_fn) if loss_fn is not None else None
         self._positions: list[torch.Tensor] | None = None
         first_batch = next(iter(self._data), None)
         self._shard_offset = check_shards(first_batch is None, self._data, self.device)
@@ -350,7 +365,8 @@ class Objective:
                 )
             return torch.cat([t.reshape(-1) for t in g]), w
 
-        return self.accumulate(term)
+        full = self.accumulate(term)
+        return full if self.shard is None else self.shard.local(full)
 
     def restrict(self, names: Selection) -> Objective:
         """The same objective as a function of a subset of the parameters (others fixed).
@@ -363,7 +379,9 @@ class Objective:
         sub = copy.copy(self)
         sub.params = {n: self.params[n] for n in chosen}
         sub.frozen = self.frozen | {n: t for n, t in self.params.items() if n not in sub.params}
-        sub.space = self.space.subspace(chosen)
+        sub.shard = None if self.shard is None else self.shard.subset(chosen)
+        sub.full_space = self.full_space.subspace(chosen)
+        sub.space = sub.full_space if sub.shard is None else sub.shard.space
         return sub
 
     def with_data(self, data: Any) -> Objective:
@@ -382,8 +400,8 @@ class Objective:
     # ------------------------------------------------------------------ helpers
     def _forward(self, params: dict[str, torch.Tensor], inputs: Any) -> Any:
         if isinstance(inputs, Mapping):
-            return functional_call(self.model, (params, self.frozen), (), dict(inputs))
-        return functional_call(self.model, (params, self.frozen), (inputs,))
+            return functional_call(self._module, (params, self.frozen), (), dict(inputs))
+        return functional_call(self._module, (params, self.frozen), (inputs,))
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return cast(t, self.device, self.dtype)
@@ -406,7 +424,7 @@ class Objective:
         if loss is not None:
             return given_loss(loss, first, self.dtype, self.device)
         check_own_loss_batch(first)
-        return infer_own_loss(self.model, first["labels"], self.batches(), self._logits_and_loss)
+        return infer_own_loss(self._module, first["labels"], self.batches(), self._logits_and_loss)
 
     def _logits_and_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits of a dict batch without its labels, and the model's own loss with them."""

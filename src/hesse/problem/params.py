@@ -7,6 +7,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
+from typing import Any
 
 import torch
 
@@ -29,6 +30,9 @@ class ParamSpace:
         aliases: Other names of the same parameters (``{alias: name}``), e.g. the output layer
             of a language model whose weight is tied to the input embedding; :meth:`select`
             accepts them.
+        shard: For the local shards of parameters split across processes (FSDP), the
+            ``Shard`` that maps them into the full layout; None otherwise. Inner products of
+            such vectors are sums over the processes.
 
     Example:
         >>> space = ParamSpace(["w", "b"], [(2, 3), (2,)])
@@ -43,6 +47,8 @@ class ParamSpace:
         names: Sequence[str],
         shapes: Sequence[Sequence[int]],
         aliases: Mapping[str, str] | None = None,
+        *,
+        shard: Any = None,
     ):
         if len(names) != len(shapes):
             raise ValueError(f"ParamSpace: {len(names)} names but {len(shapes)} shapes.")
@@ -51,6 +57,7 @@ class ParamSpace:
         self.shapes = [torch.Size(s) for s in shapes]
         self.numels = [math.prod(s) for s in self.shapes]
         self.dim = sum(self.numels)
+        self.shard = shard
 
     @classmethod
     def from_named(
@@ -222,6 +229,8 @@ class ParamSpace:
 
     def subspace(self, names: Sequence[str]) -> ParamSpace:
         """The space of a subset of the parameters (names as returned by :meth:`select`)."""
+        if self.shard is not None:
+            return self.shard.subset(names).space
         shape = dict(zip(self.names, self.shapes, strict=True))
         return ParamSpace(names, [shape[n] for n in names], self.aliases)
 
