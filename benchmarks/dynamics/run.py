@@ -1,6 +1,7 @@
-"""Run the six dynamics reproductions and gather their tables into RESULTS.md.
+"""Run the seven dynamics reproductions and gather their tables into RESULTS.md.
 
-    .venv/bin/python benchmarks/dynamics/run.py [eos transfer sgd_stability logreg batch landscapes]
+    .venv/bin/python benchmarks/dynamics/run.py [eos transfer sgd_stability logreg large_steps batch
+        landscapes]
 
 Each study writes ``<name>.md``, ``<name>.json`` and its PNG figures into this folder; this
 script runs the ones named (all by default) and concatenates every ``<name>.md`` present.
@@ -14,7 +15,7 @@ import time
 
 from common import HERE
 
-STUDIES = ("eos", "transfer", "sgd_stability", "logreg", "batch", "landscapes")
+STUDIES = ("eos", "transfer", "sgd_stability", "logreg", "large_steps", "batch", "landscapes")
 
 
 def main(names: list[str]) -> None:

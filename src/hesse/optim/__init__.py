@@ -2,6 +2,7 @@
 
 from .adahessian import AdaHessian
 from .estimators import GaussNewtonBartlett, Hutchinson, rademacher, spatial_average
+from .gns import GNSNewton, GNSResult, gns_accept, gns_newton, gns_step
 from .mfac import MFAC
 from .newton import NewtonCG
 from .sam import SAM
@@ -21,6 +22,10 @@ __all__ = [
     # curvature-matrix steps
     "MFAC",
     "NewtonCG",
+    "GNSNewton",
+    # full-batch gradient-normalized smoothness Newton (exact, GGN, Fisher, KFAC curvature)
+    "gns_newton",
+    "GNSResult",
     # Hessian-diagonal estimators (pluggable)
     "Hutchinson",
     "GaussNewtonBartlett",
@@ -30,4 +35,6 @@ __all__ = [
     "adahessian_update",
     "sophia_update",
     "sam_perturbation",
+    "gns_step",
+    "gns_accept",
 ]
