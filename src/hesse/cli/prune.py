@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 from typing import Any, cast
 
 import torch
 
 from ..problem._evaluate import Evaluation, evaluate
 from ..problem.objective import Objective
-from ..prune import GROUP_METHODS, WEIGHT_METHODS, PrunePlan, prune
+from ..prune import GROUP_METHODS, WEIGHT_METHODS, PrunePlan, SavedCheckpoint, prune, save
 from ..report.page import Page, Section, png
 from ._inputs import UsageError, parse_params
 
@@ -20,6 +21,7 @@ EXAMPLES = """examples:
   hesse prune --demo digits --method obd,obs --curvature fisher --damping 0.01
   hesse prune --demo digits --structure 2:4 --method magnitude,mfac --recompute 4
   hesse prune --demo tiny-lm --structure heads --method nvit,magnitude,random --sparsity 0.5
+  hesse prune --hf DIR --data calib.csv --method sparsegpt --structure 2:4 --save OUT
   hesse prune --model mymodels:make_net --data mymodels:make_data --test-data mymodels:make_test \\
               --method obs --curvature ggn --damping 0.1 --out pruned
 """
@@ -55,6 +57,12 @@ def add_arguments(group: Any) -> None:
         help="damping relative to the mean curvature diagonal (default 0.01)",
     )
     group.add_argument(
+        "--save",
+        metavar="DIR",
+        help="save the pruned model (one method, one sparsity; --hf models) as a Hugging Face "
+        "folder: dense with zeros (from_pretrained), or shrunk (hesse.prune.load)",
+    )
+    group.add_argument(
         "--gradients",
         type=int,
         metavar="M",
@@ -73,6 +81,12 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
     patterned = not structured and args.structure != "unstructured"
     sparsities = [None] if patterned else _fractions(args.sparsity)
     m = args.gradients or "auto"
+    if args.save and len(methods) * len(sparsities) != 1:
+        raise UsageError(
+            f"--save {args.save}: name one method and one sparsity (got --method "
+            f"{','.join(methods)} and {len(sparsities)} sparsities), e.g. --method sparsegpt "
+            "--sparsity 0.5."
+        )
     dense = _measure(problem, problem.model)
     rows = []
     for method in methods:
@@ -87,8 +101,32 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
             except ValueError as err:
                 raise UsageError(str(err)) from err
             seconds = time.perf_counter() - start
-            rows.append(_row(plan, _measure(problem, plan.apply(problem.model)), seconds))
+            pruned = plan.apply(problem.model)
+            rows.append(_row(plan, _measure(problem, pruned), seconds))
+            if args.save:
+                rows[-1]["saved"] = _saved(_save(pruned, args))
     return _page(problem, args, dense, rows)
+
+
+def _save(model: torch.nn.Module, args: argparse.Namespace) -> SavedCheckpoint:
+    """``--save``: the pruned model as a Hugging Face folder, with the tokenizer of ``--hf``."""
+    if not args.hf:
+        raise UsageError(
+            f"--save {args.save}: saving writes a Hugging Face folder; load the model with --hf "
+            "(demos and --model factories: prune in Python and torch.save the copy)."
+        )
+    from transformers import AutoTokenizer
+
+    return save(model, args.save, tokenizer=AutoTokenizer.from_pretrained(args.hf))
+
+
+def _saved(saved: SavedCheckpoint) -> dict:
+    return {
+        "path": str(saved.path), "format": saved.format, "total_bytes": saved.total_bytes,
+        "weight_bytes": saved.weight_bytes, "params_on_disk": saved.params_on_disk,
+        "zeros": saved.zeros,
+        "load": "from_pretrained" if saved.format == "dense" else "hesse.prune.load",
+    }  # fmt: skip
 
 
 def _curvature(args: argparse.Namespace, method: str) -> str:
@@ -142,6 +180,7 @@ def _row(plan: PrunePlan, measured: dict, seconds: float) -> dict:
         "predicted": list(plan.predicted),
         "skipped": list(plan.skipped),
         "seconds": seconds,
+        "calibration": asdict(plan.calibration) if plan.calibration else None,
     }
 
 
@@ -169,11 +208,32 @@ def _page(problem: Any, args: argparse.Namespace, dense: dict, rows: list[dict])
         f"loss and accuracy measured on the training and {where} data. Damping is relative to "
         "the mean curvature diagonal, raised where a Cholesky factorization needed more."
     )
+    text += "".join(_notes(r) for r in rows)
     doc = {"problem": problem.name, "settings": settings, "dense": base, "results": rows}
     section = Section("Pruning", text, COLUMNS, table, figure="prune.png")
     line = (base["test"] or train)[0]
     figure = _plot(rows, where, line)
     return Page(f"hesse prune: {problem.name}", doc, [section], {"prune.png": figure})
+
+
+def _notes(row: dict) -> str:
+    """Memory of a SparseGPT calibration, and the saved folder, in words."""
+    words, c, saved = "", row["calibration"], row.get("saved")
+    if c:
+        how = "block by block" if c["sequential"] else "in one pass"
+        words += (
+            f" {row['method']} at {row['sparsity']:g} calibrated {how} ({c['pieces']} passes), "
+            f"holding at most {c['peak_bytes'] / 2**20:.2f} MiB of layer inputs and Hessians "
+            f"(planned {c['planned_bytes'] / 2**20:.2f} MiB; process peak "
+            f"{c['rss_bytes'] / 2**20:.0f} MiB)."
+        )
+    if saved:
+        words += (
+            f" Saved to {saved['path']}: {saved['total_bytes']:,} bytes "
+            f"({saved['weight_bytes']:,} of weights, {saved['params_on_disk']:,} numbers of "
+            f"which {saved['zeros']:,} zero, {saved['format']}); load it with {saved['load']}."
+        )
+    return words
 
 
 def _plot(rows: list[dict], where: str, dense: float) -> bytes:

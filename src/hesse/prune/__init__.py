@@ -16,10 +16,14 @@ Example:
 """
 
 from ._gradients import collect_gradients
+from ._hesso_groups import hesso_groups, remove_groups
+from ._result import Calibration
 from ._units import Unit
+from .hesso import CRIC, HESSO, HessoResult
 from .layerwise import ObsLayerResult, layer_hessian, obs_layer
 from .plan import GROUP_METHODS, WEIGHT_METHODS, PrunePlan, prune
 from .saliency import Saliency, saliency
+from .save import SavedCheckpoint, load, save
 from .structured import GroupSaliency, expert_saliency, group_saliency
 
 __all__ = [
@@ -28,6 +32,11 @@ __all__ = [
     "PrunePlan",
     "WEIGHT_METHODS",
     "GROUP_METHODS",
+    "Calibration",
+    # checkpoints that load
+    "save",
+    "load",
+    "SavedCheckpoint",
     # per-weight saliencies and their curvature
     "saliency",
     "Saliency",
@@ -41,4 +50,10 @@ __all__ = [
     "expert_saliency",
     "GroupSaliency",
     "Unit",
+    # train and prune in one run
+    "HESSO",
+    "CRIC",
+    "HessoResult",
+    "hesso_groups",
+    "remove_groups",
 ]

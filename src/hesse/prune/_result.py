@@ -12,6 +12,32 @@ from ._units import Unit, shrink
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """How the layer inputs were gathered, and the memory that took.
+
+    Attributes:
+        sequential: Whether each block's inputs came through the blocks already pruned.
+        pieces: Calibration passes: one per transformer block that holds pruned weights, plus
+            one for the weights outside the blocks (if any).
+        planned_bytes: ``peak_bytes`` as predicted once the first block's inputs are captured
+            (before any Hessian is formed): their bytes, one more hidden state per sample
+            (the outputs), and the largest block's Hessians; exact when every block maps
+            hidden states to hidden states of the same shape.
+        peak_bytes: Largest calibration state held at once: one block's stored inputs and
+            outputs (every calibration sample) plus its layers' ``(in, in)`` float64 Hessians;
+            the model itself not included.
+        rss_bytes: The process's peak resident memory after the run (``ru_maxrss``), the model,
+            Python and everything before included.
+    """
+
+    sequential: bool
+    pieces: int
+    planned_bytes: int
+    peak_bytes: int
+    rss_bytes: int
+
+
+@dataclass(frozen=True)
 class PrunePlan:
     """What :func:`prune` decided; :meth:`apply` makes the pruned model.
 
@@ -32,6 +58,8 @@ class PrunePlan:
         skipped: Parameters left dense (an ``n:m`` pattern does not divide their rows).
         removed_params: Parameters zeroed, or removed with their units.
         total_params: Parameters of the pruned tensors (the model's, when structured).
+        calibration: How ``"sparsegpt"`` gathered its layer inputs and the memory it held
+            (:class:`Calibration`); None for the other methods.
     """
 
     weights: dict[str, torch.Tensor]
@@ -48,6 +76,7 @@ class PrunePlan:
     skipped: tuple[str, ...]
     removed_params: int
     total_params: int
+    calibration: Calibration | None = None
 
     def apply(self, model: nn.Module) -> nn.Module:
         """A pruned deep copy of ``model`` (which is left untouched).

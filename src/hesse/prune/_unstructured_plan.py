@@ -14,7 +14,7 @@ from ._result import PrunePlan
 from .layerwise import obs_layer, record_hessians
 from .saliency import METHODS, curvature_for, scored
 
-WEIGHT_METHODS = (*METHODS, "layer_obs")
+WEIGHT_METHODS = (*METHODS, "layer_obs", "sparsegpt")
 SCOPES = ("global", "layer")
 
 

@@ -185,6 +185,7 @@ def obs_layer(
     block: int = 128,
     damping: float = 0.01,
     axis: int = 0,
+    fallback: bool = True,
 ) -> ObsLayerResult:
     r"""Prune a layer's weight by the OBS column sweep of OBC / SparseGPT.
 
@@ -225,6 +226,8 @@ def obs_layer(
         damping: :math:`\lambda` relative to the mean of :math:`\mathrm{diag}(H)`; multiplied by
             10 until the Cholesky factorization succeeds.
         axis: The output axis of ``W`` (:func:`hesse.problem._weights.output_axis` of its module).
+        fallback: Also try the magnitude mask (with and without the sweep's updates) and keep
+            the smallest error; False runs SparseGPT's sweep alone (the paper's algorithm).
 
     Returns:
         :class:`ObsLayerResult`, its weight and mask in the shape of ``W``.
@@ -242,7 +245,7 @@ def obs_layer(
         (16, torch.Size([4, 8]))
     """
     shape = W.shape
-    W = as_rows(W.detach(), axis).to(torch.float64)
+    W = as_rows(W.detach(), axis).to(torch.float64).contiguous()
     keep_n, group = parse_pattern(pattern, sparsity, W.shape[1], "obs_layer")
     _check_layer(W, H, block, group)
     H = H.detach().to(torch.float64)
@@ -251,11 +254,13 @@ def obs_layer(
     ones = torch.ones_like(live, dtype=W.dtype)
     magnitude = _Rule(ones, live, sparsity, keep_n, group).whole(W)
     sweep = _Rule(U.diagonal(), live, sparsity, keep_n, group)
-    results = [
-        _candidate(W, H, W * magnitude, magnitude, "magnitude"),
-        _candidate(W, H, *_swept(W, U, magnitude.clone(), block, sweep), "obs"),
-        _candidate(W, H, *_swept(W, U, magnitude.clone(), block, None), "magnitude+obs"),
-    ]
+    results = [_candidate(W, H, *_swept(W, U, magnitude.clone(), block, sweep), "obs")]
+    if fallback:  # magnitude first: it wins ties (sparsity 0)
+        results = [
+            _candidate(W, H, W * magnitude, magnitude, "magnitude"),
+            *results,
+            _candidate(W, H, *_swept(W, U, magnitude.clone(), block, None), "magnitude+obs"),
+        ]
     error, rule, W_hat, mask = min(results, key=lambda r: r[0])
     return ObsLayerResult(
         from_rows(W_hat, shape, axis), from_rows(mask, shape, axis), error, lam, rho, raised, rule

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..problem.objective import Objective
 from ._patterns import check_sparsity
 from ._result import PrunePlan
+from ._sequential import sparsegpt_plan
 from ._structured_plan import GROUP_METHODS, prune_units
 from ._units import STRUCTURES
 from ._unstructured_plan import WEIGHT_METHODS, Settings, prune_weights
@@ -29,6 +30,7 @@ def prune(
     block: int = 128,
     fisher_block: int | None = 128,
     seed: int = 0,
+    sequential: bool = True,
 ) -> PrunePlan:
     """Decide which weights (or heads, or MLP neurons) to remove, and how to move the others.
 
@@ -44,9 +46,11 @@ def prune(
         sparsity: Fraction in ``[0, 1)``: of the pruned weights (unstructured), or of the heads
             or neurons (structured); None means 0.5, or the pattern's own for ``n:m``.
         method: Unstructured and ``n:m``: ``"magnitude"``, ``"obd"``, ``"obs"`` (dense),
-            ``"mfac"`` (Woodbury, the default) or ``"layer_obs"`` (the OBC/SparseGPT sweep per
-            layer, see :func:`obs_layer`). Heads/channels: ``"nvit"`` (default), ``"heapr"``
-            (channels only), ``"magnitude"`` or ``"random"``.
+            ``"mfac"`` (Woodbury, the default), ``"layer_obs"`` (the OBC/SparseGPT sweep per
+            layer, see :func:`obs_layer`, all input Hessians from one pass at each step) or
+            ``"sparsegpt"`` (SparseGPT: the same sweep block by block, each transformer
+            block's inputs through the blocks already pruned; one step). Heads/channels:
+            ``"nvit"`` (default), ``"heapr"`` (channels only), ``"magnitude"`` or ``"random"``.
         structure: ``"unstructured"``, ``"n:m"`` (e.g. ``"2:4"``), ``"heads"`` or
             ``"channels"`` (MLP intermediate neurons).
         scope: ``"global"`` (default; one ranking over all layers) or ``"layer"`` (the same
@@ -68,6 +72,9 @@ def prune(
         fisher_block: Weights per diagonal block of the ``"mfac"`` Fisher (None: one global
             Woodbury); blocks of 128 measured better than one block on tiny-lm.
         seed: Seed of the gradients drawn, probes, and ``"random"``.
+        sequential: ``"sparsegpt"`` only: calibrate each block on the outputs of the blocks
+            already pruned, holding one block's inputs and Hessians at a time (False: one
+            pass of the dense model, every Hessian at once).
 
     Returns:
         The :class:`PrunePlan`; ``plan.apply(model)`` gives the pruned copy.
@@ -92,6 +99,15 @@ def prune(
             m,
             batch_size,
             seed,
+        )
+    if method == "sparsegpt":
+        if recompute != 1 or scope not in (None, "layer"):
+            raise ValueError(
+                "prune: method 'sparsegpt' is one-shot and prunes each layer alike; pass "
+                f"recompute=1 and scope='layer' or None, got {recompute!r} and {scope!r}."
+            )
+        return sparsegpt_plan(
+            obj, sparsity, structure, params, block=block, damping=damping, sequential=sequential
         )
     settings = Settings(
         method or "mfac", curvature, damping, m, batch_size, budget, block, fisher_block, seed
