@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 import torch
@@ -16,9 +17,13 @@ from ..quant import (
     Quantizer,
     Sensitivity,
     allocate,
+    gptq,
+    gptq_sensitivity,
     output_axes,
     quantizable,
+    quantization_of,
     quantize,
+    save,
     sensitivity,
 )
 from ..report.page import Page, Section, png
@@ -28,6 +33,8 @@ SUMMARY = "Hessian-aware mixed-precision quantization: sensitivity, exact bits, 
 EXAMPLES = """examples:
   hesse quantize --demo digits --bits 2,3,4,8 --size 0.1
   hesse quantize --demo tiny-lm --layers 'blocks.*' --granularity group --group-size 16
+  hesse quantize --hf DIR --data calib.csv --method gptq --bits 4 --save OUT
+  hesse quantize --hf DIR --data calib.csv --method gptq --size 0.14 --save OUT
   hesse quantize --model mymodels:make_net --data mymodels:make_data \\
                  --test-data mymodels:make_test --bops 0.125 --fixed head=8
 """
@@ -42,8 +49,16 @@ def add_arguments(group: Any) -> None:
                        "quantized weights (default 0.125, i.e. 4 bits on average)")  # fmt: skip
     group.add_argument("--bops", type=float, help="budget instead: share of the bit-operations "
                        "of float32 weights with 8-bit activations")  # fmt: skip
-    group.add_argument("--method", choices=SENSITIVITY_METHODS, default="trace",
-                       help="sensitivity: trace (HAWQ-V2), eig (HAWQ), qbert")  # fmt: skip
+    group.add_argument("--method", choices=(*SENSITIVITY_METHODS, "gptq"), default="trace",
+                       help="sensitivity: trace (HAWQ-V2), eig (HAWQ), qbert; or gptq: GPTQ at "
+                       "one --bits width, or at the widths --size allocates (trace "
+                       "sensitivity, exact allocation)")  # fmt: skip
+    group.add_argument("--save", metavar="OUT", help="--method gptq: write the quantized model "
+                       "as a packed compressed-tensors folder (--hf models)")  # fmt: skip
+    group.add_argument("--full-range", action="store_true", help="--method gptq: symmetric "
+                       "grids with all 2^b codes, as llm-compressor's")  # fmt: skip
+    group.add_argument("--embedding-bits", type=int, default=8, help="--method gptq: width "
+                       "of the embeddings, rounded per row (0: keep them in float)")  # fmt: skip
     group.add_argument("--granularity", choices=GRANULARITIES, default="channel")
     group.add_argument("--group-size", type=int, default=128, help="inputs per grid (group)")
     group.add_argument("--asymmetric", action="store_true", help="asymmetric grids")
@@ -55,8 +70,23 @@ def add_arguments(group: Any) -> None:
 def run(args: argparse.Namespace, problem: Any) -> Page:
     """Sensitivities, the allocation at the budget, its frontier and measured losses."""
     bits = _bits(args.bits)
+    if args.save and args.method != "gptq":
+        raise UsageError("--save: only --method gptq writes a checkpoint (packed integers).")
     layers = parse_params(args.layers)
     quantizer = _quantizer(args, problem.model, layers)
+    if args.method == "gptq" and len(bits) == 1 and args.size is None and args.bops is None:
+        return _gptq_page(args, problem, {n: bits[0] for n in quantizable(problem.model, layers)})
+    sens, alloc = _allocation(args, problem, bits, layers, quantizer)
+    if args.method == "gptq":
+        return _gptq_page(args, problem, alloc.bits, alloc)
+    data = problem.test_data if problem.test_data is not None else problem.data
+    where = "held-out data" if problem.test_data is not None else "the training data"
+    measured = _measure(problem, data, sens, alloc, quantizer)
+    return _page(problem, sens, alloc, measured, where)
+
+
+def _allocation(args, problem, bits, layers, quantizer) -> tuple[Sensitivity, Allocation]:
+    """Sensitivities (``--method``; ``trace`` for gptq) and the exact allocation at the budget."""
     obj = Objective(
         problem.model, problem.data, problem.loss, loss_fn=problem.loss_fn,
         params=parse_params(args.params), dtype=DTYPES.get(args.dtype), device=args.device,
@@ -67,19 +97,69 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
             f"--curvature {args.curvature} is not a matrix the sensitivity scores; pass "
             "--method kfac for scores from the Kronecker factors of the GGN."
         )
+    method = "trace" if args.method == "gptq" else args.method
     sens = sensitivity(
-        obj, bits, method=args.method, quantizer=quantizer, budget=budget, seed=args.seed,
+        obj, bits, method=method, quantizer=quantizer, budget=budget, seed=args.seed,
         curvature=args.curvature, layers=layers,
     )  # fmt: skip
+    if args.method == "gptq":
+        sens = gptq_sensitivity(sens, problem.model, problem.data, group_size=args.group_size,
+                                symmetric=not args.asymmetric)  # fmt: skip
     cost, limit = _budget(args, sens)
     try:
         alloc = allocate(sens, limit, cost=cost, fixed=_fixed(args.fixed))
     except ValueError as err:
         raise UsageError(f"--{'size' if cost == 'size' else 'bops'}: {err}") from err
+    return sens, alloc
+
+
+def _gptq_page(args, problem, bits: dict, alloc: Allocation | None = None) -> Page:
+    """``--method gptq``: the GPTQ copy at ``bits``, measured, and saved with ``--save``."""
+    if args.save and not args.hf:
+        raise UsageError(
+            f"--save {args.save}: saving writes a Hugging Face folder; load the model with --hf."
+        )
+    start = time.perf_counter()
+    try:
+        q = gptq(problem.model, problem.data, bits, group_size=args.group_size,
+                 symmetric=not args.asymmetric, embeddings=args.embedding_bits or None,
+                 full_range=args.full_range)  # fmt: skip
+    except ValueError as err:
+        raise UsageError(f"--method gptq: {err}") from err
+    seconds = time.perf_counter() - start
     data = problem.test_data if problem.test_data is not None else problem.data
-    where = "held-out data" if problem.test_data is not None else "the training data"
-    measured = _measure(problem, data, sens, alloc, quantizer)
-    return _page(problem, sens, alloc, measured, where)
+    where = "held-out data" if problem.test_data is not None else "the calibration data"
+    measured = {}
+    for name, model in (("float", problem.model), ("gptq", q)):
+        ev = evaluate(model, data, problem.loss, loss_fn=problem.loss_fn)
+        measured[name] = {"loss": ev.loss, "accuracy": ev.accuracy}
+    info = quantization_of(q)
+    run = {"seconds": seconds, "hessian_bytes": info.hessian_bytes,
+           "embeddings": list(info.embeddings),
+           "layers": [vars(r) for r in info.layers]}  # fmt: skip
+    doc = {"gptq": run, "measured": measured}
+    sections = [
+        Section("GPTQ layers", f"{len(info.layers)} layers in {seconds:.1f} s; at most "
+                f"{info.hessian_bytes / 2**20:.1f} MiB of layer Hessians held at once (one "
+                f"block); embeddings rounded per row: {len(info.embeddings)}.",
+                ("layer", "bits", "group", "error", "rtn_error", "rule"),
+                [[r.name, r.bits, r.group_size, r.error, r.rtn_error, r.rule]
+                 for r in info.layers]),
+        Section(f"Measured on {where}", "", ("model", "loss", "accuracy"),
+                [[k, v["loss"], v["accuracy"]] for k, v in measured.items()]),
+    ]  # fmt: skip
+    if alloc is not None:
+        doc["allocation"] = _allocation_doc(alloc)
+    if args.save:
+        from transformers import AutoTokenizer
+
+        saved = save(q, args.save, tokenizer=AutoTokenizer.from_pretrained(args.hf))
+        doc["saved"] = {k: str(v) if k == "path" else v for k, v in vars(saved).items()}
+        sections.append(Section("Saved (compressed-tensors pack-quantized)", str(saved.path),
+                                ("folder_bytes", "weight_bytes", "packed_bytes", "float_bytes"),
+                                [[saved.folder_bytes, saved.weight_bytes, saved.packed_bytes,
+                                  saved.float_bytes]]))  # fmt: skip
+    return Page(f"hesse quantize --method gptq: {problem.name}", doc, sections, {})
 
 
 def _bits(text: str) -> tuple[int, ...]:
