@@ -31,6 +31,14 @@ def model_inputs(batch: Batch) -> Any:
     return batch[0]
 
 
+def call_model(model: nn.Module, batch: Batch) -> Any:
+    """``model`` on a batch: a dict less ``labels`` as keywords, a tuple's first item, a tensor."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    inputs = model_inputs(batch)
+    return model(**inputs) if isinstance(batch, Mapping) else model(inputs)
+
+
 def cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``t`` on ``device``; floating tensors also in ``dtype`` (integer labels keep theirs)."""
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..linalg._cholesky import inverse_cholesky
+from ..problem._calls import call_model
 from ..problem._weights import as_rows, from_rows
 from ._patterns import group_mask, parse_pattern
 
 _CONV = (torch.conv2d, F.conv2d)
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-_RAISES = 12
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def layer_hessian(
     recorder = _Inputs({"weight": weight})
     with torch.no_grad(), recorder:
         for batch in data:
-            _run(model, batch)
+            call_model(model, batch)
     return recorder.hessians(["weight"])["weight"]
 
 
@@ -165,15 +166,6 @@ def record_hessians(run: Any, weights: Mapping[str, torch.Tensor]) -> dict[str, 
     with torch.no_grad(), recorder:
         run()
     return recorder.hessians(list(weights))
-
-
-def _run(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, Mapping):
-        model(**{k: v for k, v in batch.items() if k != "labels"})
-    elif isinstance(batch, (list, tuple)):
-        model(batch[0])
-    else:
-        model(batch)
 
 
 def obs_layer(
@@ -250,7 +242,7 @@ def obs_layer(
     _check_layer(W, H, block, group)
     H = H.detach().to(torch.float64)
     live = H.diagonal() != 0
-    U, lam, rho, raised = _inverse_factor(H, live, damping)
+    U, lam, rho, raised = inverse_cholesky(H, damping, live, "obs_layer")
     ones = torch.ones_like(live, dtype=W.dtype)
     magnitude = _Rule(ones, live, sparsity, keep_n, group).whole(W)
     sweep = _Rule(U.diagonal(), live, sparsity, keep_n, group)
@@ -278,35 +270,6 @@ def _check_layer(W: torch.Tensor, H: torch.Tensor, block: int, group: int | None
             f"obs_layer: block={block} must be >= 1 and a multiple of the pattern's group "
             f"size {group}."
         )
-
-
-def _inverse_factor(
-    H: torch.Tensor, live: torch.Tensor, damping: float
-) -> tuple[torch.Tensor, float, float, int]:
-    r"""Upper Cholesky factor of :math:`(H + \lambda I)^{-1}`, raising the damping until PD.
-
-    An always-zero input gets :math:`H_{qq} = 1` (SparseGPT's rule): its row and column of the
-    factor are then those of the identity, so no update reaches its weights or leaves them.
-    """
-    if not damping > 0:
-        raise ValueError(f"obs_layer: damping must be > 0, got {damping}; 0.01 is typical.")
-    H = H.clone()
-    H.diagonal()[~live] = 1.0
-    scale = float(H.diagonal().mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    rho = damping
-    for raised in range(_RAISES):
-        L, info = torch.linalg.cholesky_ex(H + rho * scale * eye)
-        if info == 0:
-            inv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if info == 0:
-                return U, rho * scale, rho, raised
-        rho *= 10
-    raise RuntimeError(
-        f"obs_layer: H + damping up to {rho / 10:.3g} x mean(diag H) is not positive "
-        "definite; check H for non-finite entries."
-    )
 
 
 @dataclass(frozen=True)

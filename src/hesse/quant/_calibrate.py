@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..problem._blocks import _layers
+from ..problem._calls import call_model
 
 
 class _Stop(Exception):
@@ -45,16 +46,6 @@ def groups(layers: Mapping[str, str], owners: Mapping[str, str]) -> list[tuple[s
     return out + ([("", rest)] if rest else [])
 
 
-def run_batch(model: nn.Module, batch: Any) -> None:
-    """Run ``model`` on one batch: dicts as keywords (less ``labels``), tuples' first item."""
-    if isinstance(batch, Mapping):
-        model(**{k: v for k, v in batch.items() if k != "labels"})
-    elif isinstance(batch, (list, tuple)):
-        model(batch[0])
-    else:
-        model(batch)
-
-
 def hessians(
     model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable, stop: nn.Module | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
@@ -80,7 +71,7 @@ def hessians(
         with torch.no_grad():
             for batch in data:
                 try:
-                    run_batch(model, batch)
+                    call_model(model, batch)
                 except _Stop:
                     pass
     finally:

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..linalg._cholesky import inverse_cholesky
 from ..problem._weights import as_rows
 from .quantizer import Codes, Quantizer, check_bits
-
-_RAISES = 12
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,8 @@ def gptq_layer(
     full = full_range and symmetric
     H = H.detach().to(torch.float64)
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
-    U, lam, rho = inverse_factor(H if perm is None else H[perm][:, perm], damping)
+    Hp = H if perm is None else H[perm][:, perm]
+    U, lam, rho, _ = inverse_cholesky(Hp, damping, Hp.diagonal() != 0, "gptq")
     rtn = _rounded(grid.codes(W, axis=0), W.shape[0], scale_dtype, full)
     swept = _sweep(W, U, grid, rtn, perm, block, scale_dtype, full)
     lo, hi = _range(grid, full)
@@ -145,35 +145,6 @@ def _grid(W: torch.Tensor, H: torch.Tensor, bits: int, group: int | None, sym: b
     if group is None:
         return Quantizer(bits, "channel", symmetric=sym)
     return Quantizer(bits, "group", group_size=group, symmetric=sym)
-
-
-def inverse_factor(H: torch.Tensor, damping: float) -> tuple[torch.Tensor, float, float]:
-    r"""Upper Cholesky factor of :math:`(H + \lambda I)^{-1}`, raising the damping until PD.
-
-    An always-zero input (:math:`H_{qq} = 0`) gets :math:`H_{qq} = 1` (GPTQ's rule), so no
-    update reaches its weights or leaves them.
-
-    Returns:
-        ``(U, lambda, lambda / mean diag H)``.
-    """
-    if not damping > 0:
-        raise ValueError(f"gptq: damping must be > 0, got {damping}; 0.01 is typical.")
-    H = H.clone()
-    H.diagonal()[H.diagonal() == 0] = 1.0
-    scale = float(H.diagonal().mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    rho = damping
-    for _ in range(_RAISES):
-        L, info = torch.linalg.cholesky_ex(H + rho * scale * eye)
-        if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0:
-                return U, rho * scale, rho
-        rho *= 10
-    raise RuntimeError(
-        f"gptq: H + damping up to {rho / 10:.3g} x mean(diag H) is not positive definite; "
-        "check H for non-finite entries."
-    )
 
 
 def _rounded(codes: Codes, rows: int, dtype: torch.dtype, full: bool = False):
