@@ -39,7 +39,15 @@ def add_arguments(group: Any) -> None:
         default="cg",
         help="inverse: exact (dense), cg, lissa, woodbury (damped empirical "
         "Fisher of the per-sample gradients), kfac or ekfac (Kronecker factors of the GGN, "
-        "or of the empirical Fisher with --curvature fisher); default cg",
+        "or of the empirical Fisher with --curvature fisher), projected (TRAK/LoGra: the "
+        "empirical Fisher, or the GGN with --curvature ggn, in a random subspace of "
+        "--projection-dim dimensions); default cg",
+    )
+    group.add_argument(
+        "--projection-dim",
+        type=int,
+        default=1024,
+        help="--ihvp projected: the dimension k gradients are projected to (default 1024)",
     )
     group.add_argument(
         "--damping",
@@ -64,7 +72,7 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
     if args.top < 1:
         raise UsageError(f"--top must be >= 1, got {args.top}.")
     dtype, params = DTYPES.get(args.dtype), parse_params(args.params)
-    defaults = {"woodbury": "fisher", "kfac": "ggn", "ekfac": "ggn"}
+    defaults = {"woodbury": "fisher", "kfac": "ggn", "ekfac": "ggn", "projected": "fisher"}
     curvature = args.curvature or defaults.get(args.ihvp, "hessian")
     if args.ihvp == "woodbury" and curvature != "fisher":
         raise UsageError(
@@ -92,6 +100,7 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
         seed=args.seed,
         max_matvecs=args.budget,
         progress=args.progress,
+        projection_dim=args.projection_dim,
     )
     train_x, train_y = _cat(problem.data)
     return _page(problem, result, index, (x, y), (train_x, train_y), args.top, where, spectrum)

@@ -1,33 +1,13 @@
 r"""Influence functions: how each training point moves each query's loss (Koh & Liang 2017).
 
-The convention, stated once (and tested against leave-one-out retraining): for a training
-objective that is the weighted MEAN loss :math:`L = \frac1W \sum_i w_i \ell_i` of an
-:class:`~hesse.Objective` (plus, optionally, weight decay :math:`\frac{\lambda}{2}\|\theta\|^2`,
-which ``damping=λ`` accounts for exactly),
-
-.. math::
-    \mathrm{scores}[q, i] = \frac{w_i}{W}\, \nabla L_q(\hat\theta)^\top
-        (H + \lambda I)^{-1} \nabla \ell_i(\hat\theta)
-    \;\approx\; L_q(\hat\theta_{-i}) - L_q(\hat\theta),
-
-the predicted change of query :math:`q`'s loss when training point :math:`i` is REMOVED
-(its term :math:`w_i \ell_i / W` dropped from the objective, the model retrained).
-:math:`\ell_i` is the mean loss of sample :math:`i` alone and :math:`w_i` what the objective
-weighs it by: 1 for a plain mean over samples (then :math:`w_i / W = 1/n`), its counted
-tokens (targets not ``ignore_index``), or the sum of its class weights (``weight=`` of a
-cross-entropy); :math:`W = \sum_i w_i`. A sample whose targets are all ignored is not in the
-objective: its scores are 0. Positive: the point helps the query (removing it raises the
-query's loss); negative: it harms it. This is Koh & Liang's :math:`-\mathcal{I}_{up,loss}/n`
-for a plain mean; kronfluence's pairwise scores are not divided by :math:`n`; captum's
-``NaiveInfluenceFunction`` at full rank equals it (measured in ``benchmarks/influence``) when
-its ``hessian_reg`` is :math:`n\lambda`.
+The sign and scale of the scores, and the factor to each peer's, are stated once, in the
+docstring of :mod:`hesse.influence`; tested against leave-one-out retraining.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import torch
@@ -48,109 +28,13 @@ from ._grads import check_positions, check_same_layout, in_order
 from ._ihvp import (
     KRONECKER,
     METHODS,
-    InverseDiagnostics,
     inverse_products,
 )
+from ._projected import BLOCK, checkpoint_models, projected_scores
+from ._result import InfluenceResult
 
-
-@dataclass(frozen=True)
-class TopInfluences:
-    """The training points that most help and most harm one query (or the mean query loss).
-
-    Attributes:
-        query: Row of ``scores`` (None: the mean over all queries).
-        helpful: ``(k,)`` training indices with the largest scores (removing them raises the
-            query's loss most), largest first.
-        helpful_scores: Their scores.
-        harmful: ``(k,)`` indices with the most negative scores (removing them lowers it most).
-        harmful_scores: Their scores, most negative first.
-    """
-
-    query: int | None
-    helpful: torch.Tensor
-    helpful_scores: torch.Tensor
-    harmful: torch.Tensor
-    harmful_scores: torch.Tensor
-
-
-@dataclass(frozen=True)
-class InfluenceResult:
-    r"""Influence scores and what they cost.
-
-    Attributes:
-        scores: ``(n_query, n_train)`` float64: predicted change of query ``q``'s loss when
-            training point ``i`` is removed, :math:`\frac{w_i}{W} \nabla L_q^\top
-            (H+\lambda I)^{-1} \nabla\ell_i` (see the module docstring for the sign). Rows
-            and columns are the samples in dataset order (by ``Objective.sample_positions``:
-            the dataset index of a ``DataLoader``'s sample, the running count over a list of
-            batches).
-        query_losses: ``(n_query,)`` losses of the queries, each its own mean loss (0 for a
-            query whose targets are all ignored).
-        train_losses: ``(n_train,)`` :math:`\ell_i`, each training point's own mean loss (0
-            for a point whose targets are all ignored: it has weight 0).
-        train_weights: ``(n_train,)`` float64 :math:`w_i`, the weight of each training point
-            in the objective (1 per sample for a plain mean; counted tokens; class weights).
-        ihvp: The inverse method; ``curvature`` the matrix inverted (``"fisher"``: the
-            empirical Fisher of the per-sample gradients, for ``"woodbury"``).
-        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"``. For ``"kfac"`` and ``"ekfac"``
-            the matrix inverted is the Kronecker-factored APPROXIMATION of this curvature
-            (``inverse.approximates``), so the scores approximate the ``"exact"`` ones.
-        inverse: Diagnostics of the inverse products (converged, residuals, matvecs, LiSSA's
-            scale and depth).
-        gradient_norm: :math:`\|\nabla L(\hat\theta)\|` of the training loss: influence
-            assumes :math:`\hat\theta` minimizes the (regularized) objective.
-        memory: Bytes of the large items (per-sample gradients, inverse products, scores,
-            dense or Gram matrices, the operator's kept graphs from ``hesse.plan``).
-        seconds: Wall-clock time.
-    """
-
-    scores: torch.Tensor
-    query_losses: torch.Tensor
-    train_losses: torch.Tensor
-    train_weights: torch.Tensor
-    ihvp: str
-    curvature: str
-    inverse: InverseDiagnostics
-    gradient_norm: float
-    memory: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def converged(self) -> bool:
-        """Whether every inverse product met its tolerance."""
-        return self.inverse.converged
-
-    def top(self, query: int | None = None, k: int = 5) -> TopInfluences:
-        """The ``k`` most helpful and most harmful training points for one query.
-
-        Args:
-            query: Row of :attr:`scores`, or None for the mean query loss (the mean of rows).
-            k: How many of each.
-
-        Raises:
-            IndexError: ``query`` out of range.
-        """
-        n_query, n = self.scores.shape
-        if query is not None and not -n_query <= query < n_query:
-            raise IndexError(f"top: query {query} out of range for {n_query} queries.")
-        row = self.scores.mean(0) if query is None else self.scores[query]
-        k = min(k, n)
-        up = torch.topk(row, k)
-        down = torch.topk(-row, k)
-        return TopInfluences(query, up.indices, up.values, down.indices, -down.values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything but the score matrix, as plain numbers (for a JSON report)."""
-        return {
-            "ihvp": self.ihvp,
-            "curvature": self.curvature,
-            "n_query": self.scores.shape[0],
-            "n_train": self.scores.shape[1],
-            "inverse": self.inverse.to_dict(),
-            "gradient_norm": self.gradient_norm,
-            "memory": self.memory,
-            "seconds": self.seconds,
-        }
+INFLUENCE_METHODS = (*METHODS, "projected")
+"""What ``influence(ihvp=...)`` takes: the inverse products' methods and the projected one."""
 
 
 def influence(
@@ -169,6 +53,9 @@ def influence(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     progress: bool = False,
+    projection_dim: int = 1024,
+    projection: str = "rademacher",
+    checkpoints: Sequence[Any] | None = None,
 ) -> InfluenceResult:
     r"""Influence of every training point on every query's loss (see the module docstring).
 
@@ -209,6 +96,10 @@ def influence(
         dtype: Compute dtype (e.g. ``torch.float64`` for small models).
         seed: Seed of the Lanczos start vectors.
         progress: Progress bars over the data passes.
+        projection_dim: ``"projected"``'s :math:`k`, the dimension gradients are projected to.
+        projection: ``"projected"``'s random matrix: ``"rademacher"`` or ``"gaussian"``.
+        checkpoints: ``"projected"`` only: models or state dicts (of ``model``'s
+            architecture) whose scores are averaged (TRAK's ensemble); None: ``model`` alone.
 
     Returns:
         InfluenceResult.
@@ -231,6 +122,13 @@ def influence(
     start = time.perf_counter()
     method, curvature = _check(ihvp, curvature, damping)
     given = {"loss_fn": loss_fn, "params": params, "dtype": dtype}
+    if method == "projected":
+        setting = {"k": projection_dim, "kind": projection, "seed": seed}
+        args = (train_data, query_data, loss, given, setting, curvature, damping, progress)
+        models = checkpoint_models(model, checkpoints)
+        return _projected(models, *args, start=start)
+    if checkpoints is not None:
+        raise ValueError("influence: checkpoints= is for ihvp='projected' only.")
     train = Objective(model, train_data, loss, progress=progress, **given)
     query = Objective(model, query_data, loss, **given)
     check_same_layout(train, query, "influence")
@@ -271,8 +169,8 @@ def influence(
 
 def _check(ihvp: str, curvature: str | None, damping: float) -> tuple[str, str]:
     """Validate the method settings before any data pass; returns ``(ihvp, curvature)``."""
-    if ihvp not in METHODS:
-        raise ValueError(f"influence: ihvp must be one of {METHODS}, got {ihvp!r}.")
+    if ihvp not in INFLUENCE_METHODS:
+        raise ValueError(f"influence: ihvp must be one of {INFLUENCE_METHODS}, got {ihvp!r}.")
     if not damping >= 0:
         raise ValueError(
             f"influence: damping must be >= 0, got {damping}; pass the weight decay the model "
@@ -293,6 +191,14 @@ def _check(ihvp: str, curvature: str | None, damping: float) -> tuple[str, str]:
         return ihvp, "fisher"
     if ihvp in KRONECKER:
         return ihvp, _kronecker_curvature(ihvp, curvature)
+    if ihvp == "projected":
+        if curvature not in (None, "fisher", "ggn"):
+            raise ValueError(
+                f"influence(ihvp='projected') projects the empirical Fisher "
+                f"(curvature='fisher', default) or the GGN (curvature='ggn'), not the "
+                f"{curvature!r}; pass one of those, or ihvp='cg' for the {curvature!r}."
+            )
+        return ihvp, curvature or "fisher"
     curvature = curvature or "hessian"
     if curvature not in CURVATURES:
         raise ValueError(
@@ -369,3 +275,39 @@ def _memory(train: Objective, method: str, curvature: str, n: int, q: int, rows:
         p = plan(train, k=1, steps=1, probes=1, curvature=curvature)
         out["operator_graphs"] = p.graphs_bytes
     return out | {"total": sum(out.values())}
+
+
+def _projected(models, train_data, query_data, loss, given, setting, curvature, damping,
+               progress, *, start) -> InfluenceResult:  # fmt: skip
+    """``ihvp="projected"``: one model's projected scores, or their mean over checkpoints."""
+    runs = []
+    for m in models:
+        train = Objective(m, train_data, loss, progress=progress, **given)
+        query = Objective(m, query_data, loss, **given)
+        check_same_layout(train, query, "influence")
+        check_positions(train, "influence", "training")
+        check_positions(query, "influence", "query")
+        runs.append(projected_scores(train, query, curvature=curvature, damping=damping, **setting))
+    last, n_ckpt = runs[-1], len(runs)
+    rows, W = last["train"], float(last["train"].weights.sum())
+    n, q, k = rows.grads.shape[0], last["scores"].shape[0], setting["k"]
+    d, item = train.dim, torch.empty((), dtype=train.dtype).element_size()
+    memory = {
+        "per_sample_gradients": last["widest"] * d * item,
+        "projected_gradients": (n + q) * k * 8,
+        "projection_block": k * BLOCK * 8,
+        "projected_curvature": 2 * k * k * 8,
+        "scores": q * n * 8 * (2 if n_ckpt > 1 else 1),
+    }
+    return InfluenceResult(
+        scores=sum(r["scores"] for r in runs) / n_ckpt,
+        query_losses=last["queries"].losses.double(),
+        train_losses=rows.losses.double(),
+        train_weights=rows.weights,
+        ihvp="projected",
+        curvature=curvature,
+        inverse=last["inverse"],
+        gradient_norm=float((last["gradient_sum"] / W).norm()),
+        memory=memory | {"total": sum(memory.values())},
+        seconds=time.perf_counter() - start,
+    )

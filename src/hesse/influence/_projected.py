@@ -1,0 +1,226 @@
+r"""Projected influence: the curvature inverted in a seeded random k-dimensional subspace.
+
+TRAK (Park, Georgiev, Ilyas, Leclerc & Madry 2023, "TRAK: Attributing model behavior at
+scale") and LoGra (Choe et al. 2024, "What is your data worth to GPT?") project every
+per-sample gradient to :math:`k \ll d` dimensions with a random matrix :math:`P` and invert
+the curvature there, where it is a small dense :math:`k \times k` matrix:
+
+.. math::
+    \mathrm{scores}[q, i] = \frac{1}{W}\, (P\nabla L_q)^\top
+        (P A P^\top + \lambda I_k)^{-1} (P \nabla s_i),
+
+hesse's influence formula (``scores.py``) with :math:`(A + \lambda I)^{-1}` replaced by
+:math:`P^\top (P A P^\top + \lambda I_k)^{-1} P`; it equals it when :math:`P` is square and
+invertible and :math:`\lambda = 0`, and by Johnson-Lindenstrauss approaches it as :math:`k`
+grows. :math:`A` is the empirical Fisher :math:`\frac1W\sum_i \nabla s_i \nabla s_i^\top`
+(``curvature="fisher"``, default: then :math:`PAP^\top = \Phi^\top\Phi / W` with
+:math:`\Phi` the projected rows, TRAK's matrix) or the GGN (``curvature="ggn"``: :math:`k`
+GGN products, one data pass per 64 of them).
+
+:math:`P` has entries :math:`\pm 1/\sqrt{k}` (``"rademacher"``) or :math:`N(0, 1/k)`
+(``"gaussian"``), so :math:`E[P^\top P] = I`. It is generated in blocks of ``BLOCK`` columns,
+block ``b`` from the seed ``(seed, b)``: the same seed gives the same :math:`P` whatever the
+batch sizes, and no more than ``k x BLOCK`` of it exists at once.
+
+TRAK differentiates the margin :math:`\log p_y - \log(1 - p_y)` and multiplies by
+:math:`1 - p_y`; hesse differentiates the loss (the cross-entropy), keeping influence's sign
+and scale, see ``hesse.influence``'s module docstring for the factors to each peer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..operators import curvature_operator
+from ..problem._per_sample import SampleGradients, sample_gradients
+from ..problem.objective import Objective
+from ._grads import in_order
+from ._ihvp import InverseDiagnostics
+
+PROJECTIONS = ("rademacher", "gaussian")
+BLOCK = 1 << 15
+"""Columns of :math:`P` generated at once."""
+GGN_COLUMNS = 64
+r"""Columns of :math:`P^\top` multiplied by the GGN in one data pass."""
+
+
+def projection_block(b: int, d: int, k: int, kind: str, seed: int) -> torch.Tensor:
+    """Columns ``b * BLOCK`` to ``(b + 1) * BLOCK`` of :math:`P` ``(k, d)``, float64 on the CPU.
+
+    Raises:
+        ValueError: an unknown ``kind``, ``k < 1`` or a block past ``d``.
+    """
+    if kind not in PROJECTIONS:
+        raise ValueError(f"projection: kind must be one of {PROJECTIONS}, got {kind!r}.")
+    if k < 1 or not 0 <= b * BLOCK < d:
+        raise ValueError(f"projection: need k >= 1 and block {b} within d={d}, got k={k}.")
+    cols = min(BLOCK, d - b * BLOCK)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+    if kind == "gaussian":
+        return torch.randn(k, cols, generator=g, dtype=torch.float64) / math.sqrt(k)
+    signs = torch.randint(0, 2, (k, cols), generator=g).to(torch.float64) * 2 - 1
+    return signs / math.sqrt(k)
+
+
+def projection_matrix(d: int, k: int, kind: str = "rademacher", seed: int = 0) -> torch.Tensor:
+    """The dense :math:`P` ``(k, d)`` float64 (for small ``d``: tests and inspection)."""
+    n_blocks = -(-d // BLOCK)
+    return torch.cat([projection_block(b, d, k, kind, seed) for b in range(n_blocks)], 1)
+
+
+def project(G: torch.Tensor, k: int, kind: str, seed: int) -> torch.Tensor:
+    r"""``(n, k)`` rows :math:`G P^\top` of ``G`` ``(n, d)``, block by block, in ``G``'s dtype."""
+    d = G.shape[1]
+    out = torch.zeros(G.shape[0], k, dtype=G.dtype, device=G.device)
+    for b in range(-(-d // BLOCK)):
+        P = projection_block(b, d, k, kind, seed).to(G)
+        out += G[:, b * BLOCK : b * BLOCK + P.shape[1]] @ P.T
+    return out
+
+
+def lift(Y: torch.Tensor, d: int, kind: str, seed: int) -> torch.Tensor:
+    """``(m, d)`` rows :math:`Y P` of ``Y`` ``(m, k)``: the transpose of :func:`project`."""
+    k = Y.shape[1]
+    blocks = [Y @ projection_block(b, d, k, kind, seed).to(Y) for b in range(-(-d // BLOCK))]
+    return torch.cat(blocks, 1)
+
+
+def projected_rows(
+    obj: Objective, chunks: Iterable[SampleGradients], k: int, kind: str, seed: int
+) -> tuple[SampleGradients, torch.Tensor, int]:
+    r"""Each batch's per-sample gradients projected as they come, in dataset order.
+
+    Returns:
+        ``(rows, gradient sum, widest batch)``: rows :math:`P\nabla s_i` ``(n, k)`` float64
+        with their weights and losses; :math:`\sum_i \nabla s_i` ``(d,)``.
+    """
+    parts, gsum, widest = [], torch.zeros(obj.dim, dtype=torch.float64), 0
+    for c in chunks:
+        Phi = project(c.grads, k, kind, seed).double()
+        parts.append(SampleGradients(Phi, c.weights, c.losses))
+        gsum += c.grads.sum(0).double().cpu()
+        widest = max(widest, c.grads.shape[0])
+    return in_order(obj, parts), gsum, widest
+
+
+def projected_curvature(
+    train: Objective, Phi: torch.Tensor, W: float, curvature: str, kind: str, seed: int
+) -> tuple[torch.Tensor, int]:
+    r""":math:`P A P^\top` ``(k, k)`` float64 and the curvature products it took."""
+    if curvature == "fisher":
+        return Phi.T @ Phi / W, 0
+    k, d = Phi.shape[1], train.dim
+    op = curvature_operator(train, curvature, who="influence(ihvp='projected')")
+    eye = torch.eye(k, dtype=torch.float64)
+    rows = []
+    for r in range(0, k, GGN_COLUMNS):
+        V = lift(eye[r : r + GGN_COLUMNS], d, kind, seed).to(train.dtype)  # rows of P
+        rows.append(project((op @ V.T.to(train.device)).T, k, kind, seed).double().cpu())
+    M = torch.cat(rows)
+    return (M + M.T) / 2, k
+
+
+def solve_projected(
+    M: torch.Tensor, B: torch.Tensor, damping: float, products: int
+) -> tuple[torch.Tensor, InverseDiagnostics]:
+    r""":math:`(M + \lambda I)^{-1} B` by Cholesky, with the eigenvalues and residuals of ``M``.
+
+    Raises:
+        ValueError: ``M + λI`` not positive definite (the message names the damping to pass).
+    """
+    start = time.perf_counter()
+    values = torch.linalg.eigvalsh(M)
+    lam_min, lam_max = float(values[0]), float(values[-1])
+    A = M + damping * torch.eye(M.shape[0], dtype=M.dtype)
+    L, info = torch.linalg.cholesky_ex(A)
+    if info != 0 or lam_min + damping <= 1e-12 * max(lam_max, 1.0):
+        raise ValueError(
+            f"influence(ihvp='projected'): the projected curvature ({M.shape[0]} x "
+            f"{M.shape[0]}) is singular once damped: its smallest eigenvalue is {lam_min:.3g} "
+            f"and damping={damping:g}. The empirical Fisher of n samples has rank <= n: pass "
+            f"damping > 0 (e.g. {max(1e-3 * lam_max, 1e-8):.3g}) or a projection_dim below the "
+            "number of training samples."
+        )
+    X = torch.cholesky_solve(B, L)
+    R = (B - A @ X).norm(dim=0) / B.norm(dim=0).clamp_min(1e-300)
+    diag = InverseDiagnostics(
+        "projected",
+        damping,
+        bool((R <= 1e-6).all()),
+        products,
+        R,
+        1e-6,
+        lam_max=lam_max,
+        lam_min=lam_min,
+        seconds=time.perf_counter() - start,
+    )
+    return X, diag
+
+
+def checkpoint_models(model: nn.Module, checkpoints: Sequence[Any] | None) -> list[nn.Module]:
+    """The models to ensemble over: ``model`` alone, or one per checkpoint.
+
+    Args:
+        model: The trained network; a checkpoint given as a state dict is loaded into a deep
+            copy of it.
+        checkpoints: None, or ``nn.Module`` s and/or state dicts (TRAK's checkpoints).
+
+    Raises:
+        ValueError: an empty list, or an item that is neither a module nor a mapping.
+    """
+    if checkpoints is None:
+        return [model]
+    if len(checkpoints) == 0:
+        raise ValueError("influence: checkpoints is empty; pass None to use model alone.")
+    models = []
+    for i, c in enumerate(checkpoints):
+        if isinstance(c, nn.Module):
+            models.append(c)
+        elif hasattr(c, "keys"):
+            m = copy.deepcopy(model)
+            m.load_state_dict(c)
+            models.append(m.eval())
+        else:
+            raise ValueError(
+                f"influence: checkpoints[{i}] is a {type(c).__name__}; pass nn.Modules or "
+                "state dicts (model.state_dict())."
+            )
+    return models
+
+
+def projected_scores(
+    train: Objective, query: Objective, *, k: int, kind: str, curvature: str, damping: float,
+    seed: int,
+) -> dict[str, Any]:  # fmt: skip
+    """One model's projected scores (module docstring) and what they cost.
+
+    Returns:
+        A dict with ``scores`` ``(q, n)`` float64, ``queries`` and ``train`` (the projected
+        SampleGradients), ``inverse`` (InverseDiagnostics), ``gradient_sum`` ``(d,)`` and
+        ``widest`` (most per-sample gradient rows held at once).
+    """
+    queries, _, _ = projected_rows(query, sample_gradients(query), k, kind, seed)
+    rows, gsum, widest = projected_rows(train, sample_gradients(train), k, kind, seed)
+    W = float(rows.weights.sum())
+    if W == 0:
+        raise ValueError(
+            "influence: the training data has total weight 0: every label is ignored or has "
+            "class weight 0; check the labels."
+        )
+    M, products = projected_curvature(train, rows.grads, W, curvature, kind, seed)
+    X, diag = solve_projected(M, queries.means().T, damping, products)
+    return {
+        "scores": (rows.grads @ X).T / W,
+        "queries": queries,
+        "train": rows,
+        "inverse": diag,
+        "gradient_sum": gsum,
+        "widest": widest,
+    }
