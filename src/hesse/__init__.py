@@ -2,7 +2,7 @@
 
 import sys
 
-from . import dynamics, optim, prune, quant, regularize
+from . import bilevel, dynamics, losses, optim, ot, prune, quant, regularize
 from .analysis import Analysis, Report, analyze, prepare
 from .dynamics import (
     BatchSpectrum,
@@ -77,6 +77,8 @@ __all__ = [
     "Objective",
     "LossSpec",
     "ParamSpace",
+    # losses with closed-form output curvature (comp-sum, Z-loss, AnyLoss, EnsLoss)
+    "losses",
     # curvature operators
     "Operator",
     "HessianOperator",
@@ -138,9 +140,13 @@ __all__ = [
     # applications
     "quant",
     "prune",
+    # bilevel optimization on Hessian-vector products (hesse.bilevel.solve)
+    "bilevel",
     # training: second-order and sharpness-aware optimizers, curvature penalties
     "optim",
     "regularize",
+    # optimal transport: Sinkhorn and Sinkhorn-Newton-Sparse (hesse.ot)
+    "ot",
     # influence, unlearning and hypergradients (inverse-curvature products)
     "influence",
     "unlearn",
