@@ -52,25 +52,29 @@ class Oracle:
 
     def grad_upper(self, x, y, batch) -> tuple[torch.Tensor, torch.Tensor]:
         r"""``(∇_x f, ∇_y f)``."""
-        x, y = _leaf(x), _leaf(y)
-        f = _scalar(self.upper(x, y, batch), "upper")
-        self.n_grads += 1
-        fx, fy = _grads(f, (x, y))
-        return fx, fy
+        return self._gradient(self.upper, "upper", x, y, batch)
 
     def grad_lower(self, x, y, batch) -> tuple[torch.Tensor, torch.Tensor]:
         r"""``(∇_x g, ∇_y g)``."""
-        x, y = _leaf(x), _leaf(y)
-        g = _scalar(self.lower(x, y, batch), "lower")
-        self.n_grads += 1
-        gx, gy = _grads(g, (x, y))
-        return gx, gy
+        return self._gradient(self.lower, "lower", x, y, batch)
 
-    def lower_products(self, x, y, u, batch) -> tuple[torch.Tensor, ...]:
-        r"""``(∇_y g, ∇²_yy g u, ∇²_xy g u)``: one gradient and one double backward."""
+    def _lower_gradient_graph(self, x, y, batch) -> tuple[torch.Tensor, ...]:
+        r"""Leaves ``x``, ``y`` and :math:`\nabla_y g` with its graph (for a double backward)."""
         x, y = _leaf(x), _leaf(y)
         g = _scalar(self.lower(x, y, batch), "lower")
         (gy,) = torch.autograd.grad(g, y, create_graph=True)
+        return x, y, gy
+
+    def _gradient(self, fn: Fn, who: str, x, y, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = _leaf(x), _leaf(y)
+        value = _scalar(fn(x, y, batch), who)
+        self.n_grads += 1
+        dx, dy = _grads(value, (x, y))
+        return dx, dy
+
+    def lower_products(self, x, y, u, batch) -> tuple[torch.Tensor, ...]:
+        r"""``(∇_y g, ∇²_yy g u, ∇²_xy g u)``: one gradient and one double backward."""
+        x, y, gy = self._lower_gradient_graph(x, y, batch)
         Hu = _grads((gy * u).sum(), (y, x))
         self.n_grads += 1
         self.n_hvps += 1
@@ -99,12 +103,21 @@ class Oracle:
 
     def mixed(self, x, y, u, batch) -> torch.Tensor:
         r""":math:`\nabla^2_{xy} g\,u` (shape of ``x``): one double backward."""
-        x, y = _leaf(x), _leaf(y)
-        g = _scalar(self.lower(x, y, batch), "lower")
-        (gy,) = torch.autograd.grad(g, y, create_graph=True)
+        x, y, gy = self._lower_gradient_graph(x, y, batch)
         (out,) = _grads((gy * u).sum(), (x,))
         self.n_hvps += 1
         return out
+
+
+def require_positive(options: Any, names: tuple[str, ...]) -> None:
+    """Refuse an options dataclass whose fields ``names`` are not > 0."""
+    for name in names:
+        value = getattr(options, name)
+        if not value > 0:
+            raise ValueError(
+                f"{type(options).__name__}: {name} must be > 0, got {value!r}; pass a positive "
+                f"{name} (or leave the default)."
+            )
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -126,9 +139,11 @@ def _scalar(v: Any, who: str) -> torch.Tensor:
     return v.reshape(())
 
 
-def _grads(out: torch.Tensor, wrt: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Gradients of ``out``; zeros for inputs it does not depend on."""
-    gs = torch.autograd.grad(out, wrt, allow_unused=True)
+def _grads(
+    out: torch.Tensor, wrt: tuple[torch.Tensor, ...], *, retain_graph: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Detached gradients of ``out``; zeros for inputs it does not depend on."""
+    gs = torch.autograd.grad(out, wrt, retain_graph=retain_graph, allow_unused=True)
     return tuple(
         torch.zeros_like(w) if g is None else g.detach() for g, w in zip(gs, wrt, strict=True)
     )

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._oracle import Oracle
+from ._oracle import Oracle, require_positive
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,13 @@ class BSVROptions:
 
     def check(self, blocks: int) -> None:
         """Refuse weights outside :math:`(0, 1]`, non-positive steps or too many blocks."""
-        for name in ("beta", "beta_x"):
-            if not 0 < getattr(self, name) <= 1:
+        for name, value in (("beta", self.beta), ("beta_x", self.beta_x)):
+            if not 0 < value <= 1:
                 raise ValueError(
-                    f"BSVROptions: {name} must be in (0, 1], got {getattr(self, name)}"
+                    f"BSVROptions: {name} must be in (0, 1], got {value!r} (1: no variance "
+                    "reduction; 0.5 is the default)."
                 )
-        for name in ("lr", "inner_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"BSVROptions: {name} must be > 0, got {getattr(self, name)}.")
+        require_positive(self, ("lr", "inner_lr"))
         n = self.blocks_per_step or blocks
         if not 1 <= n <= blocks:
             raise ValueError(f"BSVROptions: blocks_per_step must be in 1..{blocks}, got {n}.")
@@ -143,6 +142,7 @@ class BSVRRun:
 
 
 def _ball(u: torch.Tensor, radius: float | None) -> torch.Tensor:
+    """``u`` projected onto the Euclidean ball of ``radius`` (unchanged for None)."""
     if radius is None:
         return u
     n = float(u.norm())

@@ -23,7 +23,7 @@ import torch
 
 from ..linalg import solve
 from ..operators import PSD, SYMMETRIC, Operator
-from ._oracle import Oracle
+from ._oracle import Oracle, require_positive
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,7 @@ class ImplicitOptions:
 
     def check(self, blocks: int) -> None:
         """Refuse non-positive steps and budgets below CG's minimum."""
-        for name in ("lr", "inner_lr", "tol"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"ImplicitOptions: {name} must be > 0, got {getattr(self, name)}.")
+        require_positive(self, ("lr", "inner_lr", "tol"))
         if self.inner_steps < 0 or self.max_matvecs < 2:
             raise ValueError(
                 "ImplicitOptions: inner_steps must be >= 0 and max_matvecs >= 2, got "

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._oracle import Oracle, _grads, _leaf, _scalar
+from ._oracle import Oracle, _grads, _leaf, _scalar, require_positive
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,7 @@ class LVHBAOptions:
 
     def check(self, blocks: int) -> None:
         """Refuse non-positive steps and weights, and several blocks."""
-        for name in ("lr", "theta_lr", "gamma1", "gamma2", "c"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"LVHBAOptions: {name} must be > 0, got {getattr(self, name)}.")
+        require_positive(self, ("lr", "theta_lr", "gamma1", "gamma2", "c"))
         if not 0 <= self.p < 0.5:
             raise ValueError(f"LVHBAOptions: p must be in [0, 0.5), got {self.p}.")
         if blocks != 1:
@@ -143,7 +141,7 @@ class LVHBARun:
         cv = self._constraint(x, y)
         dx, dy = torch.zeros_like(x), torch.zeros_like(y)
         for j in (cv > 0).nonzero()[:, 0].tolist():
-            ax, ay = _row(cv[j], x, y)
+            ax, ay = _grads(cv[j], (x, y), retain_graph=True)  # keep the graph for the rest
             n2 = float((ax**2).sum() + (ay**2).sum())
             if n2 > 0:
                 dx, dy = dx - cv[j].detach() * ax / n2, dy - cv[j].detach() * ay / n2
@@ -169,9 +167,3 @@ class LVHBARun:
         z_lr = opt.z_lr or opt.lr
         self.z = (self.z - z_lr * (self.z - self.lam) / opt.gamma2).clamp_min(0)
         self.k += 1
-
-
-def _row(cj: torch.Tensor, x, y) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of one constraint, keeping the graph for the others."""
-    gs = torch.autograd.grad(cj, (x, y), retain_graph=True, allow_unused=True)
-    return tuple(torch.zeros_like(w) if g is None else g for g, w in zip(gs, (x, y), strict=True))  # type: ignore[return-value]

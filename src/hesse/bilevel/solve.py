@@ -180,6 +180,7 @@ def solve(
 
 
 def _options(method: str, options: Any) -> Any:
+    """The options of ``method`` (its defaults for None); refuse another method's."""
     if method not in OPTIONS:
         raise ValueError(f"bilevel.solve: method must be one of {tuple(OPTIONS)}, got {method!r}.")
     cls = OPTIONS[method]
@@ -194,15 +195,22 @@ def _options(method: str, options: Any) -> Any:
 
 
 def _check(method, hparams, params, blocks, constraint) -> None:
+    """Refuse inputs that :func:`solve` cannot run (see its Raises)."""
     if not (torch.is_tensor(hparams) and torch.is_tensor(params)):
-        raise ValueError("bilevel.solve: hparams and params must be tensors.")
+        raise ValueError(
+            f"bilevel.solve: hparams and params must be tensors, got {type(hparams).__name__} "
+            f"and {type(params).__name__}; convert them with torch.as_tensor(...)."
+        )
     if blocks < 1 or (blocks > 1 and (params.dim() == 0 or params.shape[0] != blocks)):
         raise ValueError(
             f"bilevel.solve: with blocks={blocks}, params must have shape ({blocks}, ...) (one "
             f"row per lower-level problem), got {tuple(params.shape)}."
         )
     if not (hparams.is_floating_point() and params.is_floating_point()):
-        raise ValueError("bilevel.solve: hparams and params must be floating-point tensors.")
+        raise ValueError(
+            f"bilevel.solve: hparams and params must be floating-point tensors, got "
+            f"{hparams.dtype} and {params.dtype}; convert them with .double() or .float()."
+        )
     if constraint is not None and method != "lvhba":
         raise ValueError(
             f"bilevel.solve(method={method!r}) has no lower-level constraints; use "
@@ -211,6 +219,7 @@ def _check(method, hparams, params, blocks, constraint) -> None:
 
 
 def _steps(steps: int, progress: bool):
+    """``range(steps)``, with a tqdm bar when ``progress``."""
     if not progress:
         return range(steps)
     from tqdm.auto import trange
@@ -222,23 +231,25 @@ class _Log:
     """Trajectory points, evaluated outside the timed steps."""
 
     def __init__(self, oracle, run, violation: bool, seconds, callback, blocks):
-        self.o, self.run, self.v, self.seconds = oracle, run, violation, seconds
+        self.o, self.run, self.has_violation, self.seconds = oracle, run, violation, seconds
         self.callback, self.blocks = callback, blocks
         self.rows: list[tuple] = []
 
     def record(self, step: int) -> None:
+        """Evaluate and keep one trajectory point; call the user's callback."""
         val = self.o.value(self.run.x, self.run.Y)
-        vio = self.run.violation() if self.v else None
+        vio = self.run.violation() if self.has_violation else None
         self.rows.append((step, val, self.seconds, self.o.n_hvps, self.o.n_grads, vio))
         if self.callback is not None:
             self.callback(step, self.run.x, self.run.Y if self.blocks > 1 else self.run.Y[0])
 
     def trajectory(self) -> Trajectory:
         steps, upper, seconds, hvps, grads, vio = (tuple(c) for c in zip(*self.rows, strict=True))
-        return Trajectory(steps, upper, seconds, hvps, grads, vio if self.v else ())
+        return Trajectory(steps, upper, seconds, hvps, grads, vio if self.has_violation else ())
 
 
 def _result(method, options, run, log: _Log, blocks: int, shape) -> BilevelResult:
+    """The :class:`BilevelResult` of a finished run, ``params`` back in the input's shape."""
     traj = log.trajectory()
     unblock = (lambda T: T) if blocks > 1 else (lambda T: T[0].reshape(shape))
     is_implicit = method == "implicit"

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,7 +60,10 @@ def projection_block(b: int, d: int, k: int, kind: str, seed: int) -> torch.Tens
     if kind not in PROJECTIONS:
         raise ValueError(f"projection: kind must be one of {PROJECTIONS}, got {kind!r}.")
     if k < 1 or not 0 <= b * BLOCK < d:
-        raise ValueError(f"projection: need k >= 1 and block {b} within d={d}, got k={k}.")
+        raise ValueError(
+            f"projection: need k >= 1 and block {b} (columns from {b * BLOCK}) within d={d}, "
+            f"got k={k}; pass projection_dim >= 1."
+        )
     cols = min(BLOCK, d - b * BLOCK)
     g = torch.Generator().manual_seed(seed * 1_000_003 + b)
     if kind == "gaussian":
@@ -71,15 +74,19 @@ def projection_block(b: int, d: int, k: int, kind: str, seed: int) -> torch.Tens
 
 def projection_matrix(d: int, k: int, kind: str = "rademacher", seed: int = 0) -> torch.Tensor:
     """The dense :math:`P` ``(k, d)`` float64 (for small ``d``: tests and inspection)."""
-    n_blocks = -(-d // BLOCK)
-    return torch.cat([projection_block(b, d, k, kind, seed) for b in range(n_blocks)], 1)
+    return torch.cat([projection_block(b, d, k, kind, seed) for b in range(_n_blocks(d))], 1)
+
+
+def _n_blocks(d: int) -> int:
+    """Blocks of ``BLOCK`` columns that cover ``d`` (the last may be narrower)."""
+    return -(-d // BLOCK)
 
 
 def project(G: torch.Tensor, k: int, kind: str, seed: int) -> torch.Tensor:
     r"""``(n, k)`` rows :math:`G P^\top` of ``G`` ``(n, d)``, block by block, in ``G``'s dtype."""
     d = G.shape[1]
     out = torch.zeros(G.shape[0], k, dtype=G.dtype, device=G.device)
-    for b in range(-(-d // BLOCK)):
+    for b in range(_n_blocks(d)):
         P = projection_block(b, d, k, kind, seed).to(G)
         out += G[:, b * BLOCK : b * BLOCK + P.shape[1]] @ P.T
     return out
@@ -88,7 +95,7 @@ def project(G: torch.Tensor, k: int, kind: str, seed: int) -> torch.Tensor:
 def lift(Y: torch.Tensor, d: int, kind: str, seed: int) -> torch.Tensor:
     """``(m, d)`` rows :math:`Y P` of ``Y`` ``(m, k)``: the transpose of :func:`project`."""
     k = Y.shape[1]
-    blocks = [Y @ projection_block(b, d, k, kind, seed).to(Y) for b in range(-(-d // BLOCK))]
+    blocks = [Y @ projection_block(b, d, k, kind, seed).to(Y) for b in range(_n_blocks(d))]
     return torch.cat(blocks, 1)
 
 
@@ -183,7 +190,7 @@ def checkpoint_models(model: nn.Module, checkpoints: Sequence[Any] | None) -> li
     for i, c in enumerate(checkpoints):
         if isinstance(c, nn.Module):
             models.append(c)
-        elif hasattr(c, "keys"):
+        elif isinstance(c, Mapping):
             m = copy.deepcopy(model)
             m.load_state_dict(c)
             models.append(m.eval())

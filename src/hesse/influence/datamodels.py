@@ -92,16 +92,18 @@ class GroundTruth:
 
 def ranks(x: torch.Tensor) -> torch.Tensor:
     """Ranks along the last dimension, ties given their average rank (as Spearman needs)."""
-    order = x.argsort(dim=-1, stable=True)
-    s = x.gather(-1, order)
-    r = torch.empty_like(x, dtype=torch.float64)
-    for row in range(x.reshape(-1, x.shape[-1]).shape[0]):
-        v, o = s.reshape(-1, x.shape[-1])[row], order.reshape(-1, x.shape[-1])[row]
-        _, inverse, counts = torch.unique_consecutive(v, return_inverse=True, return_counts=True)
+    rows = x.reshape(-1, x.shape[-1])
+    order = rows.argsort(dim=-1, stable=True)
+    ordered = rows.gather(-1, order)
+    r = torch.empty_like(rows, dtype=torch.float64)
+    for i in range(rows.shape[0]):
+        _, inverse, counts = torch.unique_consecutive(
+            ordered[i], return_inverse=True, return_counts=True
+        )
         ends = counts.cumsum(0).double()
         average = ends - (counts.double() - 1) / 2  # 1-based average rank of each tie group
-        r.reshape(-1, x.shape[-1])[row, o] = average[inverse]
-    return r
+        r[i, order[i]] = average[inverse]
+    return r.reshape(x.shape)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -124,9 +126,16 @@ def bootstrap(
         resamples: Bootstrap resamples.
         confidence: Level of the two-sided interval.
         seed: Seed of the resampling.
+
+    Returns:
+        Interval: the statistic on all items, and the percentiles of the resamples that are
+        not NaN.
+
+    Raises:
+        ValueError: ``confidence`` outside (0, 1).
     """
     if not 0 < confidence < 1:
-        raise ValueError(f"bootstrap: confidence must be in (0, 1), got {confidence}.")
+        raise ValueError(f"bootstrap: confidence must be in (0, 1), got {confidence!r}; e.g. 0.95.")
     n = values.shape[0]
     g = torch.Generator().manual_seed(seed)
     draws = torch.tensor(
@@ -191,7 +200,10 @@ def lds(
     rho = spearman(predicted.T, outputs.double().T)
     valid = rho[~rho.isnan()]
     if valid.numel() == 0:
-        raise ValueError("lds: every query's outputs or predictions are constant over subsets.")
+        raise ValueError(
+            "lds: every query's outputs or predictions are constant over subsets, so no "
+            "correlation is defined; check that train_fn's outputs depend on the subset."
+        )
     score = bootstrap(
         valid, lambda i: float(valid[i].mean()), resamples=resamples, confidence=confidence,
         seed=seed,
@@ -215,6 +227,9 @@ def mislabel_auc(
         resamples: Bootstrap resamples over points.
         confidence: Level of the interval.
         seed: Seed of the bootstrap.
+
+    Returns:
+        Interval: the AUC (0.5: chance, 1: every flipped point ranked first).
 
     Raises:
         ValueError: shapes differ, or no flipped or no clean point.
@@ -266,10 +281,14 @@ def retrain_subsets(
         GroundTruth.
 
     Raises:
-        ValueError: ``alpha`` outside (0, 1), or a file at ``path`` with other settings.
+        ValueError: ``alpha`` outside (0, 1), ``n_subsets < 1``, or a file at ``path`` with
+            other settings.
     """
     if not 0 < alpha < 1 or n_subsets < 1:
-        raise ValueError(f"retrain_subsets: need 0 < alpha < 1 and n_subsets >= 1, got {alpha}.")
+        raise ValueError(
+            f"retrain_subsets: need 0 < alpha < 1 and n_subsets >= 1, got alpha={alpha!r} and "
+            f"n_subsets={n_subsets!r} (TRAK's LDS uses alpha=0.5)."
+        )
     size = round(alpha * n_train)
     masks, outs = _resume(path, n_train, alpha, seed)
     from tqdm.auto import tqdm
@@ -293,6 +312,7 @@ def retrain_subsets(
 
 
 def _resume(path, n_train: int, alpha: float, seed: int) -> tuple[list, list]:
+    """The masks and outputs saved at ``path`` (empty lists without a file)."""
     if path is None or not Path(path).exists():
         return [], []
     saved = torch.load(path, weights_only=True)
@@ -306,6 +326,7 @@ def _resume(path, n_train: int, alpha: float, seed: int) -> tuple[list, list]:
 
 
 def _save(path, masks: Sequence, outs: Sequence, n_train: int, alpha: float, seed: int) -> None:
+    """Write the finished subsets atomically (a temporary file, then a rename)."""
     tmp = f"{path}.tmp"
     state = {"subsets": torch.stack(list(masks)), "outputs": torch.stack(list(outs))}
     torch.save(state | {"n_train": n_train, "alpha": alpha, "seed": seed}, tmp)

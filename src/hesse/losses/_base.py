@@ -39,7 +39,7 @@ class OutputLoss:
     @property
     def spec(self) -> str:
         """The name with its parameters, as ``--loss`` spells it (``"gce:q=0.7"``)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}: an OutputLoss must define spec.")
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The mean loss over the batch (a scalar)."""

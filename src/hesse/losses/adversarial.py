@@ -127,6 +127,10 @@ def adversarial_pairs(
         eps: Radius :math:`\gamma` of the ``l_inf`` ball.
         steps: Ascent steps.
         seed: Seed of the random start.
+
+    Returns:
+        ``(n, 2, ...)``: ``x`` and the adversarial ``x'`` stacked on dim 1 (no gradient), as
+        :class:`Paired` takes them.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -141,6 +145,7 @@ def adversarial_pairs(
 
 
 def _check_pairs(outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Refuse outputs that are not ``(n, 2, C)`` paired logits with ``(n,)`` class targets."""
     if outputs.dim() != 3 or outputs.shape[1] != 2 or targets.shape != outputs.shape[:1]:
         raise ValueError(
             "SmoothAdvCompSum: expects (n, 2, C) paired logits (clean, adversarial) and (n,) "

@@ -62,7 +62,10 @@ class ZLoss(OutputLoss):
 
     def __post_init__(self):
         if not self.a > 0:
-            raise ValueError(f"ZLoss: a must be > 0, got {self.a!r}.")
+            raise ValueError(
+                f"ZLoss: a must be > 0 (the softplus slope), got {self.a!r}; the paper tunes "
+                "a on validation data, 1 is a neutral start."
+            )
 
     @property
     def spec(self) -> str:
@@ -96,7 +99,9 @@ class ZLoss(OutputLoss):
         return n_classes - 2
 
 
-def _standardised(outputs: torch.Tensor, targets: torch.Tensor, who: str):
+def _standardised(
+    outputs: torch.Tensor, targets: torch.Tensor, who: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``z_y`` ``(n,)``, the centred logits ``c`` ``(n, C)`` and ``||c||`` ``(n, 1)``."""
     class_rows(outputs, targets, f"loss {who}")
     c = outputs - outputs.mean(1, keepdim=True)

@@ -54,6 +54,16 @@ def gns_accept(
     (below :math:`4\epsilon|f|`) and the test turns into noise that halves :math:`\gamma`
     for nothing; there a step is also accepted when it lowers the gradient norm below
     ``g_norm`` (the current one; 0 disables this).
+
+    Args:
+        f: Loss at the current point.
+        f_new: Loss at the trial point.
+        g_new_norm: :math:`\|g_+\|`, the gradient norm at the trial point.
+        lam: The damping :math:`\lambda = \|g\|/\gamma` of the step.
+        g_norm: The current gradient norm (for the round-off rule; 0 disables it).
+
+    Returns:
+        Whether to accept the trial point.
     """
     if f - f_new >= g_new_norm**2 / (8 * lam):
         return True
@@ -132,7 +142,10 @@ def gns_newton(
         ValueError: an unknown ``curvature`` or ``gamma <= 0``.
     """
     if not callable(curvature) and curvature not in CURVATURES:
-        raise ValueError(f"gns_newton: curvature must be one of {CURVATURES}, got {curvature!r}.")
+        raise ValueError(
+            f"gns_newton: curvature must be one of {CURVATURES} or a callable "
+            f"curvature(objective) -> operator, got {curvature!r}."
+        )
     if not gamma > 0:
         raise ValueError(f"gns_newton: gamma must be > 0, got {gamma!r}.")
     obj, space = objective, objective.space
@@ -161,6 +174,7 @@ def gns_newton(
 
 
 def _curvature(obj: Any, curvature: str | Callable[[Any], Any]) -> Any:
+    """The curvature operator ``curvature`` names (or returns) at the objective's point."""
     if callable(curvature):
         return curvature(obj)
     if curvature in ("kfac", "ekfac"):
@@ -170,6 +184,7 @@ def _curvature(obj: Any, curvature: str | Callable[[Any], Any]) -> Any:
 
 @torch.no_grad()
 def _assign(obj: Any, x: torch.Tensor) -> None:
+    """Write the flat ``(d,)`` parameters ``x`` into the objective, in place."""
     for name, t in obj.space.split(x).items():
         obj.params[name].copy_(t)
 
@@ -190,6 +205,9 @@ class GNSNewton(torch.optim.Optimizer):
         gamma: Initial :math:`\gamma > 0`.
         max_matvecs: Hessian-vector products per solve.
         tol: CG's relative residual tolerance.
+
+    Raises:
+        ValueError: ``gamma <= 0``.
 
     Example:
         >>> import torch
@@ -229,14 +247,7 @@ class GNSNewton(torch.optim.Optimizer):
                 delta, lam, _ = gns_step(
                     H, g, self.gamma, tol=self.tol, max_matvecs=self.max_matvecs
                 )
-            for p, p0, d in zip(
-                params, start, delta.split([p.numel() for p in params]), strict=True
-            ):
-                p.copy_(p0 + d.view_as(p))
-            new_loss, _ = _closure.call(closure, "GNSNewton")
-            with torch.enable_grad():
-                g_new = _closure.gradients(new_loss, params, "GNSNewton")
-            g_new_norm = float(torch.cat([gi.reshape(-1) for gi in g_new if gi is not None]).norm())
+            new_loss, g_new_norm = _try_point(closure, params, start, delta)
             if gns_accept(float(loss), float(new_loss), g_new_norm, lam, g_norm=float(g.norm())):
                 self.gamma *= 2
                 return new_loss.detach()
@@ -244,3 +255,21 @@ class GNSNewton(torch.optim.Optimizer):
         for p, p0 in zip(params, start, strict=True):
             p.copy_(p0)
         return loss.detach()
+
+
+def _try_point(
+    closure: Callable | None,
+    params: list[torch.Tensor],
+    start: list[torch.Tensor],
+    delta: torch.Tensor,
+) -> tuple[torch.Tensor, float]:
+    """Move ``params`` to ``start + delta`` (flat ``(d,)``); the closure's loss and gradient norm.
+
+    Gradients of parameters the loss no longer reaches count as zero in the norm.
+    """
+    for p, p0, d in zip(params, start, delta.split([p.numel() for p in params]), strict=True):
+        p.copy_(p0 + d.view_as(p))
+    new_loss, _ = _closure.call(closure, "GNSNewton")
+    with torch.enable_grad():
+        g_new = _closure.gradients(new_loss, params, "GNSNewton")
+    return new_loss, float(torch.cat([gi.reshape(-1) for gi in g_new if gi is not None]).norm())

@@ -50,6 +50,10 @@ def sinkhorn(
     Returns:
         OTResult with ``newton_iterations == 0``.
 
+    Raises:
+        ValueError: Inconsistent shapes, non-positive or unequal masses, non-finite ``C``, or
+            ``reg <= 0``.
+
     Example:
         >>> import numpy as np
         >>> from hesse.ot import sinkhorn
@@ -127,4 +131,5 @@ def _scale_block(
 
 
 def _in_range(u: np.ndarray, v: np.ndarray) -> bool:
+    """Whether every scaling is finite and > 0 (no kernel row or column underflowed)."""
     return bool(np.all(np.isfinite(u)) and np.all(np.isfinite(v)) and u.min() > 0 and v.min() > 0)

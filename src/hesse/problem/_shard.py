@@ -15,15 +15,19 @@ unsharded forward and backward).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .params import ParamSpace
+
+if TYPE_CHECKING:
+    from .objective import Objective
 
 _HOOKS = (
     "_forward_hooks",
@@ -50,6 +54,7 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def _fsdp_classes() -> tuple[type, ...]:
+    """The classes ``fully_shard`` mixes into a module's (imported only when needed)."""
     from torch.distributed.fsdp import FSDPModule
 
     return (FSDPModule,)
@@ -160,18 +165,19 @@ class Shard:
 
 
 def _local_shape(t: Any, positions: torch.Tensor) -> torch.Size:
+    """Shape of this process's shard of ``t`` (a replicated tensor: all on rank 0, else empty)."""
     if is_dtensor(t):
         return t.to_local().shape
     return t.shape if positions.numel() == t.numel() else torch.Size([0, *t.shape[1:]])
 
 
-def refuse_sharded(objective: object, who: str, why: str) -> None:
+def refuse_sharded(objective: Objective, who: str, why: str) -> None:
     """Refuse an objective over sharded parameters (FSDP) where ``who`` cannot use one.
 
     Raises:
         ValueError: naming ``who``, ``why``, and the exact operators that do work sharded.
     """
-    if getattr(objective, "shard", None) is not None:
+    if objective.shard is not None:
         raise ValueError(
             f"{who}: the model's parameters are sharded across processes (FSDP fully_shard): "
             f"{why}. Use HessianOperator, GGNOperator or FisherOperator, which work on the "
@@ -189,8 +195,6 @@ def shard_model(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: not launched by ``torchrun`` (no ``RANK``/``WORLD_SIZE`` environment).
     """
-    import os
-
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

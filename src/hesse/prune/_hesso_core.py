@@ -46,6 +46,13 @@ def base_step(
         \text{adam(w): } d = \frac{m / (1-\beta_1^t)}{\sqrt{v} / \sqrt{1-\beta_2^t} + \epsilon},
         \qquad x' = x - \eta d \;\; (\text{adamw: } x' = x(1 - \eta\lambda) - \eta d)
 
+    Args:
+        p: The parameter :math:`x` (any shape).
+        g: Its gradient, shaped like ``p``.
+        state: The optimizer state of ``p`` (``buf``; or ``step``, ``m``, ``v``), ``{}`` at first.
+        variant: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr, momentum, betas, eps, weight_decay: As in ``torch.optim``.
+
     Returns:
         ``(new_p, d, new_state)``: the new parameter, the direction :math:`d` the saliency
         reads, and the new state; nothing is modified in place.
@@ -75,9 +82,7 @@ def saliency(
     Raises:
         ValueError: a weight key that is not one of :data:`SALIENCY`.
     """
-    unknown = set(weights) - set(SALIENCY)
-    if unknown:
-        raise ValueError(f"HESSO: unknown saliency {sorted(unknown)}; keys are {list(SALIENCY)}.")
+    check_saliency(weights)
     xx = index.segment_sum([a * a for a in x])
     xd = index.segment_sum([a * b for a, b in zip(x, d, strict=True)])
     dd = index.segment_sum([b * b for b in d])
@@ -92,6 +97,20 @@ def saliency(
     for name, w in weights.items():
         total += w * raw[name] / (raw[name].norm() + _SAFE)
     return total
+
+
+def check_saliency(weights: dict[str, float]) -> None:
+    """Refuse saliency weights whose keys are not those of :data:`SALIENCY`.
+
+    Raises:
+        ValueError: naming the unknown keys and the known ones.
+    """
+    unknown = set(weights) - set(SALIENCY)
+    if unknown:
+        raise ValueError(
+            f"HESSO: unknown saliency {sorted(unknown)}; the keys are {list(SALIENCY)} "
+            "(omit a score to give it weight 0)."
+        )
 
 
 def choose(
@@ -135,15 +154,18 @@ class Cycle:
         self.cycles, self.t = 0, 0
 
     def begin(self, V: torch.Tensor) -> None:
+        """Start a cycle that shrinks the ``(G,)`` bool violating set ``V``."""
         self.V, self.tried = V, self.tried | V
         self.losses, self.t = [], 0
         self.cycles += 1
 
     def add(self, scores: torch.Tensor) -> None:
+        """Accumulate one ``(G,)`` saliency sample."""
         self.total += scores
         self.count += 1
 
     def factors(self, S: int) -> torch.Tensor:
+        """``(G,)`` this step's shrink factors over a cycle of ``S`` steps; advances the step."""
         f = torch.ones_like(self.total)
         f[self.V] = (S - self.t - 1) / (S - self.t)
         self.t += 1
@@ -156,7 +178,9 @@ class Cycle:
             self.charges[self.V] += weight * rise / int(self.V.sum())
 
     def accumulated(self) -> torch.Tensor:
+        """``(G,)`` mean sampled saliency plus the charged loss increases."""
         return self.total / max(self.count, 1) + self.charges
 
     def tried_units(self, units: list[Unit]) -> tuple[Unit, ...]:
+        """The ``units`` some cycle has shrunk."""
         return tuple(u for u, t in zip(units, self.tried.tolist(), strict=True) if t)

@@ -100,6 +100,7 @@ def remove_groups(model: nn.Module, units: list[Unit]) -> nn.Module:
 
 
 def _slice_chain(model: nn.Module, units: list[Unit]) -> None:
+    """Cut the chain ``units``' rows and columns out of ``model``'s layers, in place."""
     gone: dict[tuple[str, int], set[int]] = {}
     for u in units:
         for name, dim, idx in u.slices:

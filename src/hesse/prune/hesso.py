@@ -37,7 +37,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._hesso_core import SALIENCY, VARIANTS, Cycle, base_step, choose, period_targets, saliency
+from ._hesso_core import (
+    SALIENCY,
+    VARIANTS,
+    Cycle,
+    base_step,
+    check_saliency,
+    choose,
+    period_targets,
+    saliency,
+)
 from ._hesso_groups import GroupIndex, hesso_groups, remove_groups, removed_params
 from ._units import Unit
 
@@ -166,11 +175,7 @@ class HESSO(torch.optim.Optimizer):
         self.units = list(hesso_groups(model) if groups is None else groups)
         self.index = GroupIndex.build(named, self.units)
         self.variant, self.weights = variant, dict(SALIENCY if saliency is None else saliency)
-        if set(self.weights) - set(SALIENCY):
-            raise ValueError(
-                f"HESSO: unknown saliency {sorted(set(self.weights) - set(SALIENCY))}; the "
-                f"keys are {list(SALIENCY)}."
-            )
+        check_saliency(self.weights)
         self.total_params = sum(p.numel() for p in model.parameters())
         G = len(self.units)
         self.target = int(G * min(target_group_sparsity, 0.999))
@@ -221,6 +226,7 @@ class HESSO(torch.optim.Optimizer):
         return loss.detach() if isinstance(loss, torch.Tensor) and closure else None
 
     def _base(self, params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The base optimizer's new parameters and directions ``d`` (state updated)."""
         group = self.param_groups[0]
         hyper = {k: group[k] for k in ("lr", "momentum", "betas", "eps", "weight_decay")}
         new, d = [], []
@@ -259,6 +265,7 @@ class HESSO(torch.optim.Optimizer):
         return None, f
 
     def _cric_step(self, x, d, loss: float | None):
+        """CRIC's part of :meth:`_schedule`: sample, charge and pick the next violating set."""
         if loss is None:
             raise ValueError(
                 "HESSO with CRIC needs the loss of each step: call step(closure) or "
@@ -269,9 +276,8 @@ class HESSO(torch.optim.Optimizer):
         scores = saliency(self.index, x, d, self.weights)
         cyc = self._cycle
         if cyc is None:
-            ref = sum(self._recent[-cfg.sampling_steps :] + [loss]) / (
-                len(self._recent[-cfg.sampling_steps :]) + 1
-            )
+            window = self._recent[-cfg.sampling_steps :] + [loss]
+            ref = sum(window) / len(window)  # the loss before pruning, CRIC's L_0
             states = [copy.deepcopy(self.state[p]) for p in self.param_groups[0]["params"]]
             cyc = self._cycle = Cycle([t.clone() for t in x], states, ref, G)
             cyc.add(scores)
@@ -361,10 +367,11 @@ class HESSO(torch.optim.Optimizer):
 
 
 def _check(variant, lr, pruning_steps, periods, target, cric) -> None:
+    """Refuse HESSO settings out of range (see the class's Raises)."""
     if variant not in VARIANTS:
         raise ValueError(f"HESSO: variant must be one of {VARIANTS}, got {variant!r}.")
     if not lr > 0:
-        raise ValueError(f"HESSO: lr must be > 0, got {lr}.")
+        raise ValueError(f"HESSO: lr must be > 0, got {lr!r}.")
     if not (isinstance(periods, int) and 1 <= periods <= pruning_steps):
         raise ValueError(
             f"HESSO: pruning_periods must be an integer in [1, pruning_steps={pruning_steps}], "
