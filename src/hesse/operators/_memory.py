@@ -68,7 +68,12 @@ def nbytes(t: torch.Tensor) -> int:
 
 def storages(tensors: Iterable[torch.Tensor]) -> set[int]:
     """Addresses of the storages of ``tensors`` (strided ones; others have no storage)."""
-    return {t.untyped_storage().data_ptr() for t in tensors if t.layout == torch.strided}
+    return {_key(t.untyped_storage()) for t in tensors if t.layout == torch.strided}
+
+
+def _key(s: torch.UntypedStorage) -> int:
+    """A storage's identity: its address; on the meta device (all addresses 0) its object's."""
+    return s._cdata if s.device.type == "meta" else s.data_ptr()
 
 
 def saved_bytes(build: Callable[[], T], resident: set[int]) -> tuple[T, int]:
@@ -85,8 +90,8 @@ def saved_bytes(build: Callable[[], T], resident: set[int]) -> tuple[T, int]:
     def pack(t: torch.Tensor) -> torch.Tensor:
         if t.layout == torch.strided:
             s = t.untyped_storage()
-            if s.data_ptr() not in resident:
-                saved[s.data_ptr()] = s.nbytes()
+            if _key(s) not in resident:
+                saved[_key(s)] = s.nbytes()
         else:
             saved[id(t)] = nbytes(t)
         return t.detach()

@@ -66,7 +66,8 @@ class MemoryPlan:
         block_size: Most columns per product pushed through the model at once (chosen to fit).
         keep_graphs: Whether the per-batch graphs fit and are kept between products.
         max_cache_bytes: What to pass to the operator: the kept graphs' bytes, or 0.
-        basis_bytes: the float64 vectors of ``eigs`` at its peak: ``(ncv + 3) * d * 8`` for
+        basis_bytes: the vectors of ``eigs`` at its peak (float64 unless ``basis_dtype``; 8
+            bytes shown): ``(ncv + 3) * d * 8`` for
             ``k = 1``, ``(ncv + max(k + 3, 6)) * d * 8`` for ``k > 1`` (the basis, the block
             start, the ``k`` locked or returned vectors, and the block being multiplied).
         probes_bytes: ``(steps + 1) * group * d * 8``, the float64 bases of ``density``.
@@ -152,6 +153,8 @@ def plan(
     block_size: int = 32,
     max_memory: int | None = None,
     curvature: str = "hessian",
+    world_size: int | None = None,
+    basis_dtype: torch.dtype = torch.float64,
 ) -> MemoryPlan:
     r"""The memory a run of ``eigs`` and ``density`` on a curvature of ``objective`` will take.
 
@@ -191,6 +194,12 @@ def plan(
         block_size: Most columns per product (lowered to fit ``max_memory``).
         max_memory: Bytes the run may use, or None.
         curvature: ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"kfac"`` or ``"ekfac"``.
+        world_size: Plan an unsharded ``objective`` as one of ``world_size`` FSDP2 processes
+            (``fully_shard``: each parameter's dim 0 split in ``world_size`` chunks; ``dim`` is
+            the largest process's, rank 0's) whose data are ``objective``'s batches. With a model
+            on the meta device nothing is allocated: a 70B plan on a laptop.
+        basis_dtype: The dtype of the ``eigs`` basis (``eigs(..., basis_dtype=)``); ``density``
+            keeps float64.
 
     Returns:
         MemoryPlan.
@@ -224,6 +233,16 @@ def plan(
     factor_bytes, largest = _factors(objective, curvature)  # refuses an uncovered module early
     # the algorithms' sizes follow the global dimension (the same on every process under FSDP)
     d, full = objective.dim, objective.dim if objective.shard is None else objective.shard.dim
+    if world_size is not None:
+        if world_size < 1 or objective.shard is not None:
+            raise ValueError(
+                f"plan: world_size={world_size} plans an unsharded objective over world_size "
+                ">= 1 processes; a sharded one is planned as it is (leave world_size out)."
+            )
+        d = sum(
+            -(-p.shape[0] // world_size) * math.prod(p.shape[1:]) if p.dim() else 1
+            for p in objective.params.values()
+        )
     steps = min(steps, full)
     samples, batches, first = _count(objective.batches())
     graph = _OPERATORS[curvature](objective, max_cache_bytes=0)._measure_state(first)
@@ -243,7 +262,8 @@ def plan(
         "available_bytes": free,
         "max_memory": max_memory,
         "full_dim": full,
-        "sharded": objective.shard is not None,
+        "sharded": objective.shard is not None or world_size is not None,
+        "basis_itemsize": torch.empty((), dtype=basis_dtype).element_size(),
     }
     itemsize = torch.empty((), dtype=objective.dtype).element_size()
     sized = functools.partial(_sized, fixed, itemsize)
@@ -295,10 +315,10 @@ def _sized(
     """The plan of the ``fixed`` items for a group, block size and graph keeping."""
     fixed = dict(fixed)
     d, graph, full = fixed["dim"], fixed["graph_bytes"], fixed.pop("full_dim")
-    sharded = fixed.pop("sharded")
+    sharded, basis_item = fixed.pop("sharded"), fixed.pop("basis_itemsize")
     graphs = graph * fixed["batches"] if keep else graph
     sizes = {
-        "basis_bytes": _eigs_vectors(fixed["ncv"], fixed["k"]) * d * 8,
+        "basis_bytes": _eigs_vectors(fixed["ncv"], fixed["k"]) * d * basis_item,
         "probes_bytes": (fixed["steps"] + 1) * group * d * 8,
         "graphs_bytes": graphs,
         "block_bytes": BLOCK_FACTOR * block * full * itemsize,
