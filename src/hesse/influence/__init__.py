@@ -3,7 +3,8 @@ r"""Influence functions, unlearning, hypergradients and attribution scored again
 - :func:`influence`: how removing each training point changes each query's loss.
 - :func:`lds`, :func:`mislabel_auc`, :func:`retrain_subsets`: attribution scored against
   retraining (the linear datamodeling score, mislabel detection, their ground truth).
-- :func:`unlearn`: a model with a forget set removed (a Newton step, or IAU's gradient step).
+- :func:`unlearn`: a model with a forget set removed (a Newton step, the influence removal
+  step, or IAU's gradient step).
 - :func:`hypergradient`: the gradient of a validation loss with respect to regularization
   hyperparameters, by the implicit function theorem.
 

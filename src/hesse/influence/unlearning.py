@@ -1,6 +1,6 @@
 r"""Unlearning: a model with a forget set removed, without retraining from scratch.
 
-Two updates of the trained parameters :math:`\hat\theta`, for a training objective that is the
+Three updates of the trained parameters :math:`\hat\theta`, for a training objective that is the
 mean loss over the forget and remaining points plus weight decay :math:`\frac{w}{2}\|\theta\|^2`.
 The mean is weighted as :class:`~hesse.Objective` weighs it: :math:`L_F` and :math:`L_R` are the
 mean losses of the two sets, over their weights :math:`W_F` and :math:`W_R` (sample counts for a
@@ -14,6 +14,19 @@ plain mean; counted tokens under ``ignore_index``; sums of class weights), and t
   .. math:: \theta' = \hat\theta - (\nabla^2 L_R + (w + \lambda) I)^{-1}
             (\nabla L_R(\hat\theta) + w\hat\theta).
 
+- ``"influence"``: the same inverse applied to the forget set's share of that gradient only,
+  the influence-function removal step (Koh & Liang 2017),
+
+  .. math:: \theta' = \hat\theta - \frac{W_F}{W} (\nabla^2 L_R + (w + \lambda) I)^{-1} d,
+            \qquad d = \nabla L_R(\hat\theta) - \nabla L_F(\hat\theta).
+
+  It equals ``"newton"`` at a stationary point of the full objective
+  (:math:`\nabla R(\hat\theta) = \frac{W_F}{W} d` there). A model that stopped short of one
+  (Adam for a fixed budget, early stopping) has a residual gradient
+  :math:`\nabla J(\hat\theta) = \nabla R(\hat\theta) - \frac{W_F}{W} d`, which Newton's
+  step also follows: it finishes training along low-curvature directions and can land far from
+  a model retrained for the same budget. ``"influence"`` removes the forget set's contribution
+  only; ``UnlearnResult.residual`` says which case a model is in.
 - ``"iau"``: IAU's first-order step (Liu, Wu, Lian & Chen 2025, "Efficient machine
   unlearning via influence approximation"): unlearning as the reverse of incremental
   learning, one step along :math:`d = \nabla L_R(\hat\theta) - \nabla L_F(\hat\theta)`,
@@ -40,13 +53,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..operators import CURVATURES, curvature_operator
+from ..operators import (
+    CURVATURES,
+    KRONECKER_KINDS,
+    Operator,
+    curvature_operator,
+    kronecker_operator,
+)
 from ..problem._per_sample import data_weight
 from ..problem._positions import sample_count
 from ..problem.objective import Objective
-from ._ihvp import InverseDiagnostics, inverse_products
+from ._ihvp import KRONECKER, InverseDiagnostics, inverse_products
 
-METHODS = ("newton", "iau")
+METHODS = ("newton", "influence", "iau")
+IHVPS = ("exact", "cg", "lissa", "kfac", "ekfac")
 
 
 @dataclass(frozen=True)
@@ -55,14 +75,18 @@ class UnlearnResult:
 
     Attributes:
         model: A new model (a deep copy, in eval mode); the original is untouched.
-        method: ``"newton"`` or ``"iau"``.
+        method: ``"newton"``, ``"influence"`` or ``"iau"``.
         delta: ``(d,)`` the parameter change :math:`\theta' - \hat\theta`.
-        step_size: IAU's :math:`t` (None for Newton).
-        inverse: Diagnostics of Newton's inverse product (None for IAU).
+        step_size: IAU's :math:`t` (None for the others).
+        inverse: Diagnostics of the inverse product (None for IAU).
         n_forget: Samples in the forget set; ``n_remain`` in the remaining set.
         n_remain: Samples in the remaining set.
         n_matvecs: Curvature products spent.
         seconds: Wall-clock time.
+        residual: :math:`\|\nabla J(\hat\theta)\| / \|\frac{W_F}{W} d\|`, the full
+            objective's gradient at the model relative to the forget set's share of the
+            remaining gradient: near 0 at a minimum of the training objective; above about 1,
+            ``"newton"`` mostly continues training, and ``"influence"`` is the removal step.
     """
 
     model: nn.Module
@@ -74,6 +98,7 @@ class UnlearnResult:
     n_remain: int
     n_matvecs: int
     seconds: float
+    residual: float = float("nan")
 
 
 def unlearn(
@@ -86,7 +111,7 @@ def unlearn(
     weight_decay: float = 0.0,
     damping: float = 0.0,
     ihvp: str = "cg",
-    curvature: str = "hessian",
+    curvature: str | None = None,
     lr: float | None = None,
     params: Any = None,
     tol: float | None = None,
@@ -101,12 +126,18 @@ def unlearn(
         forget_data: The points to remove (batches as ``Objective`` takes them).
         remain_data: The points that stay.
         loss: ``loss(outputs, targets) -> mean loss``.
-        method: ``"newton"`` or ``"iau"``.
+        method: ``"newton"``, ``"influence"`` or ``"iau"``.
         weight_decay: :math:`w`, the weight decay of the training objective (0 if none).
         damping: :math:`\lambda \ge 0` added to the curvature on top of ``weight_decay``
             (needed when the remaining loss's Hessian is indefinite).
-        ihvp: Newton's inverse: ``"exact"``, ``"cg"`` or ``"lissa"``.
-        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (of the remaining loss).
+        ihvp: The inverse of ``"newton"`` and ``"influence"``: ``"exact"``, ``"cg"``,
+            ``"lissa"``, or the exact damped inverse of a Kronecker-factored approximation,
+            ``"kfac"`` or ``"ekfac"`` (every
+            analysed parameter must sit in a layer they factorize: ``nn.Linear``,
+            ``nn.Conv2d``, ``nn.Embedding``). IAU ignores it.
+        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (of the remaining loss; default
+            ``"hessian"``, and ``"ggn"`` for ``"kfac"``/``"ekfac"``, which factorize only the
+            GGN or the empirical Fisher). IAU's quadratic step uses it too.
         lr: IAU's learning rate :math:`\eta`, for the step :math:`t = \eta W_F / W` (default:
             the quadratic-model step).
         params: Which parameters are updated (``Objective``'s ``params=``).
@@ -124,19 +155,27 @@ def unlearn(
             ``damping``, or an indefinite curvature for Newton (the message names the fix).
     """
     start = time.perf_counter()
-    _check(method, ihvp, curvature, weight_decay, damping)
+    curvature = _check(method, ihvp, curvature, weight_decay, damping)
     remain = Objective(model, remain_data, loss, params=params, dtype=dtype)
     forget = Objective(model, forget_data, loss, params=params, dtype=dtype)
     theta = remain.space.join(remain.params)
     g_remain = remain.gradient()
     grad_r = g_remain + weight_decay * theta
-    op = curvature_operator(remain, curvature)
     lam = weight_decay + damping
     n_f, n_r = _count(forget), _count(remain)
-    if method == "newton":
+    d = g_remain - forget.gradient()
+    w_f, w_r = float(data_weight(forget)), float(data_weight(remain))
+    share = w_f / (w_f + w_r)
+    residual = float((grad_r - share * d).norm() / (share * d).norm().clamp_min(1e-300))
+    if method != "iau":
+        op: Operator = (
+            kronecker_operator(remain, ihvp, curvature)
+            if ihvp in KRONECKER
+            else curvature_operator(remain, curvature)
+        )
         x, diag = inverse_products(
             op,
-            grad_r[:, None],
+            (grad_r if method == "newton" else share * d)[:, None],
             method=ihvp,
             damping=lam,
             tol=tol,
@@ -146,23 +185,29 @@ def unlearn(
         )
         delta, step, used = -x[:, 0], None, diag.n_matvecs
     else:
-        d = g_remain - forget.gradient()
-        if lr is None:
-            step = _quadratic_step(op, grad_r, d, lam)
-        else:
-            w_f, w_r = data_weight(forget), data_weight(remain)
-            step = lr * w_f / (w_f + w_r)
+        op = curvature_operator(remain, curvature)
+        step = _quadratic_step(op, grad_r, d, lam) if lr is None else lr * share
         delta, diag, used = -step * d, None, op.n_matvecs
     new = _with_params(model, remain, theta + delta)
     seconds = time.perf_counter() - start
-    return UnlearnResult(new, method, delta, step, diag, n_f, n_r, used, seconds)
+    return UnlearnResult(new, method, delta, step, diag, n_f, n_r, used, seconds, residual)
 
 
-def _check(method, ihvp, curvature, weight_decay, damping) -> None:
+def _check(method, ihvp, curvature, weight_decay, damping) -> str:
+    """Validate the settings; returns the curvature (its default resolved)."""
     if method not in METHODS:
         raise ValueError(f"unlearn: method must be one of {METHODS}, got {method!r}.")
-    if ihvp not in ("exact", "cg", "lissa"):
-        raise ValueError(f"unlearn: ihvp must be 'exact', 'cg' or 'lissa', got {ihvp!r}.")
+    if ihvp not in IHVPS:
+        raise ValueError(f"unlearn: ihvp must be one of {IHVPS}, got {ihvp!r}.")
+    if method != "iau" and ihvp in KRONECKER:
+        curvature = curvature or "ggn"
+        if curvature not in KRONECKER_KINDS:
+            raise ValueError(
+                f"unlearn(ihvp={ihvp!r}) inverts a Kronecker-factored approximation of the GGN "
+                f"(curvature='ggn') or of the empirical Fisher ('fisher'), not of the "
+                f"{curvature!r}; pass one of those, or ihvp='cg' for the {curvature!r}."
+            )
+    curvature = curvature or "hessian"
     if curvature not in CURVATURES:
         raise ValueError(
             f"unlearn: curvature must be one of {tuple(CURVATURES)}, got {curvature!r}."
@@ -170,6 +215,7 @@ def _check(method, ihvp, curvature, weight_decay, damping) -> None:
     for name, value in (("weight_decay", weight_decay), ("damping", damping)):
         if not value >= 0:
             raise ValueError(f"unlearn: {name} must be >= 0, got {value}.")
+    return curvature
 
 
 def _quadratic_step(op, g: torch.Tensor, d: torch.Tensor, lam: float) -> float:
