@@ -19,6 +19,8 @@ import workloads
 import hesse
 from hesse import quant
 
+NARROW = run.NARROW
+
 
 def main(name: str) -> None:
     torch.set_num_threads(1)
@@ -30,7 +32,7 @@ def main(name: str) -> None:
     budget = 10 if name == "minilm" else 30
     grid = quant.Quantizer(4, "group", 128)
     sens = quant.sensitivity(obj, (3, 4), quantizer=grid, budget=budget, layers=layers, seed=0)
-    sens_g = quant.gptq_sensitivity(sens, model, calib)
+    sens_g = quant.gptq_sensitivity(sens, model, calib, full_range=NARROW)
     t_sens = time.perf_counter() - start
     params = dict(model.named_parameters())
     n = sum(params[p].numel() for p in quant.quantizable(model, layers).values())
@@ -38,7 +40,7 @@ def main(name: str) -> None:
     for label, s in (("Ω = trace x GPTQ/RTN error", sens_g), ("Ω = HAWQ-V2 trace", sens)):
         alloc = quant.allocate(s, n * 3.5 / 8)
         start = time.perf_counter()
-        q = quant.gptq(model, calib, bits=alloc.bits, embeddings=None)
+        q = quant.gptq(model, calib, bits=alloc.bits, embeddings=None, full_range=NARROW)
         seconds = t_sens + time.perf_counter() - start
         saved = quant.save(q, run.OUT / name / f"hesse-mixed34-{len(rows)}")
         hist = {b: sum(v == b for v in alloc.bits.values()) for b in (3, 4)}

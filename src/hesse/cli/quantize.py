@@ -55,8 +55,9 @@ def add_arguments(group: Any) -> None:
                        "sensitivity, exact allocation)")  # fmt: skip
     group.add_argument("--save", metavar="OUT", help="--method gptq: write the quantized model "
                        "as a packed compressed-tensors folder (--hf models)")  # fmt: skip
-    group.add_argument("--full-range", action="store_true", help="--method gptq: symmetric "
-                       "grids with all 2^b codes, as llm-compressor's")  # fmt: skip
+    group.add_argument("--narrow-range", action="store_true", help="--method gptq: hesse's "
+                       "symmetric grid with codes -L..L (default: all 2^b codes, as "
+                       "compressed-tensors and llm-compressor)")  # fmt: skip
     group.add_argument("--embedding-bits", type=int, default=8, help="--method gptq: width "
                        "of the embeddings, rounded per row (0: keep them in float)")  # fmt: skip
     group.add_argument("--granularity", choices=GRANULARITIES, default="channel")
@@ -104,7 +105,8 @@ def _allocation(args, problem, bits, layers, quantizer) -> tuple[Sensitivity, Al
     )  # fmt: skip
     if args.method == "gptq":
         sens = gptq_sensitivity(sens, problem.model, problem.data, group_size=args.group_size,
-                                symmetric=not args.asymmetric)  # fmt: skip
+                                symmetric=not args.asymmetric,
+                                full_range=not args.narrow_range)  # fmt: skip
     cost, limit = _budget(args, sens)
     try:
         alloc = allocate(sens, limit, cost=cost, fixed=_fixed(args.fixed))
@@ -123,7 +125,7 @@ def _gptq_page(args, problem, bits: dict, alloc: Allocation | None = None) -> Pa
     try:
         q = gptq(problem.model, problem.data, bits, group_size=args.group_size,
                  symmetric=not args.asymmetric, embeddings=args.embedding_bits or None,
-                 full_range=args.full_range)  # fmt: skip
+                 full_range=not args.narrow_range)  # fmt: skip
     except ValueError as err:
         raise UsageError(f"--method gptq: {err}") from err
     seconds = time.perf_counter() - start

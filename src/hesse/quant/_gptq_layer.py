@@ -57,7 +57,7 @@ def gptq_layer(
     block: int = 128,
     axis: int = 0,
     scale_dtype: torch.dtype = torch.float32,
-    full_range: bool = False,
+    full_range: bool = True,
 ) -> GptqLayerResult:
     r"""Quantize one layer's weight by GPTQ (Frantar et al. 2023).
 
@@ -84,7 +84,7 @@ def gptq_layer(
         H: ``(in, in)`` input Hessian :math:`2 X X^\top / n`.
         bits: Code width, 2 to 16.
         group_size: Inputs per group (must divide the inputs), or None for one grid per output.
-        symmetric: Symmetric grid (codes :math:`-L..L`) or asymmetric (with zero points).
+        symmetric: Symmetric grid or asymmetric (with zero points).
         act_order: Visit columns by decreasing :math:`H_{qq}`.
         damping: :math:`\lambda` relative to :math:`\mathrm{mean}\,\mathrm{diag}\,H`, > 0.
         block: Columns per lazy update block.
@@ -92,7 +92,8 @@ def gptq_layer(
         scale_dtype: The dtype the scales are stored in.
         full_range: Symmetric grids with all :math:`2^b` codes :math:`-2^{b-1}..2^{b-1}-1` and
             step :math:`\max|w| / (2^{b-1} - \tfrac12)` (compressed-tensors' and
-            llm-compressor's symmetric grid) instead of :math:`-L..L`, step :math:`\max|w|/L`.
+            llm-compressor's symmetric grid; the default) instead of :math:`-L..L`,
+            :math:`L = 2^{b-1} - 1`, step :math:`\max|w|/L` (False: hesse's narrow grid).
 
     Returns:
         :class:`GptqLayerResult`.

@@ -83,7 +83,7 @@ def gptq(
     sequential: bool = True,
     block: int = 128,
     embeddings: int | None = 8,
-    full_range: bool = False,
+    full_range: bool = True,
 ) -> nn.Module:
     r"""A GPTQ-quantized copy of ``model`` (Frantar et al. 2023); ``model`` is not modified.
 
@@ -113,14 +113,19 @@ def gptq(
         bits: One width for every layer, or ``{layer: bits}`` (e.g. ``Allocation.bits``); layers
             not in the dict stay in float.
         group_size: Inputs per grid, or None for one grid per output unit.
-        symmetric: Symmetric grids (codes :math:`-L..L`) or asymmetric (zero points).
+        symmetric: Symmetric grids or asymmetric (zero points).
         act_order: Visit columns by decreasing :math:`H_{qq}` (groups keep the original order).
         damping: Relative damping of :math:`H`, 0.01 as in the paper.
         sequential: Calibrate each block through the blocks already quantized.
         block: Columns per lazy update block.
         embeddings: Width for the embeddings, or None.
-        full_range: Symmetric grids with all :math:`2^b` codes, as compressed-tensors and
-            llm-compressor use them (:func:`gptq_layer`).
+        full_range: Symmetric grids with all :math:`2^b` codes
+            :math:`-2^{b-1}..2^{b-1}-1`, step :math:`\max|w| / (2^{b-1} - \tfrac12)`, as
+            compressed-tensors (the format :func:`hesse.quant.save` writes) and llm-compressor
+            use them (the default); False: hesse's narrow grid, codes :math:`-L..L`,
+            :math:`L = 2^{b-1} - 1`, step :math:`\max|w|/L` (:func:`gptq_layer`). The full
+            range has one more level, so a smaller step: on MiniLM it matches or beats
+            llm-compressor, the narrow grid does not (``benchmarks/compress/RESULTS.md``).
 
     Returns:
         The quantized copy, in eval mode.
