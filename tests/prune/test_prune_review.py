@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from prune_cases import trained_mlp
+from sparsegpt_reference import sparsegpt_reference
 from torch import nn
 
 from hesse import Objective
@@ -83,39 +84,6 @@ def test_hf_conv1d_input_hessian_and_sweep_match_the_linear_layer():
 # ------------------------------------------------ n:m with the sweep: SparseGPT's own rule
 
 
-def _sparsegpt(W, H, keep, m, block, percdamp=0.01):
-    """SparseGPT's ``fasterprune`` with ``prune_n = m - keep``, in float64.
-
-    Frantar & Alistarh 2023; IST-DASLab/sparsegpt, sparsegpt.py: each group of ``m`` columns
-    is chosen when the sweep reaches it, from the updated weights.
-    """
-    W, H = W.clone(), H.clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += percdamp * H.diagonal().mean() * torch.eye(len(H), dtype=DT)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    for i1 in range(0, W.shape[1], block):
-        i2 = min(i1 + block, W.shape[1])
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        pruned = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if i % m == 0:
-                tmp = W1[:, i : i + m] ** 2 / Hinv1.diagonal()[i : i + m][None, :] ** 2
-                low = torch.topk(tmp, m - keep, dim=1, largest=False).indices
-                pruned.scatter_(1, i + low, True)
-            w = W1[:, i]
-            q = torch.where(pruned[:, i], 0.0, w)
-            Q1[:, i] = q
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W
-
-
 def _correlated_layer(seed, rows=16, cols=256, n=512):
     gen = torch.Generator().manual_seed(seed)
     A = torch.randn(cols, 8, generator=gen, dtype=DT)
@@ -136,7 +104,7 @@ def _error(W, W_hat, H):
 def test_nm_sweep_matches_sparsegpt_at_block_128(seed, pattern):
     W, H = _correlated_layer(seed)
     keep = int(pattern[0])
-    reference = _error(W, _sparsegpt(W, H, keep, 4, block=128), H)
+    reference = _error(W, sparsegpt_reference(W, H, None, (keep, 4), block=128), H)
     r = obs_layer(W, H, sparsity=None, pattern=pattern, block=128)
     assert r.error <= reference * (1 + 1e-6), (r.error / reference, r.rule)
     assert (r.mask.reshape(16, -1, 4).sum(-1) == keep).all()

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from sparsegpt_reference import sparsegpt_reference
 from torch import nn
 
 from hesse import Objective
@@ -16,46 +17,6 @@ from hesse.prune import layer_hessian, obs_layer, prune
 transformers = pytest.importorskip("transformers")
 
 DT = torch.float64
-
-
-def _sparsegpt(W, H, sparsity, pattern, block, percdamp=0.01):
-    """SparseGPT's ``fasterprune`` (IST-DASLab/sparsegpt, Alg. 1 of the paper) in float64.
-
-    Unstructured: each block of columns prunes its ``sparsity`` fraction of smallest
-    :math:`w^2 / [H^{-1}]_{qq}^2` on entering it (exactly ``round(s r c1) - round(s r c0)``
-    weights; the reference code's ``tmp <= thresh`` prunes one more). ``n:m``: each group of
-    ``m`` columns when the sweep reaches it.
-    """
-    W, H = W.clone(), H.clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += percdamp * H.diagonal().mean() * torch.eye(len(H), dtype=DT)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    rows = W.shape[0]
-    for i1 in range(0, W.shape[1], block):
-        i2 = min(i1 + block, W.shape[1])
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        pruned = torch.zeros_like(W1, dtype=torch.bool)
-        if pattern is None:
-            tmp = W1**2 / Hinv1.diagonal()[None, :] ** 2
-            k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
-            pruned.view(-1)[tmp.reshape(-1).argsort()[:k]] = True
-        for i in range(i2 - i1):
-            if pattern is not None and i % pattern[1] == 0:
-                n, m = pattern
-                tmp = W1[:, i : i + m] ** 2 / Hinv1.diagonal()[i : i + m][None, :] ** 2
-                pruned.scatter_(1, i + torch.topk(tmp, m - n, dim=1, largest=False).indices, True)
-            w = W1[:, i]
-            q = torch.where(pruned[:, i], 0.0, w)
-            Q1[:, i] = q
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W
 
 
 def _layer(seed, rows=12, cols=320, n=600, dead=True):
@@ -83,7 +44,7 @@ CASES = [(0.5, None), (0.7, None), (None, "2:4"), (None, "4:8")]
 def test_sweep_equals_the_papers_algorithm(seed, sparsity, pattern):
     W, H = _layer(seed)
     nm = tuple(int(v) for v in pattern.split(":")) if pattern else None
-    want = _sparsegpt(W, H, sparsity, nm, block=128)  # 320 columns: a last block of 64
+    want = sparsegpt_reference(W, H, sparsity, nm, block=128)  # 320 columns: a last block of 64
     r = obs_layer(W, H, sparsity=sparsity, pattern=pattern, block=128, fallback=False)
     assert r.rule == "obs"
     torch.testing.assert_close(r.weight, want, rtol=0, atol=1e-10)
@@ -95,7 +56,7 @@ def test_sweep_equals_the_papers_algorithm(seed, sparsity, pattern):
 
 def test_sweep_on_a_conv1d_layout_is_the_transposed_sweep():
     W, H = _layer(3, dead=False)
-    want = _sparsegpt(W, H, None, (2, 4), block=128)
+    want = sparsegpt_reference(W, H, None, (2, 4), block=128)
     r = obs_layer(W.T.contiguous(), H, sparsity=None, pattern="2:4", axis=1, fallback=False)
     torch.testing.assert_close(r.weight, want.T, rtol=0, atol=1e-10)
 
