@@ -43,6 +43,13 @@ violated constraints, :math:`w \leftarrow w - \sum_{j: c_j > 0} c_j \nabla c_j /
 with :math:`w = (x, y)`: exact for constraints affine in :math:`(x, y)` whose gradients are
 orthogonal (bounds, :math:`y_j \le x_j`, one constraint), a feasible-leaning approximation
 otherwise; ``BilevelResult.violation`` reports how far the constraint holds at the end.
+
+These updates are the ones of the authors' code (``SUSTech-Optimization/LV-HBA``, the
+coupled-constraint toy problem): the same order (:math:`\theta` with the old multiplier, then
+the multiplier at the new :math:`\theta`, then :math:`(x, y)`, the projection, :math:`z`) and the
+same :math:`1/c_k` weighting of :math:`F`, except that their multiplier takes one projected
+gradient-ascent step of size :math:`\eta` where we take the exact maximizer (the same fixed
+point, and no step size to tune).
 """
 
 from __future__ import annotations
