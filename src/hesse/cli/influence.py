@@ -1,8 +1,18 @@
-"""``hesse influence``: which training points most help and most harm chosen test points."""
+"""``hesse influence``: which training points most help and most harm chosen test points.
+
+Data: ``(inputs, targets)`` tensor batches (``--demo``, ``--model``/``--data`` factories, with
+``--loss``) or Hugging Face dict batches (``--hf DIR --data train.csv --queries test.csv``,
+the model's own loss: sequence classifiers and LMs; a sequence's score is the sum over its
+counted tokens, see ``hesse.influence``). Writes ``results.json``, ``report.html``,
+``scores.pt`` (the full score matrix and what it is of) and ``top.csv`` (the top training
+points per query, with their text for Hugging Face data), each atomically.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 from typing import Any
 
 import torch
@@ -12,7 +22,9 @@ from ..linalg import eigs
 from ..operators import curvature_operator
 from ..problem.objective import Objective
 from ..report.page import Page, Section, png
-from ._inputs import UsageError, parse_params
+from ._influence_samples import TOKEN_TASKS, Samples, hf_labels, hf_task, hf_tokenizer
+from ._inputs import UsageError, parse_params, parse_size
+from ._problem import cli_words
 
 SUMMARY = "Influence functions: the training points that most help and harm each test point."
 EXAMPLES = """examples:
@@ -20,6 +32,10 @@ EXAMPLES = """examples:
   hesse influence --demo digits --query 3,17 --ihvp woodbury --damping 1e-3
   hesse influence --model mymodels:make_net --data mymodels:make_data \\
                   --test-data mymodels:make_test --curvature ggn --damping 1e-3
+  hesse influence --hf ./my-bert --data train.csv --queries test.csv --method ekfac \\
+                  --damping 1e-3 --top 3 --max-memory 2G
+  hesse influence --hf ./my-gpt2 --data train.txt --queries prompts.txt --method ekfac \\
+                  --damping 1e-3 --per-token
 """
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -35,11 +51,14 @@ def add_arguments(group: Any) -> None:
     group.add_argument("--top", type=int, default=5, help="helpful and harmful points per query")
     group.add_argument(
         "--ihvp",
+        "--method",
+        dest="ihvp",
         choices=IHVP_METHODS,
         default="cg",
         help="inverse: exact (dense), cg, lissa, woodbury (damped empirical "
         "Fisher of the per-sample gradients), kfac or ekfac (Kronecker factors of the GGN, "
-        "or of the empirical Fisher with --curvature fisher), projected (TRAK/LoGra: the "
+        "or of the empirical Fisher with --curvature fisher: the default for --hf language "
+        "models, whose exact factors cost a pass per class and token), projected (TRAK/LoGra: the "
         "empirical Fisher, or the GGN with --curvature ggn, in a random subspace of "
         "--projection-dim dimensions); default cg",
     )
@@ -56,23 +75,61 @@ def add_arguments(group: Any) -> None:
         "(default: 1%% of its largest eigenvalue, plus 1.1 times minus its "
         "smallest when that is negative; both measured by Lanczos)",
     )
+    group.add_argument(
+        "--queries", dest="test_data", metavar="FILE|PKG.MOD:FACTORY",
+        help="the query points to explain (as --data; same as --test-data); --query picks "
+        "among them",
+    )  # fmt: skip
+    group.add_argument(
+        "--query-rank", type=int, metavar="R",
+        help="compress the queries' inverse products to rank R (truncated SVD) before the "
+        "training pass (default: exact)",
+    )  # fmt: skip
+    group.add_argument(
+        "--per-token", action="store_true",
+        help="also score each training token (token losses: LMs); saved in scores.pt",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-memory", metavar="SIZE",
+        help="memory the per-sample gradients, inverse products and scores may hold, e.g. 2G: "
+        "gradients are computed in chunks that fit, or the run is refused",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace, problem: Any) -> Page:
     """Influence scores of the queries, the top training points, a picture and diagnostics."""
-    if problem.loss_fn is not None or problem.loss is None:
+    if problem.loss_fn is not None:
         raise UsageError(
-            "hesse influence needs (inputs, targets) batches and a loss of the outputs "
-            "(--loss); models with their own loss or a loss_fn are not supported."
+            "hesse influence needs a loss of the model outputs (--loss) or a Hugging Face "
+            "model's own loss (--hf); a loss_fn is not supported."
         )
     pool = problem.test_data if problem.test_data is not None else problem.data
     where = "held-out data" if problem.test_data is not None else "training data"
-    x, y = _cat(pool)
-    index = _indices(args.query, len(x))
+    shown = {"tokenizer": hf_tokenizer(args.hf)} | hf_labels(args, problem.model)
+    queries, train = Samples(pool, **shown), Samples(problem.data, **shown)
+    if problem.loss is None and not queries.dicts:
+        raise UsageError(
+            "hesse influence: without --loss the data must be Hugging Face dict batches."
+        )
+    index = _indices(args.query, queries.n)
     if args.top < 1:
         raise UsageError(f"--top must be >= 1, got {args.top}.")
     dtype, params = DTYPES.get(args.dtype), parse_params(args.params)
-    defaults = {"woodbury": "fisher", "kfac": "ggn", "ekfac": "ggn", "projected": "fisher"}
+    curvature = _curvature(args)
+    damping, spectrum = _damping(args, problem, curvature, dtype, params)
+    settings = {"damping": damping, "curvature": curvature, "params": params, "dtype": dtype}
+    result = _influence(args, problem, queries.select(index), settings)
+    return _page(problem, result, index, queries, train, args.top, where, spectrum)
+
+
+def _curvature(args: argparse.Namespace) -> str:
+    """The curvature ``--ihvp`` inverts: ``--curvature``, or the method's default.
+
+    Kronecker methods take the GGN's factors, but the empirical Fisher's for ``--hf``
+    language models (exact GGN factors cost a backward pass per class and token).
+    """
+    kronecker = "fisher" if hf_task(args) in TOKEN_TASKS else "ggn"
+    defaults = {"woodbury": "fisher", "kfac": kronecker, "ekfac": kronecker, "projected": "fisher"}
     curvature = args.curvature or defaults.get(args.ihvp, "hessian")
     if args.ihvp == "woodbury" and curvature != "fisher":
         raise UsageError(
@@ -86,31 +143,32 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
             f"--ihvp {curvature} (Kronecker factors of the GGN, or of the Fisher with "
             "--curvature fisher)."
         )
-    damping, spectrum = _damping(args, problem, curvature, dtype, params)
-    result = influence(
-        problem.model,
-        problem.data,
-        [(x[index], y[index])],
-        problem.loss,
-        ihvp=args.ihvp,
-        damping=damping,
-        curvature=curvature,
-        params=params,
-        dtype=dtype,
-        seed=args.seed,
-        max_matvecs=args.budget,
-        progress=args.progress,
-        projection_dim=args.projection_dim,
-    )
-    train_x, train_y = _cat(problem.data)
-    return _page(problem, result, index, (x, y), (train_x, train_y), args.top, where, spectrum)
+    return curvature
 
 
-def _cat(batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [b for b in batches if isinstance(b, (tuple, list)) and len(b) == 2]
-    if not pairs or len(pairs) != len(batches):
-        raise UsageError("hesse influence needs data as (inputs, targets) batches of tensors.")
-    return torch.cat([b[0] for b in pairs]), torch.cat([b[1] for b in pairs])
+CLI_WORDS = (
+    ("max_memory=", "--max-memory "),
+    ("query_rank", "--query-rank"),
+    ("per_token=True", "--per-token"),
+    ("params=", "--params"),
+)
+"""``influence()`` parameter names in its errors, and the options that set them."""
+
+
+def _influence(args: argparse.Namespace, problem: Any, queries: list, settings: dict):
+    """``hesse.influence`` with the command's options; its option errors exit 2."""
+    cap = None if args.max_memory is None else parse_size(args.max_memory)
+    try:
+        return influence(
+            problem.model, problem.data, queries, problem.loss, ihvp=args.ihvp,
+            seed=args.seed, max_matvecs=args.budget, progress=args.progress,
+            projection_dim=args.projection_dim, query_rank=args.query_rank,
+            per_token=args.per_token, max_memory=cap, **settings,
+        )  # fmt: skip
+    except ValueError as err:
+        if any(w in str(err) for w, _ in CLI_WORDS):
+            raise UsageError(cli_words(str(err), CLI_WORDS)) from err
+        raise
 
 
 def _indices(spec: str, n: int) -> torch.Tensor:
@@ -147,38 +205,48 @@ def _damping(args, problem, curvature: str, dtype, params) -> tuple[float, dict]
     return damping, {"lam_max": top, "lam_min": low, "auto_damping": damping}
 
 
-def _page(problem, r: InfluenceResult, index, queries, train, k: int, where: str, spectrum) -> Page:
-    (x, y), (tx, ty) = queries, train
+def _page(problem, r: InfluenceResult, index, queries: Samples, train: Samples, k: int, where: str,
+          spectrum) -> Page:  # fmt: skip
     rows, doc_rows = [], []
     for q, i in enumerate(index.tolist()):
         top = r.top(q, k)
         helpful, harmful = top.helpful.tolist(), top.harmful.tolist()
+        shown = f"{i} {queries.text(i)!r}" if queries.dicts else i
         rows.append(
-            [i, _label(y[i]), float(r.query_losses[q]), _pairs(helpful, ty), _pairs(harmful, ty)]
-        )
+            [shown, queries.label(i), float(r.query_losses[q]), _pairs(helpful, train),
+             _pairs(harmful, train)]
+        )  # fmt: skip
         doc_rows.append(
             {
                 "query": i,
-                "label": _label(y[i]),
+                "label": queries.label(i),
                 "loss": float(r.query_losses[q]),
                 "helpful": helpful,
                 "helpful_scores": top.helpful_scores.tolist(),
                 "harmful": harmful,
                 "harmful_scores": top.harmful_scores.tolist(),
             }
+            | ({"text": queries.text(i)} if queries.dicts else {})
         )
     diag = r.to_dict() | spectrum
-    figures = {} if not _images(tx) else {"influential.png": _picture(r, index, x, y, tx, ty, k)}
+    figures = {
+        "scores.pt": _scores_file(r, index),
+        "top.csv": _top_csv(r, index, queries, train, k),
+    }
+    if train.images():
+        figures["influential.png"] = _picture(r, index, queries, train, k)
+    what = "index 'text':label" if train.dicts else "index:label"
     sections = [
         Section(
             f"Most helpful and harmful training points ({where} queries)",
             "score[q, i] = predicted change of query q's loss when training point i is removed "
             "and the model retrained: (w_i/W) ∇L_q^T (H + λI)^-1 ∇ℓ_i, w_i/W the point's weight "
-            f"in the mean loss (1/n for a plain mean, n = {r.scores.shape[1]}). "
-            "Helpful: removing it raises the query's loss. Entries are index:label.",
+            f"in the mean loss (1/n for a plain mean, n = {r.scores.shape[1]}; counted tokens "
+            "over all counted tokens for token losses). Helpful: removing it raises the "
+            f"query's loss. Entries are {what}; scores.pt holds every score, top.csv these.",
             ("query", "label", "loss", f"top {k} helpful", f"top {k} harmful"),
             rows,
-            "influential.png" if figures else None,
+            "influential.png" if "influential.png" in figures else None,
         ),
         Section("Diagnostics", _words(r, spectrum), ("item", "value"), _diag_rows(r)),
     ]
@@ -191,12 +259,63 @@ def _page(problem, r: InfluenceResult, index, queries, train, k: int, where: str
     return Page(f"hesse influence: {problem.name}", doc, sections, figures)
 
 
-def _label(t: torch.Tensor) -> Any:
-    return int(t) if t.numel() == 1 and not t.is_floating_point() else t.tolist()
+def _scores_file(r: InfluenceResult, index: torch.Tensor) -> bytes:
+    """``scores.pt``: the score matrix, its rows' query indices, weights and losses."""
+    out = {
+        "scores": r.scores,
+        "query_indices": index,
+        "train_weights": r.train_weights,
+        "train_losses": r.train_losses,
+        "query_losses": r.query_losses,
+        "token_scores": r.token_scores,
+        "info": r.to_dict(),
+    }
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
+    return buffer.getvalue()
 
 
-def _pairs(indices: list[int], targets: torch.Tensor) -> str:
-    return " ".join(f"{i}:{_label(targets[i])}" for i in indices)
+def _top_csv(r: InfluenceResult, index, queries: Samples, train: Samples, k: int) -> bytes:
+    """``top.csv``: one row per query, kind (helpful/harmful), rank and training point.
+
+    With token scores, ``top_tokens`` lists the training row's 3 tokens that push its score
+    most in the row's direction, as ``token@position:score``.
+    """
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["query", "query_text", "kind", "rank", "train_index", "score", "train_label",
+                "train_text", "top_tokens"])  # fmt: skip
+    for q, i in enumerate(index.tolist()):
+        top = r.top(q, k)
+        for kind, idx, vals in (
+            ("helpful", top.helpful, top.helpful_scores),
+            ("harmful", top.harmful, top.harmful_scores),
+        ):
+            for rank, (j, v) in enumerate(zip(idx.tolist(), vals.tolist(), strict=True), 1):
+                tokens = _top_tokens(r, q, j, train, 1 if kind == "helpful" else -1)
+                w.writerow([i, queries.text(i), kind, rank, j, repr(v), train.label(j),
+                            train.text(j), tokens])  # fmt: skip
+    return out.getvalue().encode("utf-8")
+
+
+def _top_tokens(r: InfluenceResult, q: int, j: int, train: Samples, sign: int) -> str:
+    """The 3 tokens of training row ``j`` with the largest ``sign * token score`` for query q."""
+    if r.token_scores is None or not train.dicts:
+        return ""
+    row = sign * r.token_scores[q, j]
+    best = torch.topk(row, min(3, row.numel())).indices.tolist()
+    words = train.tokens(j, best)
+    return " ".join(
+        f"{word}@{t}:{float(r.token_scores[q, j, t]):.3g}"
+        for word, t in zip(words, best, strict=True)
+        if row[t] > 0
+    )
+
+
+def _pairs(indices: list[int], train: Samples) -> str:
+    if train.dicts:
+        return " ".join(f"{i} {train.text(i)!r}:{train.label(i)}" for i in indices)
+    return " ".join(f"{i}:{train.label(i)}" for i in indices)
 
 
 def _words(r: InfluenceResult, spectrum: dict) -> str:
@@ -225,12 +344,7 @@ def _diag_rows(r: InfluenceResult) -> list[list]:
     return rows
 
 
-def _images(x: torch.Tensor) -> bool:
-    shape = tuple(x.shape[1:])
-    return len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3))
-
-
-def _picture(r, index, x, y, tx, ty, k: int) -> bytes:
+def _picture(r, index, queries: Samples, train: Samples, k: int) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,17 +356,17 @@ def _picture(r, index, x, y, tx, ty, k: int) -> bytes:
     )
     for q, i in enumerate(index.tolist()):
         top = r.top(q, k)
-        cells = [(x[i], f"query {i}\nlabel {_label(y[i])}", "black")]
+        cells = [(queries.x[i], f"query {i}\nlabel {queries.label(i)}", "black")]
         cells += [
-            (tx[j], f"+{float(s):.2g}\nlabel {_label(ty[j])}", "tab:green")
+            (train.x[j], f"+{float(s):.2g}\nlabel {train.label(j)}", "tab:green")
             for j, s in zip(top.helpful.tolist(), top.helpful_scores, strict=True)
         ]
         cells += [
-            (tx[j], f"{float(s):.2g}\nlabel {_label(ty[j])}", "tab:red")
+            (train.x[j], f"{float(s):.2g}\nlabel {train.label(j)}", "tab:red")
             for j, s in zip(top.harmful.tolist(), top.harmful_scores, strict=True)
         ]
-        for ax, (img, title, color) in zip(axes[q], cells, strict=True):
-            img = img.detach().float().cpu().numpy()
+        for ax, (point, title, color) in zip(axes[q], cells, strict=True):
+            img = point.detach().float().cpu().numpy()
             ax.imshow(
                 img.transpose(1, 2, 0)
                 if img.ndim == 3 and img.shape[0] == 3

@@ -25,7 +25,20 @@ for a plain mean over samples (then :math:`w_i / W = 1/n`), its counted tokens (
 ``ignore_index``: a sequence's score is the sum over its counted tokens), or the sum of its
 class weights; :math:`W = \sum_i w_i`. A sample whose targets are all ignored has scores 0.
 Positive: the point helps the query (removing it raises the query's loss); negative: it
-harms it. ``ihvp="projected"`` replaces :math:`(H+\lambda I)^{-1}` by
+harms it.
+
+**Sequences** (a Hugging Face LM's own loss, or any token loss): the objective is the mean
+over ALL counted training tokens, so a training sequence enters with
+:math:`w_i \ell_i = \sum_t \ell_{i,t}`: its score is the SUM of its tokens' scores
+(``influence(per_token=True)`` returns them, ``result.token_scores[q, i, t]``, summing over
+``t`` to ``scores[q, i]``), and long sequences weigh more. The query side is the query's MEAN
+token loss :math:`L_q` (its own mean loss), so a query's row does not grow with its length.
+kronfluence's LM examples sum the token losses of both (its training gradient is hesse's
+:math:`\nabla s_i`, its measurement :math:`T_q L_q`, :math:`T_q` the query's counted
+tokens): with the same curvature matrix and damping, multiply its scores by
+:math:`1/(T_q W)` instead of :math:`1/n`.
+
+``ihvp="projected"`` replaces :math:`(H+\lambda I)^{-1}` by
 :math:`P^\top(PHP^\top + \lambda I_k)^{-1}P`; ``"kfac"``/``"ekfac"`` by the inverse of the
 damped Kronecker factors.
 
@@ -37,7 +50,9 @@ margin :math:`m = z_y - \operatorname{logsumexp}_{c \ne y} z_c`, so
 - Koh & Liang's :math:`\mathcal{I}_{up,loss}`: :math:`-1/n`.
 - kronfluence (pairwise scores, same damping: its ``damping_factor`` is added to the
   eigenvalues of mean-loss factors): :math:`1/n` with ``compute_measurement`` = the query's
-  loss; :math:`-(1 - p_q)/n` with the margin measurement of its classification examples.
+  loss; :math:`(1 - p_q)/n` with its classification examples' measurement, MINUS the margin
+  (``-margins.sum()``); :math:`-(1 - p_q)/n` with the margin itself (what
+  ``benchmarks/attribution`` passes).
 - TRAK (traker, and dattri's ``TRAKAttributor``): :math:`(1 - p_q)` for one checkpoint, with
   the curvature the projected Gauss-Newton of the margin (:math:`\Phi^\top\Phi`, rows
   :math:`P\nabla m_i`) in place of hesse's projected Fisher of the loss, and its

@@ -32,17 +32,18 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..operators import curvature_operator
-from ..problem._per_sample import SampleGradients, sample_gradients
+from ..problem._per_sample import SampleGradients
 from ..problem.objective import Objective
-from ._grads import in_order
 from ._ihvp import InverseDiagnostics
+from ._passes import chunk_rows, reduce_gradients
 
 PROJECTIONS = ("rademacher", "gaussian")
 BLOCK = 1 << 15
@@ -100,21 +101,19 @@ def lift(Y: torch.Tensor, d: int, kind: str, seed: int) -> torch.Tensor:
 
 
 def projected_rows(
-    obj: Objective, chunks: Iterable[SampleGradients], k: int, kind: str, seed: int
-) -> tuple[SampleGradients, torch.Tensor, int]:
-    r"""Each batch's per-sample gradients projected as they come, in dataset order.
+    obj: Objective, k: int, kind: str, seed: int, *, rows: int | None = None,
+    progress: bool = False,
+) -> tuple[SampleGradients, torch.Tensor, int]:  # fmt: skip
+    r"""The per-sample gradients, ``rows`` samples at a time, projected as they come.
 
     Returns:
-        ``(rows, gradient sum, widest batch)``: rows :math:`P\nabla s_i` ``(n, k)`` float64
-        with their weights and losses; :math:`\sum_i \nabla s_i` ``(d,)``.
+        ``(rows, gradient sum, widest chunk)``: rows :math:`P\nabla s_i` ``(n, k)`` float64
+        on the CPU (the ``k x k`` solve runs there) in dataset order, with their weights and
+        losses; :math:`\sum_i \nabla s_i` ``(d,)``.
     """
-    parts, gsum, widest = [], torch.zeros(obj.dim, dtype=torch.float64), 0
-    for c in chunks:
-        Phi = project(c.grads, k, kind, seed).double()
-        parts.append(SampleGradients(Phi, c.weights, c.losses))
-        gsum += c.grads.sum(0).double().cpu()
-        widest = max(widest, c.grads.shape[0])
-    return in_order(obj, parts), gsum, widest
+    return reduce_gradients(
+        obj, lambda g: project(g, k, kind, seed).double().cpu(), rows=rows, progress=progress
+    )
 
 
 def projected_curvature(
@@ -202,32 +201,61 @@ def checkpoint_models(model: nn.Module, checkpoints: Sequence[Any] | None) -> li
     return models
 
 
+@dataclass(frozen=True)
+class ProjectedRun:
+    r"""One model's projected scores and what they are made of.
+
+    Attributes:
+        scores: ``(Q, n)`` float64 projected scores (module docstring).
+        queries: The queries' projected rows :math:`P\nabla s_q` ``(Q, k)`` (SampleGradients).
+        train: The training points' projected rows ``(n, k)``, weights and losses.
+        inverse: Diagnostics of the ``k x k`` solve.
+        gradient_sum: :math:`\sum_i \nabla s_i` ``(d,)`` float64 of the training data.
+        widest: The most per-sample gradient rows held at once.
+    """
+
+    scores: torch.Tensor
+    queries: SampleGradients
+    train: SampleGradients
+    inverse: InverseDiagnostics
+    gradient_sum: torch.Tensor
+    widest: int
+
+
 def projected_scores(
     train: Objective, query: Objective, *, k: int, kind: str, curvature: str, damping: float,
-    seed: int,
-) -> dict[str, Any]:  # fmt: skip
-    """One model's projected scores (module docstring) and what they cost.
+    seed: int, max_memory: int | None = None, progress: bool = False,
+) -> ProjectedRun:  # fmt: skip
+    r"""One model's projected scores (module docstring) and what they cost.
 
-    Returns:
-        A dict with ``scores`` ``(q, n)`` float64, ``queries`` and ``train`` (the projected
-        SampleGradients), ``inverse`` (InverseDiagnostics), ``gradient_sum`` ``(d,)`` and
-        ``widest`` (most per-sample gradient rows held at once).
+    Args:
+        train: The training objective.
+        query: The queries' objective.
+        k: The projected dimension.
+        kind: ``"rademacher"`` or ``"gaussian"``.
+        curvature: ``"fisher"`` or ``"ggn"``.
+        damping: :math:`\lambda` added in the projected space.
+        seed: Seed of :math:`P`.
+        max_memory: Bytes the per-sample gradients and projected rows may hold (chunks
+            chosen to fit, see ``_passes.chunk_rows``); None: whole batches.
+        progress: A progress bar over the training samples.
+
+    Raises:
+        ValueError: total training weight 0, a singular projected curvature, or a
+            ``max_memory`` that cannot hold one sample's gradient.
     """
-    queries, _, _ = projected_rows(query, sample_gradients(query), k, kind, seed)
-    rows, gsum, widest = projected_rows(train, sample_gradients(train), k, kind, seed)
-    W = float(rows.weights.sum())
+    item = torch.empty((), dtype=train.dtype).element_size()
+    fixed = (2 * k * k + k * BLOCK) * 8  # the k x k solve and one block of P
+    rows = chunk_rows(train.dim, item, fixed, max_memory)
+    queries, _, _ = projected_rows(query, k, kind, seed, rows=rows)
+    train_rows, gsum, widest = projected_rows(train, k, kind, seed, rows=rows, progress=progress)
+    W = float(train_rows.weights.sum())
     if W == 0:
         raise ValueError(
             "influence: the training data has total weight 0: every label is ignored or has "
             "class weight 0; check the labels."
         )
-    M, products = projected_curvature(train, rows.grads, W, curvature, kind, seed)
+    M, products = projected_curvature(train, train_rows.grads, W, curvature, kind, seed)
     X, diag = solve_projected(M, queries.means().T, damping, products)
-    return {
-        "scores": (rows.grads @ X).T / W,
-        "queries": queries,
-        "train": rows,
-        "inverse": diag,
-        "gradient_sum": gsum,
-        "widest": widest,
-    }
+    scores = (train_rows.grads @ X).T / W
+    return ProjectedRun(scores, queries, train_rows, diag, gsum, widest)

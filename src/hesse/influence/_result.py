@@ -60,6 +60,15 @@ class InfluenceResult:
         memory: Bytes of the large items (per-sample gradients, inverse products, scores,
             dense or Gram matrices, the operator's kept graphs from ``hesse.plan``).
         seconds: Wall-clock time.
+        token_scores: ``influence(per_token=True)``: ``(n_query, n_train, T)`` float64, the
+            score of each training TOKEN (label position ``t``; for causal LMs the token
+            predicted), summing over ``t`` to :attr:`scores`; else None.
+        query_rank: ``influence(query_rank=r)``: the rank the inverse products were
+            truncated to (None: not compressed).
+        query_rank_error: The truncation's error: the root-mean-square over queries of
+            each query's relative error of its inverse product (0: exact).
+        chunk_rows: The most per-sample gradient rows held at once in the training pass (a
+            batch, or the chunk ``max_memory`` allowed).
     """
 
     scores: torch.Tensor
@@ -72,6 +81,10 @@ class InfluenceResult:
     gradient_norm: float
     memory: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    token_scores: torch.Tensor | None = None
+    query_rank: int | None = None
+    query_rank_error: float = 0.0
+    chunk_rows: int = 0
 
     @property
     def converged(self) -> bool:
@@ -108,4 +121,7 @@ class InfluenceResult:
             "gradient_norm": self.gradient_norm,
             "memory": self.memory,
             "seconds": self.seconds,
+            "query_rank": self.query_rank,
+            "query_rank_error": self.query_rank_error,
+            "chunk_rows": self.chunk_rows,
         }

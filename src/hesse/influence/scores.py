@@ -7,8 +7,8 @@ docstring of :mod:`hesse.influence`; tested against leave-one-out retraining.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from ..operators import (
 )
 from ..operators.plan import plan
 from ..problem._per_sample import SampleGradients, sample_gradients
+from ..problem._positions import samples_in
 from ..problem.objective import Objective
 from ._grads import check_positions, check_same_layout, in_order
 from ._ihvp import (
@@ -30,8 +31,10 @@ from ._ihvp import (
     METHODS,
     inverse_products,
 )
+from ._passes import chunk_rows, low_rank, memory_bytes, reduce_gradients
 from ._projected import BLOCK, checkpoint_models, projected_scores
 from ._result import InfluenceResult
+from ._tokens import check_token_loss, token_scores
 
 INFLUENCE_METHODS = (*METHODS, "projected")
 """What ``influence(ihvp=...)`` takes: the inverse products' methods and the projected one."""
@@ -56,6 +59,9 @@ def influence(
     projection_dim: int = 1024,
     projection: str = "rademacher",
     checkpoints: Sequence[Any] | None = None,
+    query_rank: int | None = None,
+    per_token: bool = False,
+    max_memory: int | str | None = None,
 ) -> InfluenceResult:
     r"""Influence of every training point on every query's loss (see the module docstring).
 
@@ -100,6 +106,25 @@ def influence(
         projection: ``"projected"``'s random matrix: ``"rademacher"`` or ``"gaussian"``.
         checkpoints: ``"projected"`` only: models or state dicts (of ``model``'s
             architecture) whose scores are averaged (TRAK's ensemble); None: ``model`` alone.
+        query_rank: Low-rank query compression: the ``(d, Q)`` inverse products
+            :math:`X = (H+\lambda I)^{-1}[\nabla L_1 \dots \nabla L_Q]`, each column
+            normalized, are replaced by their rank-``r`` truncated SVD (scaled back) before
+            the training pass, which then holds and multiplies ``r`` columns instead of
+            ``Q``; ``r >= Q`` reproduces the exact scores (to rounding). The RMS over
+            queries of each one's relative error of ``X`` is in
+            ``result.query_rank_error``. kronfluence's ``query_gradient_low_rank`` instead
+            compresses each query's per-layer gradient matrix; this is one SVD across the
+            queries, useful when ``Q`` is large and the queries alike (measured in
+            ``benchmarks/influence_real``). None: no compression.
+        per_token: Also compute ``result.token_scores`` ``(Q, n, T)``: the score of each
+            TRAINING token, summing over ``t`` to ``scores`` (see ``_tokens.py``; token
+            cross-entropy or NLL losses only; one extra pass, one double backward per query
+            and batch).
+        max_memory: Bytes (or ``"2GB"``, ``"500M"``, ``"1.5GiB"``) the per-sample gradients,
+            inverse products and scores may hold: the training pass computes per-sample
+            gradients in chunks of as many samples as fit (``result.chunk_rows``);
+            refused up front when even one sample's gradient does not fit. Activations of
+            the forward and backward passes and the curvature's own memory are not counted.
 
     Returns:
         InfluenceResult.
@@ -107,8 +132,10 @@ def influence(
     Raises:
         ValueError: an unknown ``ihvp`` or ``curvature``, ``damping < 0``, query samples shaped
             unlike the training samples, a loader that shuffles (the score columns are the
-            samples in dataset order), or a curvature that is indefinite once damped (the
-            message names the smallest eigenvalue and the damping that fixes it).
+            samples in dataset order), a curvature that is indefinite once damped (the
+            message names the smallest eigenvalue and the damping that fixes it), a
+            ``max_memory`` that cannot hold one sample's gradient, ``query_rank < 1``, or
+            ``per_token`` with a loss that has no token terms.
 
     Example:
         >>> import torch.nn.functional as F
@@ -121,9 +148,15 @@ def influence(
     """
     start = time.perf_counter()
     method, curvature = _check(ihvp, curvature, damping)
+    cap = memory_bytes(max_memory)
     given = {"loss_fn": loss_fn, "params": params, "dtype": dtype}
     if method == "projected":
-        setting = {"k": projection_dim, "kind": projection, "seed": seed}
+        if query_rank is not None or per_token:
+            raise ValueError(
+                "influence(ihvp='projected'): query_rank= and per_token= are for the other "
+                "methods (the projected queries are already k-dimensional)."
+            )
+        setting = {"k": projection_dim, "kind": projection, "seed": seed, "max_memory": cap}
         args = (train_data, query_data, loss, given, setting, curvature, damping, progress)
         models = checkpoint_models(model, checkpoints)
         return _projected(models, *args, start=start)
@@ -134,14 +167,17 @@ def influence(
     check_same_layout(train, query, "influence")
     check_positions(train, "influence", "training")
     check_positions(query, "influence", "query")
+    if per_token:
+        check_token_loss(train)
     queries = in_order(query, list(sample_gradients(query)))
     Q = queries.means()
     solve: dict[str, Any] = {"tol": tol, "max_matvecs": max_matvecs, "seed": seed}
-    chunks: Iterable[SampleGradients]
+    rows = _plan(train, Q.shape[0], cap, method)
     if method == "woodbury":
-        chunks = list(sample_gradients(train))
-        F = _woodbury(chunks, damping, train)
+        G = reduce_gradients(train, lambda g: g, rows=rows, progress=progress)[0]
+        F = _woodbury(G, damping, train)
         X, diag = inverse_products(F, Q.T, method=method, damping=0.0, **solve)
+        del F, G
     else:
         op: Operator = (
             kronecker_operator(train, method, curvature)
@@ -149,10 +185,17 @@ def influence(
             else curvature_operator(train, curvature)
         )
         X, diag = inverse_products(op, Q.T, method=method, damping=damping, **solve)
-        chunks = sample_gradients(train)
-    projected, gsum, widest = _project(train, chunks, X)
+        del op
+    basis, Vh, rank_error = low_rank(X, query_rank)
+    reduce = (lambda g: g @ basis.to(g)) if Vh is None else (lambda g: (g @ basis.to(g)) @ Vh.to(g))
+    projected, gsum, widest = reduce_gradients(train, reduce, rows=rows, progress=progress)
     W = float(projected.weights.sum())
     n = projected.weights.shape[0]
+    tokens = None
+    if per_token:
+        X_used = basis if Vh is None else basis @ Vh
+        tokens = token_scores(train, X_used, W, progress=progress)
+    memory = _memory(train, method, curvature, n, Q.shape[0], widest)
     return InfluenceResult(
         scores=projected.grads.T.double() / W,
         query_losses=queries.losses.double(),
@@ -162,9 +205,27 @@ def influence(
         curvature=curvature,
         inverse=diag,
         gradient_norm=float((gsum / W).norm()),
-        memory=_memory(train, method, curvature, n, Q.shape[0], widest),
+        memory=memory,
         seconds=time.perf_counter() - start,
+        token_scores=tokens,
+        chunk_rows=widest,
+        query_rank=None if Vh is None else Vh.shape[0],
+        query_rank_error=rank_error,
     )
+
+
+def _plan(train: Objective, q: int, cap: int | None, method: str) -> int | None:
+    """Per-sample gradient rows per chunk that fit ``cap`` (None: whole batches).
+
+    Fixed: the inverse products (and the query gradients) ``2 q d`` and the scores ``q n``
+    in float64; ``"woodbury"`` keeps all ``n`` rows.
+    """
+    if cap is None:
+        return None
+    n = sum(samples_in(b, "influence") for b in train.batches())  # no model call
+    item = torch.empty((), dtype=train.dtype).element_size()
+    fixed = 2 * q * train.dim * 8 + q * n * 8
+    return chunk_rows(train.dim, item, fixed, cap, keep_all=n if method == "woodbury" else 0)
 
 
 def _check(ihvp: str, curvature: str | None, damping: float) -> tuple[str, str]:
@@ -218,40 +279,21 @@ def _kronecker_curvature(ihvp: str, curvature: str | None) -> str:
     return curvature or "ggn"
 
 
-def _woodbury(chunks: list[SampleGradients], damping: float, train: Objective) -> WoodburyFisher:
+def _woodbury(rows: SampleGradients, damping: float, train: Objective) -> WoodburyFisher:
     r"""The damped empirical Fisher :math:`\lambda I + \frac1W \sum_i \nabla s_i \nabla s_i^\top`.
 
     ``WoodburyFisher`` divides by its row count ``m``; the rows are scaled by
     :math:`\sqrt{m / W}` so that the sum is divided by the objective's weight :math:`W`, as in
     ``FisherOperator`` (equal to it for losses with one term per sample).
     """
-    G = torch.cat([c.grads for c in chunks])
-    W = float(sum(c.weights.sum() for c in chunks))
+    G = rows.grads
+    W = float(rows.weights.sum())
     if W == 0:
         raise ValueError(
             "influence: the training data has total weight 0: every label is ignored (equal to "
             "the loss's ignore_index, -100 by default) or has class weight 0; check the labels."
         )
     return WoodburyFisher(G * (G.shape[0] / W) ** 0.5, damping, space=train.space)
-
-
-def _project(
-    train: Objective, chunks: Iterable[SampleGradients], X: torch.Tensor
-) -> tuple[SampleGradients, torch.Tensor, int]:
-    r"""Each batch's per-sample gradients times ``X``, in dataset order; their sum; widest batch.
-
-    Returns:
-        Rows :math:`\nabla s_i^\top X` ``(n, q)`` with the weights and losses, the gradient
-        sum :math:`\sum_i \nabla s_i` ``(d,)``, and the most rows held at once.
-    """
-    parts, widest = [], 0
-    gsum: torch.Tensor | float = 0.0
-    for c in chunks:
-        parts.append(SampleGradients(c.grads @ X.to(c.grads.dtype), c.weights, c.losses))
-        gsum = gsum + c.grads.sum(0)
-        widest = max(widest, c.grads.shape[0])
-    # an objective's data is never empty, so gsum is a tensor
-    return in_order(train, parts), cast(torch.Tensor, gsum), widest
 
 
 def _memory(train: Objective, method: str, curvature: str, n: int, q: int, rows: int) -> dict:
@@ -287,27 +329,31 @@ def _projected(models, train_data, query_data, loss, given, setting, curvature, 
         check_same_layout(train, query, "influence")
         check_positions(train, "influence", "training")
         check_positions(query, "influence", "query")
-        runs.append(projected_scores(train, query, curvature=curvature, damping=damping, **setting))
+        run = projected_scores(
+            train, query, curvature=curvature, damping=damping, progress=progress, **setting
+        )
+        runs.append(run)
     last, n_ckpt = runs[-1], len(runs)
-    rows, W = last["train"], float(last["train"].weights.sum())
-    n, q, k = rows.grads.shape[0], last["scores"].shape[0], setting["k"]
+    rows, W = last.train, float(last.train.weights.sum())
+    n, q, k = rows.grads.shape[0], last.scores.shape[0], setting["k"]
     d, item = train.dim, torch.empty((), dtype=train.dtype).element_size()
     memory = {
-        "per_sample_gradients": last["widest"] * d * item,
+        "per_sample_gradients": last.widest * d * item,
         "projected_gradients": (n + q) * k * 8,
         "projection_block": k * BLOCK * 8,
         "projected_curvature": 2 * k * k * 8,
         "scores": q * n * 8 * (2 if n_ckpt > 1 else 1),
     }
     return InfluenceResult(
-        scores=sum(r["scores"] for r in runs) / n_ckpt,
-        query_losses=last["queries"].losses.double(),
+        scores=torch.stack([r.scores for r in runs]).mean(0),
+        query_losses=last.queries.losses.double(),
         train_losses=rows.losses.double(),
         train_weights=rows.weights,
         ihvp="projected",
         curvature=curvature,
-        inverse=last["inverse"],
-        gradient_norm=float((last["gradient_sum"] / W).norm()),
+        inverse=last.inverse,
+        gradient_norm=float((last.gradient_sum / W).norm()),
         memory=memory | {"total": sum(memory.values())},
         seconds=time.perf_counter() - start,
+        chunk_rows=last.widest,
     )
