@@ -1,8 +1,9 @@
 """llm-compressor's SparseGPTModifier on one workload; run by ``sparse.py`` in the peer venv.
 
-Usage: ``.venv/bin/python _sparse_llmc.py WORKLOAD STRUCTURE OUT`` (STRUCTURE ``0.5`` or
-``2:4``). Writes ``OUT/weights.safetensors`` (the pruned block weights) and ``OUT/run.json``
-(seconds of ``oneshot``, versions). The calibration batches are ``workloads.calibration`` (the
+Usage: ``.venv/bin/python _sparse_llmc.py WORKLOAD STRUCTURE OUT [OFFSET]`` (STRUCTURE ``0.5``
+or ``2:4``; OFFSET: the first calibration sequence, 0 by default). Writes
+``OUT/weights.safetensors`` (the pruned block weights) and ``OUT/run.json`` (seconds of
+``oneshot``, versions). The calibration batches are ``workloads.calibration`` (the
 same as hesse's), without labels, in a ``DataLoader`` that yields them as they are.
 """
 
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 
-def main(workload: str, structure: str, out: Path) -> None:
+def main(workload: str, structure: str, out: Path, offset: int = 0) -> None:
     torch.set_num_threads(1)
     import llmcompressor
     import transformers
@@ -28,7 +29,8 @@ def main(workload: str, structure: str, out: Path) -> None:
 
     model = workloads.load(workload)
     batches = [
-        {k: v for k, v in b.items() if k != "labels"} for b in workloads.calibration(workload)
+        {k: v for k, v in b.items() if k != "labels"}
+        for b in workloads.calibration(workload, offset=offset)
     ]
     samples = sum(len(b["input_ids"]) for b in batches)
     nm = structure == "2:4"
@@ -61,4 +63,4 @@ def main(workload: str, structure: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0)

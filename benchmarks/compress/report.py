@@ -10,10 +10,12 @@ HEAD = """# Compression that ships: GPTQ, Hessian-allocated mixed precision, pee
 
 Made by `run.py minilm`, `run.py gpt`, `mixed34.py <w>` (mixed rows from {3,4}),
 `fullrange.py <w>` (the full-range grid rows), `mixedloss.py minilm` (the measured-Ω row),
-`memory.py <w>` and `report.py`, each with
+`kfacomega.py <w> rank` and `kfacomega.py <w> mixed` (Ω_kfac: ranking, and the full-range
+mixed rows), `memory.py <w> <gptq|sparsegpt>` and `report.py`, each with
 `.venv/bin/python` and `OMP_NUM_THREADS=1` (one CPU thread on a 2-core machine shared with other
 jobs: times are wall-clock and noisy). The mixed rows' seconds include the sensitivity
-(Hutchinson traces) and, for the GPTQ Ω, GPTQ at every width. Grid: the rows without
+(Hutchinson traces) and, for the GPTQ Ω, GPTQ at every width (for Ω_kfac: the Kronecker
+factors and GPTQ at every width, no traces). Grid: the rows without
 "full-range" in their name were measured on hesse's narrow symmetric grid (codes -L..L, step
 max|w|/L), the default of `quant.gptq` until these measurements made the full-range grid
 (all 2^b codes, as compressed-tensors) the default; `run.py` and `mixed34.py` pass
@@ -49,40 +51,60 @@ FINDINGS = """## What the tables say (measured 2026-12-07, see the rows above)
   max|w|/L, `full_range=False`, the rows without "full-range"), is worse on MiniLM (W4 0.2918,
   W3 0.3057) and better on GPT W3 (105.59). The sweep matches a float64 reference code for
   code on both grids (tests/quant/test_gptq_layer.py).
-- **Mixed precision at 3.5 bits**: on GPT the exact allocation beats uniform W3 (the largest
-  uniform width that fits): ppl 105.12 (widths from {2,3,4,8}, trace Ω) and 105.33 (from
-  {3,4}) vs 105.59, as good as uniform W4. On MiniLM it does not: from {2,3,4,8} the
-  allocation puts 22 of 37 layers at 2 bits and the model breaks (acc 0.68); from {3,4} it is
-  level with uniform W3 (loss 0.3063 vs 0.3057). Ω (Hutchinson traces from 10 products on 32
-  sequences) does not see 2-bit damage in MiniLM.
-- **Why the {2,3,4,8} allocation breaks MiniLM** (`mixedloss.py minilm`, per-layer numbers
-  in `mixedloss-minilm.json`): the trace estimate is noise. With 10 Hutchinson products on 32
-  sequences, 22 of the 37 per-weight traces are negative and 32 of 37 lie within two
-  standard errors of 0, so Ω is set by noise, not by curvature. Measuring Ω instead
-  (`gptq_sensitivity(..., measure="loss")`: the calibration-loss rise of each layer GPTQ'd
-  alone at each width, 148 passes over the 128 calibration sequences, 1028 s with the traces)
-  does not fix it either: the fine-tuned model's calibration loss moves by about ±0.001 when
-  one layer is quantized, even at 2 bits (most layers measure 0 at 2 bits and > 0 at 3 or 4:
-  noise, not damage; Spearman between trace Ω and measured Ω -0.25 at 2 bits, 0.37 at 3), so
-  the allocation puts 25 layers at 2 bits (avg 2.85 bits, under the 3.5 budget): loss 0.3969,
-  acc 0.871, better than the trace rows (0.77-0.83, acc 0.68) but worse than uniform W3
-  (0.2982 full-range). The damage of 2-bit layers is collective (not additive over layers)
-  on this model; neither a better second-order Ω nor single-layer measurements see it. What
-  works here is to leave 2 bits out (the {3,4} rows).
-- **Does Ω rank GPTQ'd layers?** On GPT (16 layers, each quantized alone by GPTQ at 3 bits,
-  held-out loss rise measured): Spearman 0.61 for Ω = trace x GPTQ/RTN error, 0.57 for the
-  HAWQ-V2 Ω of round-to-nearest: both rank, the GPTQ Ω a little better.
+- **Ω of a GPTQ'd layer under the KFAC GGN** (`kfacomega.py`, table above): Ω_i(b) =
+  ½ tr(ΔW A ΔWᵀ G) of the layer's actual GPTQ error, `gptq_sensitivity(measure="kfac")`,
+  deterministic and ≥ 0 (factors of the exact GGN on the 128 calibration sequences, 31 s on
+  MiniLM; the GPT's 4374-token vocabulary takes one Monte-Carlo target per token). On MiniLM
+  it ranks the single-layer 2-bit damage (Spearman 0.47, pooled Pearson 0.89; the trace x
+  GPTQ/RTN Ω: -0.13 and 0.36) and finds the worst layer (layer 0's MLP output: Ω 0.020,
+  measured rise 0.062); at 3 bits no Ω ranks (ρ 0.02 and 0.06) because a single 3-bit layer
+  moves the held-out loss by ±0.003, of both signs. On GPT one layer dominates (h.0's QKV:
+  Ω 0.0208 against a measured 0.0201 at 2 bits; pooled r 1.00 and 0.99); ρ at 3 bits 0.37
+  for both Ωs. Summed over layers, Ω_kfac predicts 0.049 of the 0.151 that MiniLM's
+  single-layer 2-bit rises add up to (the trace Ω: 0.016): it underestimates 2-bit damage
+  threefold but orders it.
+- **Mixed precision at 3.5 bits on the full-range grid** (rows "full-range (Ω = ...)";
+  uniform W3 is the largest uniform width that fits; the uniform rows were re-measured with
+  the shared block-chain calibrator and came out identical, 0.2982 / 0.2864, 105.73 / 105.21):
+  on **GPT the goal is met** by every allocation: ppl 105.22 ({3,4}), 105.16 ({3,4,8}), 105.13
+  ({2,3,4,8}) with Ω_kfac, 105.21 / 105.16 / 105.10 with the trace x GPTQ/RTN Ω, all below W3's
+  105.73 and at or below W4's 105.21. On **MiniLM it is not met convincingly**: the best row,
+  trace x GPTQ/RTN Ω from {3,4,8}, has loss 0.2960 against W3's 0.2982 (accuracy 0.895 against
+  0.897); Ω_kfac from {2,3,4,8} ties W3 (0.2985, accuracy 0.903), Ω_kfac from {3,4} is worse
+  (0.3032; from {3,4,8} it allocates the same widths). The differences (±0.005) are the size of
+  single layers' noise-level effects on this fine-tuned model, so no Ω orders the 3-vs-4-bit
+  choices here (ρ ≈ 0 at 3 bits, above).
+- **Why {2,3,4,8} broke MiniLM, and what fixes it**: the trace Ω's Hutchinson estimates are
+  noise (22 of 37 per-weight traces negative with 10 products on 32 sequences), so the
+  allocation put 22 layers at 2 bits (loss 0.42-0.83, accuracy 0.68-0.86). Ω_kfac has no
+  estimator noise and sees the 2-bit damage of the few layers that carry it: from the same
+  {2,3,4,8} it puts 6 layers at 2 bits, 2 at 8, and the model holds (0.2985, accuracy 0.903).
+  The measured-loss Ω (`measure="loss"`, the calibration loss with one layer quantized) fails
+  for the other reason: one layer moves the calibration loss by ±0.001 even at 2 bits. The
+  documented default for GPTQ mixed precision with the trace Ω (the CLI's) is therefore
+  {3,4,8} (`hesse quantize --method gptq` without `--bits`); with Ω_kfac, {2,3,4,8} works.
+- **Does Ω rank GPTQ'd layers (narrow grid, earlier)?** On GPT (16 layers, each quantized alone
+  by GPTQ at 3 bits on the narrow grid): Spearman 0.61 for Ω = trace x GPTQ/RTN error, 0.57 for
+  the HAWQ-V2 Ω of round-to-nearest (`run.py`'s ranking).
 - **Bytes**: MiniLM's word embeddings are half the model; packed W4 linears alone leave a
   53.5 MB folder (float32: 90.9 MB); with 8-bit embeddings (stored in bfloat16, exact) the
   folder is 29.7 MB at the same accuracy (0.906). torchao's int4 `state_dict` is 59.1 MB.
-- **Memory**: `gptq_plan` predicts the Hessians held exactly (23.6 MiB for MiniLM, one block),
-  but the measured peak rise of a fresh process (432 MiB on MiniLM, 31 MiB on GPT) is above the
-  plan's total (169 / 29 MiB beyond the model) on MiniLM: one calibration batch's activations
-  and allocator slack are not in the plan.
+- **Memory** (table above): the plan counts what is alive: the quantized copy (GPTQ), the
+  codes (float64, as large as the float32 model's linear weights: 83 MiB on MiniLM) or the
+  pruned weights and masks (SparseGPT), the stored block states (24-26 MiB), one block's
+  float64 Hessians (23.6 MiB) and the larger of one batch's activations and the widest layer's
+  sweep (six 1536 x 1536 float64 arrays: 130 MiB). With a fixed malloc mmap threshold the
+  plan is 7% (GPTQ: 350 against 327 MiB) and 10% (SparseGPT: 231 against 211 MiB) above the
+  measured rise on MiniLM, and within 2-5% of it on GPT with a 64 KiB threshold (its arrays
+  are small: at 1 MiB they still fragment the heap); with glibc's default the freed sweep
+  arrays fragment the heap and the measured rise is 1.45-1.5x the plan on MiniLM (511 and 342
+  MiB), 1.45-1.8x on GPT. The old plan (Hessians, two (in, in) arrays in the sweep, no codes,
+  states or activations) predicted 169 MiB of MiniLM's rise.
 - **Time**: on MiniLM hesse's GPTQ took 24-165 s and llm-compressor's 60-110 s: the CPU was
   shared with other jobs and its load changed during the runs (the full-range rows ran last, on
-  a quieter machine), so these times do not rank the tools. hesse runs one calibration pass per
-  block, stopped after the block, instead of caching every block's inputs.
+  a quieter machine), so these times do not rank the tools. hesse's GPTQ now stores each block's
+  inputs and runs every block twice (record, then hand on), as SparseGPT and llm-compressor do,
+  instead of one full pass per block stopped after it (W4 re-measured: 34 s, same weights).
 """
 
 
@@ -108,6 +130,48 @@ def table(doc: dict) -> list[str]:
     return out
 
 
+MEMORY_HEAD = """## Memory of hesse's GPTQ and SparseGPT (`memory.py`, a fresh process per row)
+
+*measured rise*: the process's peak RSS during `quant.gptq(model, calib, bits=4)` or
+`prune.prune(obj, 0.5, "sparsegpt")` (VmHWM reset just before, after `malloc_trim`) minus the
+RSS with the model loaded and one batch run; *planned*: `hesse.plan(obj, compress=...)`
+(the memory model of `hesse.problem.calibration`, `CalibrationMemory.extra_bytes`; for GPTQ
+equal to `quant.gptq_plan(model, calib)`), made without running the compressor. With glibc's
+default the threshold above which an array gets its own mapping rises after each free, so
+freed sweep arrays stay in the heap and fragment it; `MALLOC_MMAP_THRESHOLD_` fixed returns
+every larger array on free, and the RSS then follows the live bytes that the plan counts.
+"""
+
+
+def kfac_section() -> list[str]:
+    """The ranking table of kfacomega.py: does Ω = ½ tr(ΔW A ΔWᵀ G) rank the layers?"""
+    out = []
+    for name in ("gpt", "minilm"):
+        path = workloads.HERE / f"kfacomega-{name}.json"
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        if not out:
+            out += ["## Does Ω rank GPTQ'd layers? (`kfacomega.py <w> rank`)", "",
+                    "Spearman's ρ between each Ω and the held-out loss rise of the layer "
+                    "alone GPTQ'd (full-range grid, float model's Hessians), per width and "
+                    "pooled over (layer, width); Pearson's r pooled; Σ Ω against Σ rises "
+                    "(what an additive model predicts for all layers at that width against "
+                    "the sum of single-layer rises).", "",
+                    "| workload | Ω | ρ at 2 bits | ρ at 3 bits | ρ pooled | r pooled | "
+                    "Σ Ω / Σ rise at 2 bits | at 3 bits |",
+                    "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        labels = sorted({k.rsplit(" @", 1)[0].rsplit(", pooled", 1)[0] for k in doc["spearman"]})
+        for label in labels:
+            rho = doc["spearman"]
+            s2, s3 = doc["sum"][f"{label} @ 2 bits"], doc["sum"][f"{label} @ 3 bits"]
+            out.append(f"| {name} | {label} | {rho[f'{label} @ 2 bits']:.2f} | "
+                       f"{rho[f'{label} @ 3 bits']:.2f} | {rho[f'{label}, pooled']:.2f} | "
+                       f"{doc['pearson_pooled'][label]:.2f} | {s2[0]:.4f} / {s2[1]:.4f} | "
+                       f"{s3[0]:.4f} / {s3[1]:.4f} |")  # fmt: skip
+    return out + [""] if out else out
+
+
 def main() -> None:
     lines = [HEAD]
     for name in ("minilm", "gpt"):
@@ -130,14 +194,21 @@ def main() -> None:
                          + ", ".join(f"{k}: {v:.2f}" for k, v in rho.items()) + ".\n")  # fmt: skip
         if "peak_rss_mib" in doc:
             lines.append(f"Peak RSS of the whole run.py process {doc['peak_rss_mib']:.0f} MiB.\n")
+    lines += kfac_section()
     memory = workloads.HERE / "memory.jsonl"
     if memory.exists():
-        lines.append("## Memory of hesse's GPTQ (`memory.py`, a fresh process)\n")
+        lines.append(MEMORY_HEAD)
+        lines.append("| workload | method | malloc mmap threshold | measured rise | planned | "
+                     "planned / measured | plan |")  # fmt: skip
+        lines.append("|---|---|---|---|---|---|---|")
         for line in memory.read_text().splitlines():
             m = json.loads(line)
-            lines.append(f"- {m['workload']}: RSS {m['rss_before_mib']:.0f} MiB with the model "
-                         f"loaded, peak {m['peak_rss_mib']:.0f} MiB during `gptq` (+"
-                         f"{m['rise_mib']:.0f} MiB); `quant.gptq_plan`: {m['plan']}.")  # fmt: skip
+            if "method" not in m:
+                continue
+            t = m.get("malloc_mmap_threshold") or "glibc default"
+            lines.append(f"| {m['workload']} | {m['method']} | {t} | {m['rise_mib']:.0f} MiB | "
+                         f"{m['planned_extra_mib']:.0f} MiB | {m['planned_over_measured']:.2f} | "
+                         f"{m['plan']} |")  # fmt: skip
         lines.append("")
     lines.append(FINDINGS)
     lines.append("Sparse rows (SparseGPT, magnitude, llm-compressor's SparseGPTModifier): see "

@@ -196,9 +196,10 @@ def _split(name: str, which: str) -> dict[str, torch.Tensor]:
     return _DATA[name][which]
 
 
-def calibration(name: str, n: int = 128, size: int = 16) -> list[dict]:
-    """``n`` training sequences (the first ones, fixed) in batches of ``size``."""
-    return _batches(_split(name, "train"), size, n)
+def calibration(name: str, n: int = 128, size: int = 16, offset: int = 0) -> list[dict]:
+    """``n`` training sequences (from the ``offset``-th, fixed) in batches of ``size``."""
+    train = _split(name, "train")
+    return _batches({k: v[offset:] for k, v in train.items()}, size, n)
 
 
 def test(name: str, size: int = 64) -> list[dict]:

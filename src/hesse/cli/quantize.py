@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..problem._evaluate import evaluate
+from ..problem.calibration import peak_rss
 from ..problem.objective import Objective
 from ..quant import (
     GRANULARITIES,
@@ -18,6 +19,7 @@ from ..quant import (
     Sensitivity,
     allocate,
     gptq,
+    gptq_plan,
     gptq_sensitivity,
     output_axes,
     quantizable,
@@ -44,7 +46,8 @@ MEASURED_POINTS = 8  # frontier points measured for the plot
 
 def add_arguments(group: Any) -> None:
     """The options of ``hesse quantize``."""
-    group.add_argument("--bits", default="2,3,4,8", help="widths to choose from (default 2,3,4,8)")
+    group.add_argument("--bits", help="widths to choose from (default 2,3,4,8; 3,4,8 for "
+                       "--method gptq, where 2-bit layers broke MiniLM)")  # fmt: skip
     group.add_argument("--size", type=float, help="budget: share of the float32 size of the "
                        "quantized weights (default 0.125, i.e. 4 bits on average)")  # fmt: skip
     group.add_argument("--bops", type=float, help="budget instead: share of the bit-operations "
@@ -70,7 +73,7 @@ def add_arguments(group: Any) -> None:
 
 def run(args: argparse.Namespace, problem: Any) -> Page:
     """Sensitivities, the allocation at the budget, its frontier and measured losses."""
-    bits = _bits(args.bits)
+    bits = _bits(args.bits or ("3,4,8" if args.method == "gptq" else "2,3,4,8"))
     if args.save and args.method != "gptq":
         raise UsageError("--save: only --method gptq writes a checkpoint (packed integers).")
     layers = parse_params(args.layers)
@@ -121,6 +124,7 @@ def _gptq_page(args, problem, bits: dict, alloc: Allocation | None = None) -> Pa
         raise UsageError(
             f"--save {args.save}: saving writes a Hugging Face folder; load the model with --hf."
         )
+    planned = gptq_plan(problem.model, problem.data, group_size=args.group_size)
     start = time.perf_counter()
     try:
         q = gptq(problem.model, problem.data, bits, group_size=args.group_size,
@@ -136,14 +140,16 @@ def _gptq_page(args, problem, bits: dict, alloc: Allocation | None = None) -> Pa
         ev = evaluate(model, data, problem.loss, loss_fn=problem.loss_fn)
         measured[name] = {"loss": ev.loss, "accuracy": ev.accuracy}
     info = quantization_of(q)
-    run = {"seconds": seconds, "hessian_bytes": info.hessian_bytes,
+    run = {"seconds": seconds, "hessian_bytes": info.hessian_bytes, "planned": str(planned),
+           "planned_bytes": planned.total, "peak_rss_bytes": peak_rss(),
            "embeddings": list(info.embeddings),
            "layers": [vars(r) for r in info.layers]}  # fmt: skip
     doc = {"gptq": run, "measured": measured}
     sections = [
         Section("GPTQ layers", f"{len(info.layers)} layers in {seconds:.1f} s; at most "
                 f"{info.hessian_bytes / 2**20:.1f} MiB of layer Hessians held at once (one "
-                f"block); embeddings rounded per row: {len(info.embeddings)}.",
+                f"block); embeddings rounded per row: {len(info.embeddings)}. Planned: "
+                f"{planned}; process peak RSS {peak_rss() / 2**20:.0f} MiB.",
                 ("layer", "bits", "group", "error", "rtn_error", "rule"),
                 [[r.name, r.bits, r.group_size, r.error, r.rtn_error, r.rule]
                  for r in info.layers]),

@@ -26,15 +26,16 @@ transcription of it).
 
 from __future__ import annotations
 
-import sys
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from ..problem.calibration import BlockChain, capture, peak_rss, run_block, tensor_bytes
+from ..problem.calibration import blocks as chain_blocks
 from ..problem.objective import Objective
 from ._patterns import output_axes, parse_pattern
 from ._result import Calibration, PrunePlan
@@ -86,10 +87,6 @@ def sparsegpt_plan(
     )  # fmt: skip
 
 
-class _Stop(Exception):
-    """Raised by the hook that captures the first block's inputs: the rest is not needed."""
-
-
 def sparsegpt_weights(
     obj: Objective,
     names: list[str],
@@ -105,23 +102,28 @@ def sparsegpt_weights(
         their masks by name, the largest damping used, and :class:`Calibration`.
     """
     state = _Sweep(obj, axes, opts)
-    blocks = _blocks(obj.model) if sequential else []
+    blocks = chain_blocks(obj.model) if sequential else []
     if not any(n.startswith(p) for p, _ in blocks for n in names):
         blocks = []
     planned = 0
     if blocks:
-        inputs = _capture(obj, blocks[0][1])
+        passes = [functools.partial(obj.batch_loss, obj.params, b) for b in obj.batches()]
+        inputs = capture(passes, blocks[0][1], "prune (sparsegpt)")
         per_block = [_hessian_bytes(obj, names, axes, p) for p, _ in blocks]
-        planned = _bytes(inputs) + _bytes([args[0] for args, _ in inputs]) + max(per_block)
-        for prefix, block in blocks:
-            inputs = state.block(prefix, block, names, inputs)
+        planned = (
+            tensor_bytes(inputs) + tensor_bytes([args[0] for args, _ in inputs]) + max(per_block)
+        )
+        chain = BlockChain(inputs)
         del inputs
+        for prefix, block in blocks:
+            state.block(prefix, block, names, chain)
+        del chain
     rest = {n: obj.params[n] for n in names if n not in state.done}
     if rest:
         planned = max(planned, _hessian_bytes(obj, list(rest), axes, ""))
         at = obj.params | state.done
         state.sweep(record_hessians(lambda: _full_pass(obj, at), rest), "", 0)
-    calibration = Calibration(bool(blocks), state.pieces, planned, state.peak, _rss())
+    calibration = Calibration(bool(blocks), state.pieces, planned, state.peak, peak_rss())
     return state.done, state.masks, state.damping, state.relative, calibration
 
 
@@ -135,17 +137,15 @@ class _Sweep:
         self.damping = self.relative = 0.0
         self.peak = self.pieces = 0
 
-    def block(
-        self, prefix: str, block: nn.Module, names: list[str], inputs: list[tuple[tuple, dict]]
-    ) -> list[tuple[tuple, dict]]:
-        """Prune one block's weights from its inputs; return the next block's inputs."""
+    def block(self, prefix: str, block: nn.Module, names: list[str], chain: BlockChain) -> None:
+        """Prune one block's weights from the chain's inputs; move the chain to the next block."""
         mine = {n[len(prefix) :]: self.obj.params[n] for n in names if n.startswith(prefix)}
         values = _local_of(self.obj.frozen | self.obj.params, prefix)
-        Hs = record_hessians(lambda: _run_block(block, values, inputs), mine) if mine else {}
-        self.sweep(Hs, prefix, _bytes(inputs))
-        outputs = _run_block(block, values | _local_of(self.done, prefix), inputs)
-        self.peak = max(self.peak, _bytes(inputs) + _bytes(outputs) + _bytes(list(Hs.values())))
-        return [((y, *a[1:]), k) for y, (a, k) in zip(outputs, inputs, strict=True)]
+        run = functools.partial(run_block, block, values, chain.inputs)
+        Hs = record_hessians(run, mine) if mine else {}
+        self.sweep(Hs, prefix, tensor_bytes(chain.inputs))
+        chain.step(block, values | _local_of(self.done, prefix), tensor_bytes(list(Hs.values())))
+        self.peak = max(self.peak, chain.peak)
 
     def sweep(self, Hs: Mapping[str, torch.Tensor], prefix: str, held: int) -> None:
         """:func:`obs_layer` on each weight of ``Hs`` (named within ``prefix``)."""
@@ -160,66 +160,11 @@ class _Sweep:
             self.damping = max(self.damping, r.damping)
             self.relative = max(self.relative, r.relative_damping)
         self.pieces += bool(Hs)
-        self.peak = max(self.peak, held + _bytes(list(Hs.values())))
-
-
-def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(prefix, block)`` of the children of the ``ModuleList`` with the most parameters."""
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        return []
-    name, best = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
-    return [(f"{name}.{i}." if name else f"{i}.", child) for i, child in enumerate(best)]
-
-
-def _capture(obj: Objective, first: nn.Module) -> list[tuple[tuple, dict]]:
-    """The positional and keyword inputs of ``first`` for each calibration batch."""
-    store: list[tuple[tuple, dict]] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        store.append((tuple(_keep(a) for a in args), {k: _keep(v) for k, v in kwargs.items()}))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in obj.batches():
-                try:
-                    obj.batch_loss(obj.params, batch)
-                except _Stop:
-                    continue
-                raise ValueError(
-                    "prune (sparsegpt): the model's forward never called its first block "
-                    f"({type(first).__name__}); pass sequential=False to calibrate in one pass."
-                )
-    finally:
-        handle.remove()
-    return store
-
-
-def _keep(value: Any) -> Any:
-    """A captured block input: tensors detached; a key-value cache dropped, as it would grow."""
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    cache = any(c.__module__.startswith("transformers.cache") for c in type(value).__mro__)
-    return None if cache else value
+        self.peak = max(self.peak, held + tensor_bytes(list(Hs.values())))
 
 
 def _local_of(named: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {n[len(prefix) :]: t for n, t in named.items() if n.startswith(prefix)}
-
-
-def _run_block(
-    block: nn.Module, values: dict[str, torch.Tensor], inputs: list[tuple[tuple, dict]]
-) -> list[torch.Tensor]:
-    """The block's output (its first element, when a tuple) on each stored input."""
-    outputs = []
-    with torch.no_grad():
-        for args, kwargs in inputs:
-            kwargs = kwargs | ({"use_cache": False} if "use_cache" in kwargs else {})
-            out = functional_call(block, values, args, kwargs)
-            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return outputs
 
 
 def _full_pass(obj: Objective, params: dict[str, torch.Tensor]) -> None:
@@ -232,24 +177,3 @@ def _hessian_bytes(obj: Objective, names: list[str], axes: Mapping[str, int], pr
     """Bytes of the float64 input Hessians ``(in, in)`` of the weights under ``prefix``."""
     shapes = {n: obj.params[n].shape for n in names if n.startswith(prefix)}
     return sum(8 * (s.numel() // s[axes[n]]) ** 2 for n, s in shapes.items())
-
-
-def _bytes(items: Any) -> int:
-    """Bytes of the tensors in nested lists, tuples and dicts."""
-    if isinstance(items, torch.Tensor):
-        return items.numel() * items.element_size()
-    if isinstance(items, Mapping):
-        return sum(_bytes(v) for v in items.values())
-    if isinstance(items, (list, tuple)):
-        return sum(_bytes(v) for v in items)
-    return 0
-
-
-def _rss() -> int:
-    """Peak resident set size of this process in bytes; 0 without ``resource`` (Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB, macOS: bytes
-    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._calibrate import groups, hessians
+from ._calibrate import group_hessians, groups
 from ._gptq_layer import GptqLayerResult, gptq_layer
 from ._layers import _scan, output_axes, quantizable, tied, unknown
 from .quantizer import Codes, Quantizer, check_bits
@@ -109,7 +109,8 @@ def gptq(
     Args:
         model: The network (Linear, Conv2d or Hugging Face Conv1D layers).
         calib: Calibration batches: dicts (``model(**batch)`` less ``labels``), tuples
-            (``model(batch[0])``) or tensors. Iterated once per block; a list is best.
+            (``model(batch[0])``) or tensors; stored as a list (the first block's inputs are
+            kept for every batch; models without a chain of blocks take one pass per layer).
         bits: One width for every layer, or ``{layer: bits}`` (e.g. ``Allocation.bits``); layers
             not in the dict stay in float.
         group_size: Inputs per grid, or None for one grid per output unit.
@@ -155,10 +156,7 @@ def gptq(
     plan = groups({n: layers[n] for n in widths}, owners)
     if not sequential:
         plan = [("", [n for _, names in plan for n in names])]
-    for stop, names in plan:
-        Hs, rows = hessians(
-            out, {n: modules[owners[n]] for n in names}, calib, _stop(stop, modules)
-        )
+    for names, Hs, rows in group_hessians(out, plan, modules, owners, list(calib)):
         peak = max(peak, sum(H.numel() * H.element_size() for H in Hs.values()))
         for n in names:
             p = params[layers[n]]
@@ -189,12 +187,6 @@ def quantization_of(model: nn.Module) -> Quantization:
             "save_pretrained (dense float weights)."
         )
     return info
-
-
-def _stop(name: str, modules: Mapping[str, nn.Module]) -> nn.Module | None:
-    """The block after which a calibration pass may end (None: run the whole model)."""
-    module = modules.get(name) if name else None
-    return module if module is not None and any(True for _ in module.children()) else None
 
 
 def _widths(model: nn.Module, bits: int | Mapping[str, int]) -> dict[str, int]:

@@ -2,58 +2,47 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 from torch import nn
 
-from ._calibrate import groups
+from ..problem._calls import call_model
+from ..problem.calibration import (
+    CalibrationMemory,
+    activation_bytes,
+    calibration_memory,
+    module_outputs,
+    tensor_bytes,
+)
+from ._calibrate import chain_of, groups
 from ._layers import _scan, output_axes, quantizable
+from .gptq import _widths
 
-SWEEP_COPIES = 5
-"""float64 ``(out, in)`` arrays alive while one layer is swept: the weight as rows, its
-permuted working copy, the codes, the round-to-nearest candidate and the candidate's
-difference; plus the Hessian and its inverse factor, two ``(in, in)`` arrays."""
-
-
-@dataclass(frozen=True)
-class GptqMemory:
-    """Bytes of a :func:`hesse.quant.gptq` run at its peak, item by item.
-
-    Attributes:
-        model_bytes: The model's parameters and buffers.
-        copy_bytes: The quantized copy (the same again).
-        hessian_bytes: The float64 input Hessians of the largest group (a transformer block
-            with ``sequential=True``, every layer without): the ``hessian_bytes`` the run reports.
-        sweep_bytes: The largest layer's float64 working set (``SWEEP_COPIES``).
-        group: The group whose Hessians are largest (a block's module name, or ``""``).
-        total: The sum; one batch's activations come on top (measure them with a forward pass).
-    """
-
-    model_bytes: int
-    copy_bytes: int
-    hessian_bytes: int
-    sweep_bytes: int
-    group: str
-    total: int
-
-    def __str__(self) -> str:
-        return (
-            f"gptq peak ~ {_mib(self.total)}: model {_mib(self.model_bytes)}, copy "
-            f"{_mib(self.copy_bytes)}, Hessians of {self.group or 'all layers'} "
-            f"{_mib(self.hessian_bytes)}, sweep {_mib(self.sweep_bytes)}"
-        )
+GptqMemory = CalibrationMemory
+"""The plan of a GPTQ run (:class:`hesse.problem.calibration.CalibrationMemory`)."""
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
-def gptq_plan(model: nn.Module, *, sequential: bool = True) -> GptqMemory:
+def gptq_plan(
+    model: nn.Module,
+    calib: Iterable | None = None,
+    *,
+    sequential: bool = True,
+    group_size: int | None = 128,
+) -> CalibrationMemory:
     """What :func:`hesse.quant.gptq` of every layer of ``model`` will hold at its peak.
+
+    The items (:class:`~hesse.problem.calibration.CalibrationMemory`): the quantized copy,
+    the integer codes (float64), the largest block's float64 Hessians, and the larger of the
+    recording transients (one batch's activations, measured on ``calib``'s first batch) and the
+    widest layer's sweep; with a chain of blocks, the stored block inputs and outputs of every
+    calibration batch (the first batch's, times the batches).
 
     Args:
         model: The network.
+        calib: The calibration batches ``gptq`` will get (None: activations and stored states
+            not counted).
         sequential: As for :func:`hesse.quant.gptq`.
+        group_size: As for :func:`hesse.quant.gptq`.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -61,19 +50,27 @@ def gptq_plan(model: nn.Module, *, sequential: bool = True) -> GptqMemory:
         >>> p.hessian_bytes == 16 * 16 * 8, p.group
         (True, '2')
     """
-    layers = quantizable(model)
+    found = quantizable(model)
+    layers = {n: found[n] for n in _widths(model, 4)}  # gptq's layers (a tied LM head is not)
     owners = {n: o for n, (_, o) in _scan(model).items()}
     params = dict(model.named_parameters())
     axes = output_axes(model, layers)
-    inputs = {n: params[p].numel() // params[p].shape[axes[n]] for n, p in layers.items()}
-    plan = groups(layers, owners)
-    if not sequential:
-        plan = [("", list(layers))]
-    sizes = [(sum(inputs[n] ** 2 * 8 for n in names), g) for g, names in plan]
-    size, group = max(sizes, key=lambda s: s[0])  # the first of equal blocks
-    sweep = max(params[p].numel() * 8 * SWEEP_COPIES + 2 * inputs[n] ** 2 * 8
-                for n, p in layers.items())  # fmt: skip
-    tensors = [*model.parameters(), *model.buffers()]
-    model_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    total = 2 * model_bytes + size + sweep
-    return GptqMemory(model_bytes, model_bytes, size, sweep, group, total)
+    plan = groups(layers, owners) if sequential else [("", list(layers))]
+    shapes = []
+    for g, names in plan:
+        for n in names:
+            rows = params[layers[n]].shape[axes[n]]
+            shapes.append((g, rows, params[layers[n]].numel() // rows))
+    batches = list(calib) if calib is not None else []
+    activations = stored = 0
+    if batches:
+        chain = chain_of(model, plan, batches[:1]) if sequential else None
+        outputs = module_outputs(model, lambda: call_model(model, batches[0]))
+        full_pass = chain is None or any(not g for g, _ in plan)
+        prefixes = None if full_pass or chain is None else [p for p, _ in chain[1]]
+        activations = activation_bytes(outputs, prefixes)
+        if chain is not None:  # inputs and outputs of a block, for every batch
+            held = chain[0].inputs  # (args, kwargs: an attention mask) and the outputs
+            stored = (tensor_bytes(held) + tensor_bytes([a[0] for a, _ in held])) * len(batches)
+    return calibration_memory(model, shapes, method="gptq", activations=activations,
+                              stored=stored, group_size=group_size)  # fmt: skip
