@@ -69,7 +69,12 @@ def test_memory_planned_chunks_give_the_same_scores(problem, ihvp):
     batches = [(x[:40], y[:40]), (x[40:], y[40:])]
     whole = influence(model, batches, [(xq, yq)], F.cross_entropy, **kw)
     d, q, n = 12, 8, 60
-    fixed = 2 * q * d * 8 + q * n * 8 if ihvp != "projected" else (2 * 64 + 8 * (1 << 15)) * 8
+    # projected: the k x k solve, one block of P, the (n + q) projected rows, the scores
+    fixed = (
+        2 * q * d * 8 + q * n * 8
+        if ihvp != "projected"
+        else (2 * 64 + 8 * (1 << 15) + 68 * 8 + q * n) * 8
+    )
     rows = n if ihvp == "woodbury" else 7
     cap = fixed + rows * d * 8
     chunked = influence(model, batches, [(xq, yq)], F.cross_entropy, max_memory=cap, **kw)

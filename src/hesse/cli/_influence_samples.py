@@ -114,10 +114,6 @@ def hf_tokenizer(folder: str | None) -> Any:
         return None
 
 
-TOKEN_TASKS = ("causal-lm", "masked-lm", "token-classification")
-"""Hugging Face tasks whose loss has one term per token."""
-
-
 def hf_task(args: Any) -> str | None:
     """The task of the ``--hf`` folder (``--hf-task`` or its config), or None."""
     if not args.hf:

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from ..influence import IHVP_METHODS, InfluenceResult, influence
+from ..influence import IHVP_METHODS, TOKEN_TASKS, InfluenceResult, influence
 from ..linalg import eigs
 from ..operators import curvature_operator
 from ..problem.objective import Objective
 from ..report.page import Page, Section, png
-from ._influence_samples import TOKEN_TASKS, Samples, hf_labels, hf_task, hf_tokenizer
+from ._influence_samples import Samples, hf_labels, hf_task, hf_tokenizer
 from ._inputs import UsageError, parse_params, parse_size
 from ._problem import cli_words
 
@@ -115,9 +115,10 @@ def run(args: argparse.Namespace, problem: Any) -> Page:
     if args.top < 1:
         raise UsageError(f"--top must be >= 1, got {args.top}.")
     dtype, params = DTYPES.get(args.dtype), parse_params(args.params)
-    curvature = _curvature(args)
-    damping, spectrum = _damping(args, problem, curvature, dtype, params)
+    curvature, device = _curvature(args), _device(args.device)
+    damping, spectrum = _damping(args, problem, curvature, dtype, params, device)
     settings = {"damping": damping, "curvature": curvature, "params": params, "dtype": dtype}
+    settings |= {"device": device}
     result = _influence(args, problem, queries.select(index), settings)
     return _page(problem, result, index, queries, train, args.top, where, spectrum)
 
@@ -151,6 +152,7 @@ CLI_WORDS = (
     ("query_rank", "--query-rank"),
     ("per_token=True", "--per-token"),
     ("params=", "--params"),
+    ("ihvp='projected'", "--ihvp projected"),
 )
 """``influence()`` parameter names in its errors, and the options that set them."""
 
@@ -189,13 +191,32 @@ def _indices(spec: str, n: int) -> torch.Tensor:
     return torch.tensor(chosen)
 
 
-def _damping(args, problem, curvature: str, dtype, params) -> tuple[float, dict]:
+def _device(spec: str | None) -> torch.device | None:
+    """``--device``, refused up front when this machine does not have it (None: the model's)."""
+    if spec is None:
+        return None
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise UsageError(f"--device {spec!r}: {err}; pass e.g. cpu, cuda or cuda:1.") from err
+    available = getattr(getattr(torch, device.type, None), "is_available", lambda: False)
+    if device.type != "cpu" and not available():
+        raise UsageError(
+            f"--device {spec}: this machine has no {device.type} device "
+            f"(torch.{device.type}.is_available() is False); drop --device or pass --device cpu."
+        )
+    return device
+
+
+def _damping(args, problem, curvature: str, dtype, params, device) -> tuple[float, dict]:
     """``--damping``, or 1% of λmax plus 1.1·(-λmin) when negative, measured by Lanczos."""
     if args.damping is not None:
         if args.damping < 0:
             raise UsageError(f"--damping must be >= 0, got {args.damping}.")
         return args.damping, {}
-    obj = Objective(problem.model, problem.data, problem.loss, params=params, dtype=dtype)
+    obj = Objective(
+        problem.model, problem.data, problem.loss, params=params, dtype=dtype, device=device
+    )
     op = curvature_operator(obj, curvature)
     top = float(eigs(op, k=1, tol=1e-3, seed=args.seed).values[0])
     low = 0.0

@@ -69,6 +69,7 @@ positive per-query factors, not to sign.
 
 from ._ihvp import InverseDiagnostics
 from ._result import InfluenceResult, TopInfluences
+from ._tokens import TOKEN_TASKS
 from .datamodels import GroundTruth, Interval, LDSResult, lds, mislabel_auc, retrain_subsets
 from .hyper import HypergradientResult, hypergradient
 from .scores import INFLUENCE_METHODS as IHVP_METHODS
@@ -91,4 +92,5 @@ __all__ = [
     "HypergradientResult",
     "InverseDiagnostics",
     "IHVP_METHODS",
+    "TOKEN_TASKS",
 ]

@@ -84,11 +84,17 @@ def chunk_rows(
         )
         raise ValueError(
             f"influence: max_memory={max_memory} bytes cannot hold {what} plus the "
-            f"{fixed} bytes of inverse products and scores: it needs {need} bytes. Raise "
-            "max_memory, pass fewer queries or parameters (params=), a float32 dtype, or "
-            "ihvp='projected'."
+            f"{fixed} bytes held whatever the chunk (inverse products or projected rows, and "
+            f"scores): it needs {need} bytes. Raise max_memory, pass fewer queries or "
+            "parameters (params=), a float32 dtype, or ihvp='projected' (a smaller "
+            "projection_dim if it is already)."
         )
     return max(1, (max_memory - fixed) // row)
+
+
+def count_samples(obj: Objective) -> int:
+    """The samples of an objective's data (a pass over the batches, no model call)."""
+    return sum(samples_in(b, "influence") for b in obj.batches())
 
 
 def reduce_gradients(
@@ -115,7 +121,7 @@ def reduce_gradients(
     """
     quiet = copy.copy(obj)
     quiet.progress = False  # one bar, over samples, instead of the objective's over batches
-    total = sum(samples_in(b, "influence") for b in quiet.batches()) if progress else None
+    total = count_samples(quiet) if progress else None
     bar = tqdm(total=total, desc=desc, unit="sample", leave=False, disable=not progress)
     parts, widest = [], 0
     gsum = torch.zeros(obj.dim, dtype=torch.float64)
@@ -163,10 +169,14 @@ def low_rank(X: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Ten
     query with a small gradient is not sacrificed to one with a large gradient (the LDS and
     rankings are per query and blind to its scale).
 
+    Args:
+        X: ``(d, Q)`` inverse products, one column per query.
+        rank: The rank ``r`` kept (None: no compression).
+
     Returns:
         ``(basis (d, r), coefficients (r, Q) or None, error)``: ``error`` is the
-        root-mean-square over queries of :math:`\|x_q - \hat x_q\| / \|x_q\|`
-        (:math:`\|S_{r:}\| / \|S\|` of the normalized columns). ``rank`` None:
+        root-mean-square over all ``Q`` queries of :math:`\|x_q - \hat x_q\| / \|x_q\|`
+        (0 for a zero column: a query without a counted token). ``rank`` None:
         ``(X, None, 0.0)``, the products as they are. A rank above ``Q`` is taken as ``Q``
         (the factorization is then exact up to rounding).
 
@@ -180,5 +190,7 @@ def low_rank(X: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Ten
     rank = min(rank, X.shape[1])
     norms = X.double().norm(dim=0).clamp_min(1e-300)
     U, S, Vh = torch.linalg.svd(X.double() / norms, full_matrices=False)
-    error = float(S[rank:].norm() / S.norm().clamp_min(1e-300))
+    # each column's squared relative error is sum_{j >= r} (S_j V_jq)^2; a zero column has
+    # none, and counts as exact (||S_{r:}|| / ||S|| would average over nonzero columns only)
+    error = float((S[rank:, None] * Vh[rank:]).pow(2).sum(0).mean().sqrt())
     return (U[:, :rank] * S[:rank]).to(X.dtype), (Vh[:rank] * norms).to(X.dtype), error

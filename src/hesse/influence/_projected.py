@@ -43,7 +43,7 @@ from ..operators import curvature_operator
 from ..problem._per_sample import SampleGradients
 from ..problem.objective import Objective
 from ._ihvp import InverseDiagnostics
-from ._passes import chunk_rows, reduce_gradients
+from ._passes import chunk_rows, count_samples, reduce_gradients
 
 PROJECTIONS = ("rademacher", "gaussian")
 BLOCK = 1 << 15
@@ -245,8 +245,12 @@ def projected_scores(
             ``max_memory`` that cannot hold one sample's gradient.
     """
     item = torch.empty((), dtype=train.dtype).element_size()
-    fixed = (2 * k * k + k * BLOCK) * 8  # the k x k solve and one block of P
-    rows = chunk_rows(train.dim, item, fixed, max_memory)
+    rows = None
+    if max_memory is not None:
+        n, q = count_samples(train), count_samples(query)
+        # the k x k solve, one block of P, the projected rows of every sample, the scores
+        fixed = (2 * k * k + k * BLOCK + (n + q) * k + q * n) * 8
+        rows = chunk_rows(train.dim, item, fixed, max_memory)
     queries, _, _ = projected_rows(query, k, kind, seed, rows=rows)
     train_rows, gsum, widest = projected_rows(train, k, kind, seed, rows=rows, progress=progress)
     W = float(train_rows.weights.sum())

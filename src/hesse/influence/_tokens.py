@@ -44,6 +44,8 @@ from ..problem._positions import samples_in
 from ..problem.objective import Objective
 
 TOKEN_KINDS = ("cross_entropy", "nll")
+TOKEN_TASKS = ("causal-lm", "masked-lm", "token-classification")
+"""Hugging Face tasks whose loss has one term per token (``per_token=True`` takes these)."""
 
 
 def check_token_loss(obj: Objective) -> None:
@@ -51,17 +53,32 @@ def check_token_loss(obj: Objective) -> None:
 
     Raises:
         ValueError: ``loss_fn=``, a model's own unrecognised loss, a loss other than
-            cross-entropy or NLL, or per-class weights.
+            cross-entropy or NLL, per-class weights, or one target per sample (a classifier:
+            its one "token" would be the whole sequence, shown as its first token).
     """
     spec = obj.loss_spec
+    if spec is not None and _one_target_per_sample(obj):
+        raise ValueError(
+            "influence(per_token=True): per-token scores need a target per token (labels "
+            f"(n, T)); this objective's loss ({obj.loss_source!r}) has one target per sample "
+            "(a classifier), so its sequence scores are already the finest. Drop "
+            "per_token=True."
+        )
     if spec is None or spec.kind not in TOKEN_KINDS or spec.class_weighted:
         raise ValueError(
             "influence(per_token=True): per-token scores need a token cross-entropy or NLL "
             "without class weights (a Hugging Face LM's own loss, or loss=F.cross_entropy over "
             f"(n, C, T) logits); this objective's loss is {obj.loss_source!r}"
             f"{' with class weights' if spec is not None and spec.class_weighted else ''}. "
-            "Pass per_token=False for sequence scores."
+            "Drop per_token=True for sequence scores."
         )
+
+
+def _one_target_per_sample(obj: Objective) -> bool:
+    """Whether each sample has one target: a sequence classifier, or ``(n,)`` targets."""
+    if obj.task is not None:
+        return obj.task not in TOKEN_TASKS
+    return obj.targets(next(iter(obj.batches()))).dim() < 2
 
 
 def token_terms(obj: Objective, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -114,7 +131,13 @@ def token_scores(
     return rows[:, torch.argsort(positions)] / W
 
 
-def _batch_scores(train, params, names, V, batch) -> torch.Tensor:
+def _batch_scores(
+    train: Objective,
+    params: dict[str, torch.Tensor],
+    names: list[str],
+    V: list[dict[str, torch.Tensor]],
+    batch: Any,
+) -> torch.Tensor:
     """``(Q, n_b, T)`` float64: :math:`J v_q` of the batch's token terms, by double backward."""
     # fused attention kernels have no double backward; the math kernel has
     with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
@@ -129,7 +152,8 @@ def _batch_scores(train, params, names, V, batch) -> torch.Tensor:
         )
         out = []
         for q, v in enumerate(V):
-            dot = sum((gi * v[n].to(gi)).sum() for gi, n in zip(g, names, strict=True))
+            dot = torch.stack([(gi * v[n].to(gi)).sum() for gi, n in zip(g, names, strict=True)])
+            dot = dot.sum()
             (jv,) = torch.autograd.grad(
                 dot, u, retain_graph=q < len(V) - 1, allow_unused=True, materialize_grads=True
             )

@@ -23,7 +23,6 @@ from ..operators import (
 )
 from ..operators.plan import plan
 from ..problem._per_sample import SampleGradients, sample_gradients
-from ..problem._positions import samples_in
 from ..problem.objective import Objective
 from ._grads import check_positions, check_same_layout, in_order
 from ._ihvp import (
@@ -31,7 +30,7 @@ from ._ihvp import (
     METHODS,
     inverse_products,
 )
-from ._passes import chunk_rows, low_rank, memory_bytes, reduce_gradients
+from ._passes import chunk_rows, count_samples, low_rank, memory_bytes, reduce_gradients
 from ._projected import BLOCK, checkpoint_models, projected_scores
 from ._result import InfluenceResult
 from ._tokens import check_token_loss, token_scores
@@ -62,6 +61,7 @@ def influence(
     query_rank: int | None = None,
     per_token: bool = False,
     max_memory: int | str | None = None,
+    device: torch.device | str | None = None,
 ) -> InfluenceResult:
     r"""Influence of every training point on every query's loss (see the module docstring).
 
@@ -124,7 +124,10 @@ def influence(
             inverse products and scores may hold: the training pass computes per-sample
             gradients in chunks of as many samples as fit (``result.chunk_rows``);
             refused up front when even one sample's gradient does not fit. Activations of
-            the forward and backward passes and the curvature's own memory are not counted.
+            the forward and backward passes, the curvature's own memory and ``per_token``'s
+            ``(Q, n, T)`` token scores (in ``result.memory``) are not counted.
+        device: Where the passes run (``Objective``'s ``device=``: the parameters and batches
+            are moved there); None: the device of ``model``'s parameters.
 
     Returns:
         InfluenceResult.
@@ -149,11 +152,11 @@ def influence(
     start = time.perf_counter()
     method, curvature = _check(ihvp, curvature, damping)
     cap = memory_bytes(max_memory)
-    given = {"loss_fn": loss_fn, "params": params, "dtype": dtype}
+    given = {"loss_fn": loss_fn, "params": params, "dtype": dtype, "device": device}
     if method == "projected":
         if query_rank is not None or per_token:
             raise ValueError(
-                "influence(ihvp='projected'): query_rank= and per_token= are for the other "
+                "influence(ihvp='projected'): query_rank and per_token=True are for the other "
                 "methods (the projected queries are already k-dimensional)."
             )
         setting = {"k": projection_dim, "kind": projection, "seed": seed, "max_memory": cap}
@@ -173,22 +176,15 @@ def influence(
     Q = queries.means()
     solve: dict[str, Any] = {"tol": tol, "max_matvecs": max_matvecs, "seed": seed}
     rows = _plan(train, Q.shape[0], cap, method)
-    if method == "woodbury":
-        G = reduce_gradients(train, lambda g: g, rows=rows, progress=progress)[0]
-        F = _woodbury(G, damping, train)
-        X, diag = inverse_products(F, Q.T, method=method, damping=0.0, **solve)
-        del F, G
-    else:
-        op: Operator = (
-            kronecker_operator(train, method, curvature)
-            if method in KRONECKER
-            else curvature_operator(train, curvature)
-        )
-        X, diag = inverse_products(op, Q.T, method=method, damping=damping, **solve)
-        del op
+    X, diag, kept = _solve(train, method, curvature, Q, damping, solve, rows, progress)
     basis, Vh, rank_error = low_rank(X, query_rank)
     reduce = (lambda g: g @ basis.to(g)) if Vh is None else (lambda g: (g @ basis.to(g)) @ Vh.to(g))
-    projected, gsum, widest = reduce_gradients(train, reduce, rows=rows, progress=progress)
+    if kept is None:
+        projected, gsum, widest = reduce_gradients(train, reduce, rows=rows, progress=progress)
+    else:  # "woodbury" holds every row already: no second training pass
+        G, gsum, widest = kept
+        projected = SampleGradients(reduce(G.grads), G.weights, G.losses)
+        del G, kept  # (n, d): freed before the token pass
     W = float(projected.weights.sum())
     n = projected.weights.shape[0]
     tokens = None
@@ -196,6 +192,9 @@ def influence(
         X_used = basis if Vh is None else basis @ Vh
         tokens = token_scores(train, X_used, W, progress=progress)
     memory = _memory(train, method, curvature, n, Q.shape[0], widest)
+    if tokens is not None:
+        memory = memory | {"token_scores": tokens.numel() * 8}
+        memory["total"] += memory["token_scores"]
     return InfluenceResult(
         scores=projected.grads.T.double() / W,
         query_losses=queries.losses.double(),
@@ -214,6 +213,25 @@ def influence(
     )
 
 
+def _solve(train: Objective, method: str, curvature: str, Q: torch.Tensor, damping: float,
+           solve: dict[str, Any], rows: int | None, progress: bool) -> tuple:  # fmt: skip
+    """``(X (d, Q), diagnostics, kept)``: the inverse products of the query gradients ``Q``.
+
+    ``kept`` is ``"woodbury"``'s training pass ``(rows, gradient sum, widest chunk)``, which
+    the scores reuse; None for the other methods.
+    """
+    if method == "woodbury":
+        kept = reduce_gradients(train, lambda g: g, rows=rows, progress=progress)
+        F = _woodbury(kept[0], damping, train)
+        return (*inverse_products(F, Q.T, method=method, damping=0.0, **solve), kept)
+    op: Operator = (
+        kronecker_operator(train, method, curvature)
+        if method in KRONECKER
+        else curvature_operator(train, curvature)
+    )
+    return (*inverse_products(op, Q.T, method=method, damping=damping, **solve), None)
+
+
 def _plan(train: Objective, q: int, cap: int | None, method: str) -> int | None:
     """Per-sample gradient rows per chunk that fit ``cap`` (None: whole batches).
 
@@ -222,7 +240,7 @@ def _plan(train: Objective, q: int, cap: int | None, method: str) -> int | None:
     """
     if cap is None:
         return None
-    n = sum(samples_in(b, "influence") for b in train.batches())  # no model call
+    n = count_samples(train)
     item = torch.empty((), dtype=train.dtype).element_size()
     fixed = 2 * q * train.dim * 8 + q * n * 8
     return chunk_rows(train.dim, item, fixed, cap, keep_all=n if method == "woodbury" else 0)
