@@ -14,7 +14,7 @@ from bench.adapters.eigenthings_adapter import EigenthingsAdapter
 from bench.adapters.hesse_adapter import HesseAdapter
 from bench.adapters.pyhessian_adapter import PyHessianAdapter
 from bench.measure import timed
-from bench.memory import measure
+from bench.memory import NO_GRAPHS, measure
 from bench.reference import reference
 from bench.workloads import WORKLOADS
 
@@ -136,5 +136,6 @@ def run(cfg: Config, threads: int, cache: Path, log=print) -> dict:
                 ]
                 index = settings.index(row["setting"]) if row else 0
                 out["memory"].append(measure(tool, name, index, threads))
+            out["memory"].append(measure("hesse" + NO_GRAPHS, name, 0, threads))
             log(f"[{name}] memory done")
     return out

@@ -3,8 +3,10 @@
 Every model is built on the meta device (shapes only, no memory) in bfloat16 and planned with
 ``hesse.plan(obj, world_size=8, ...)`` as one of 8 FSDP2 processes whose data are one
 micro-batch of 1 x 2048 tokens: ``plan`` measures the kept graph of that micro-batch (one
-forward and first backward with ``create_graph=True``, on meta tensors), counts the local
-shard, the full copy the data pass gathers and the Lanczos basis. GPT-2 124M/355M are planned
+forward and first backward with ``create_graph=True``, on meta tensors; under FSDP the graph
+holds the gathered weights its operations save, which ``plan`` counts), counts the local
+shard, the largest FSDP unit gathered at once, the local product columns and the Lanczos
+basis. GPT-2 124M/355M are planned
 too, as a check against the measured runs of ``run.py``.
 
 The time per product is an extrapolation, not a measurement: ``c`` (a kept product's time over
@@ -13,7 +15,8 @@ one forward-backward pass) is measured here on CPU on a small GPT-2, then
     t_product ~ c * 6 * P * T / F  +  2 * D * b * (N - 1) / N / B
 
 (``P`` parameters, ``T`` tokens per process, ``F`` the FLOP/s a GPU sustains, ``D * b`` the
-bytes of one product column, ``B`` the all-gather / reduce-scatter bandwidth).
+bytes of one column gathered unit by unit in the second backward and of its product
+reduce-scattered, ``B`` the all-gather / reduce-scatter bandwidth).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale/plan_large.py
 
@@ -29,7 +32,6 @@ from pathlib import Path
 import torch
 
 import hesse
-from hesse.operators.plan import BLOCK_FACTOR
 
 HERE = Path(__file__).parent
 N, SEQ, GPU = 8, 2048, 80e9
@@ -79,18 +81,15 @@ def objective(model, seq: int = SEQ, vocab: int = 32000) -> hesse.Objective:
     return hesse.Objective(model, [{"input_ids": ids, "labels": ids}], loss_fn=own_loss)
 
 
-def largest_block(model) -> int:
-    """Parameters of the largest transformer block (what per-block gathering holds at once)."""
-    layers = model.model.layers if hasattr(model, "model") else model.transformer.h
-    return max(sum(p.numel() for p in block.parameters()) for block in layers)
-
-
 def plan_row(name: str) -> dict:
     """``hesse.plan`` at ``world_size=N`` for k = 10, 20 and float32/float64 bases."""
     model = build(name)
     seq = min(SEQ, getattr(model.config, "n_positions", SEQ))  # GPT-2 stops at 1024
     obj = objective(model, seq, model.config.vocab_size)
-    short = hesse.plan(objective(model, 512, model.config.vocab_size), world_size=N, k=10)
+    obj512 = objective(model, 512, model.config.vocab_size)
+    short = hesse.plan(obj512, world_size=N, k=10)
+    # unsharded: the resident weights are not counted, so the graph is the activations alone
+    activations512 = hesse.plan(obj512, k=1, ncv=4, steps=1, probes=1).graph_bytes
     top1 = hesse.plan(obj, k=1, ncv=4, world_size=N, basis_dtype=torch.float32, block_size=1)
     plans = {
         (k, dt): hesse.plan(
@@ -105,11 +104,11 @@ def plan_row(name: str) -> dict:
         "name": f"{name} (1x{seq})",
         "seq": seq,
         "graph512": short.graph_bytes,
+        "act512": activations512,
         "basis_top1": top1.basis_bytes,
         "D": D,
         "local": p.dim,
         "gathered": p.gathered_bytes,
-        "block": largest_block(model) * 2,
         "graph": p.graph_bytes,
         "column": p.block_bytes,
         "basis": {key: q.basis_bytes for key, q in plans.items()},
@@ -134,7 +133,9 @@ def check() -> str:
             model = GPT2LMHeadModel(config).eval()
         ids = torch.zeros(1, 8, dtype=torch.long, device="meta")
         batches = [{"input_ids": ids, "labels": ids}] * (4 // world)  # run.py: 4 x 8 tokens
-        p = hesse.plan(hesse.Objective(model, batches, loss_fn=own_loss), world_size=world)
+        obj = hesse.Objective(model, batches, loss_fn=own_loss)
+        # one process runs unsharded (its graph saves the resident weights, not counted)
+        p = hesse.plan(obj) if world == 1 else hesse.plan(obj, world_size=world)
         lines.append(
             f"| {world} | {max(r['dim_local'] for r in mine):,} | {p.dim:,} "
             f"| {max(r['graphs_mb'] for r in mine):.2f} | {p.graphs_bytes / 2**20:.2f} |"
@@ -171,24 +172,27 @@ def measure_c(seq: int = 64, reps: int = 3) -> tuple[float, float, float]:
 
 
 def needed(rows: list[dict]) -> str:
-    """Per GPU with sharded columns, per-block gather and recompute, 1x512 tokens and top-1.
+    """Per GPU with per-unit recompute, 1x512 tokens and top-1 (not implemented).
 
-    What would have to change: products whose columns stay local shards, blocks gathered one
-    at a time (recomputed in the second backward), a shorter micro-batch and ``ncv=4``.
+    What would still have to change: the second backward recomputing each unit's graph with
+    its weights gathered again (activation checkpointing: the kept graph is then activations
+    only, no gathered weights), a shorter micro-batch and ``ncv=4``.
     """
     head = (
-        "| model | local shard bf16 GB | largest block bf16 GB | kept graph 1x512 GB "
-        "| sharded column (4 local vectors) GB | basis top-1 ncv=4 fp32 GB | total GB "
-        "| fits 80 GB |\n" + "|---" * 8 + "|\n"
+        "| model | local shard bf16 GB | largest unit bf16 GB | graph 1x512, activations "
+        "only GB | product columns (4 local vectors) GB | basis top-1 ncv=4 fp32 GB "
+        "| total GB | fits 80 GB | today (graph with gathered weights, 1x512) GB "
+        "| fits 80 GB today |\n" + "|---" * 10 + "|\n"
     )
     lines = []
     for r in rows:
-        column = BLOCK_FACTOR * r["local"] * 2
-        total = r["local"] * 2 + r["block"] + r["graph512"] + column + r["basis_top1"]
+        rest = r["local"] * 2 + r["gathered"] + r["column"] + r["basis_top1"]
+        total, today = rest + r["act512"], rest + r["graph512"]
         lines.append(
-            f"| {r['name'].split(' (')[0]} | {gb(r['local'] * 2)} | {gb(r['block'])} "
-            f"| {gb(r['graph512'])} | {gb(column)} | {gb(r['basis_top1'])} | {gb(total)} "
-            f"| {'yes' if total <= GPU else 'NO'} |"
+            f"| {r['name'].split(' (')[0]} | {gb(r['local'] * 2)} | {gb(r['gathered'])} "
+            f"| {gb(r['act512'])} | {gb(r['column'])} | {gb(r['basis_top1'])} | {gb(total)} "
+            f"| {'yes' if total <= GPU else 'NO'} | {gb(today)} "
+            f"| {'yes' if today <= GPU else 'NO'} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -199,10 +203,11 @@ def gb(n: float) -> str:
 
 def table(rows: list[dict], c: float) -> str:
     head = (
-        "| model | params D (B) | local shard bf16 / fp32 GB | gathered full copy bf16 GB "
-        "| per-block gather GB | kept graph, 1x2048 GB (1x512) | product column (4 D-vectors) GB "
-        "| basis k=10 fp32 / fp64 GB | basis k=20 fp32 / fp64 GB | total now (k=10 fp32) GB "
-        "| fits 80 GB now | total per-block GB | est. s/product (kept) |\n" + "|---" * 13 + "|\n"
+        "| model | params D (B) | local shard bf16 / fp32 GB | largest unit gathered bf16 GB "
+        "| kept graph with gathered weights, 1x2048 GB (1x512) "
+        "| product columns (4 local vectors) GB "
+        "| basis k=10 fp32 / fp64 GB | basis k=20 fp32 / fp64 GB | total (k=10 fp32) GB "
+        "| fits 80 GB | est. s/product (kept) |\n" + "|---" * 11 + "|\n"
     )
     lines = []
     f32, f64 = torch.float32, torch.float64
@@ -210,14 +215,13 @@ def table(rows: list[dict], c: float) -> str:
         b = r["basis"]
         shard = r["local"] * 2
         now = shard + r["gathered"] + r["graph"] + r["column"] + b[10, f32]
-        per_block = shard + r["block"] + r["graph"] + r["column"] + b[10, f32]
         t = c * 6 * r["D"] * r["seq"] / F_GPU + 2 * r["D"] * 2 * (N - 1) / N / B_LINK
         lines.append(
             f"| {r['name']} | {r['D'] / 1e9:.2f} | {gb(shard)} / {gb(r['local'] * 4)} "
-            f"| {gb(r['gathered'])} | {gb(r['block'])} | {gb(r['graph'])} "
-            f"({gb(r['graph512'])}) | {gb(r['column'])} "
+            f"| {gb(r['gathered'])} | {gb(r['graph'])} ({gb(r['graph512'])}) "
+            f"| {gb(r['column'])} "
             f"| {gb(b[10, f32])} / {gb(b[10, f64])} | {gb(b[20, f32])} / {gb(b[20, f64])} "
-            f"| {gb(now)} | {'yes' if now <= GPU else 'NO'} | {gb(per_block)} | {t:.2f} |"
+            f"| {gb(now)} | {'yes' if now <= GPU else 'NO'} | {t:.2f} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -246,8 +250,9 @@ def main() -> None:
         f"Measured here (CPU, GPT-2 128 wide x 2 layers, 64 tokens, best of 3): forward-backward "
         f"{t_fb * 1e3:.1f} ms, kept Hessian product {t_hv * 1e3:.1f} ms, c = {c:.2f}.\n\n"
         + table(rows, c)
-        + "\nWhat would fit (not implemented: sharded columns, per-block gather with "
-        "recompute, 1x512 tokens, top-1):\n\n"
+        + "\nWith 1x512 tokens and top-1 (`ncv=4`, float32 basis): today (the kept graph holds "
+        "the gathered weights) and with per-unit recompute in the second backward (not "
+        "implemented: the graph then holds activations only):\n\n"
         + needed(rows)
         + "\nCheck: GPT-2 tiny (64 wide, 2 layers, float32, 4 x 8 tokens split over the "
         "processes) planned on meta vs the FSDP2 runs of `run.py` (`results.json`):\n\n" + check()

@@ -58,7 +58,14 @@ def _timed(fn):
 
 
 def _work(
-    rank: int, world: int, size: str, tokens: int, products: int, spectra: bool, folder: str
+    rank: int,
+    world: int,
+    size: str,
+    tokens: int,
+    products: int,
+    spectra: bool,
+    folder: str,
+    eigs: bool = True,
 ) -> None:
     torch.set_num_threads(1)
     if world > 1:
@@ -78,13 +85,18 @@ def _work(
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     obj = hesse.Objective(model, _batches(tokens)[rank::world])
-    # the kept graphs hold one full-size gradient per batch: only where memory allows
+    # the kept graphs hold each batch's gathered weights: only where memory allows
     H = hesse.HessianOperator(obj, max_cache_bytes="auto" if spectra else 0)
     v = torch.randn(obj.dim, 1, generator=torch.Generator().manual_seed(rank))
+    grad, grad_s = _timed(obj.gradient)
     times = [_timed(lambda: H @ v)[1] for _ in range(products)]
     # a float32 basis (float64 sums), the smallest ncv: the basis is (ncv + b) d 4 bytes
-    top1 = _timed(lambda: hesse.eigs(H, k=1, ncv=3, max_matvecs=3, seed=0, basis_dtype=F32))
     none = (None, float("nan"))
+    top1 = (
+        _timed(lambda: hesse.eigs(H, k=1, ncv=3, max_matvecs=3, seed=0, basis_dtype=F32))
+        if eigs
+        else none
+    )
     top5 = _timed(lambda: _top5(H)) if spectra else none
     tr = _timed(lambda: hesse.trace(H, budget=2, method="hutchinson", seed=0)) if spectra else none
     out = {
@@ -96,13 +108,16 @@ def _work(
         "first_product_s": times[0],
         "kept_product_s": sum(times[1:]) / max(1, len(times) - 1),
         "top1_s": top1[1],
-        "top1_matvecs": top1[0].n_matvecs,
-        "top1_value": float(top1[0].values[0]),
+        "top1_matvecs": top1[0].n_matvecs if top1[0] else 0,
+        "top1_value": float(top1[0].values[0]) if top1[0] else float("nan"),
         "top5_s": top5[1],
         "top5_matvecs": top5[0].n_matvecs if top5[0] else 0,
         "trace_s": tr[1],
         "trace_value": tr[0].value if tr[0] else float("nan"),
         "local_param_mb": obj.dim * 4 / 2**20,
+        "gradient_s": grad_s,
+        "gradient_mb": grad.numel() * grad.element_size() / 2**20,
+        "unit_mb": (obj._gatherer.largest if obj._gatherer else 0) * 4 / 2**20,
         "basis_top5_mb": 9 * obj.dim * 4 / 2**20,  # ncv=7 and a block of 2, float32
         "graphs_mb": H.cache_bytes / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -119,19 +134,22 @@ def _top5(H):
     return hesse.eigs(H, k=5, ncv=7, max_matvecs=6, seed=0, basis_dtype=F32)
 
 
-def run(size: str, world: int, tokens: int, products: int, spectra: bool) -> list[dict]:
+def run(
+    size: str, world: int, tokens: int, products: int, spectra: bool, eigs: bool = True
+) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_work, args=(world, size, tokens, products, spectra, folder), nprocs=world)
+        args = (world, size, tokens, products, spectra, folder, eigs)
+        mp.spawn(_work, args=args, nprocs=world)
         return [json.loads(Path(folder, f"rank{r}.json").read_text()) for r in range(world)]
 
 
 def _table(rows: list[dict], tokens: int) -> str:
     head = (
-        "| model | procs | params/proc (local, M) | 1st product s | kept product s "
-        "| top-1 s (matvecs) | top-5 s (matvecs) | trace s | local params MB | top-5 basis MB "
-        "| kept graphs MB "
+        "| model | procs | params/proc (local, M) | gradient s | 1st product s | kept product s "
+        "| top-1 s (matvecs) | top-5 s (matvecs) | trace s | local params MB | gradient MB "
+        "| top-5 basis MB | largest unit gathered MB | kept graphs MB "
         "| peak RSS MB (max over procs) | top-1 Ritz value (3 products) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for group in _groups(rows):
@@ -139,13 +157,20 @@ def _table(rows: list[dict], tokens: int) -> str:
         worst = {k: max(r[k] for r in group) for k in r0 if isinstance(r0[k], float)}
         lines.append(
             f"| GPT-2 {r0['size']} | {r0['procs']} | {r0['dim_local'] / 1e6:.1f} of "
-            f"{r0['dim_total'] / 1e6:.1f} | {worst['first_product_s']:.1f} | "
+            f"{r0['dim_total'] / 1e6:.1f} | {_num(worst, 'gradient_s', 1)} | "
+            f"{worst['first_product_s']:.1f} | "
             f"{worst['kept_product_s']:.1f} | {worst['top1_s']:.1f} ({r0['top1_matvecs']}) | "
             f"{worst['top5_s']:.1f} ({r0['top5_matvecs']}) | {worst['trace_s']:.1f} | "
-            f"{worst['local_param_mb']:.0f} | {worst['basis_top5_mb']:.0f} | "
+            f"{worst['local_param_mb']:.0f} | {_num(worst, 'gradient_mb', 0)} | "
+            f"{worst['basis_top5_mb']:.0f} | {_num(worst, 'unit_mb', 0)} | "
             f"{worst['graphs_mb']:.0f} | {worst['peak_rss_mb']:.0f} | {r0['top1_value']:.6g} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def _num(row: dict, key: str, digits: int) -> str:
+    """A number of a row, or "-" for rows measured before the column existed."""
+    return f"{row[key]:.{digits}f}" if key in row else "-"
 
 
 def _groups(rows: list[dict]) -> list[list[dict]]:
@@ -166,6 +191,12 @@ def main() -> None:
         help="sizes run with products and top-1 only, without kept graphs (memory)",
     )
     parser.add_argument(
+        "--no-eigs",
+        nargs="*",
+        default=[],
+        help="sizes run with the gradient and products only (no Lanczos basis: memory, time)",
+    )
+    parser.add_argument(
         "--table-only", action="store_true", help="rewrite RESULTS.md from results.json"
     )
     args = parser.parse_args()
@@ -173,7 +204,8 @@ def main() -> None:
     rows = json.loads(store.read_text()) if store.exists() else []
     for size in [] if args.table_only else args.sizes:
         for world in args.procs:
-            fresh = run(size, world, args.tokens, args.products, size not in args.no_spectra)
+            spectra, eigs = size not in args.no_spectra, size not in args.no_eigs
+            fresh = run(size, world, args.tokens, args.products, spectra, eigs)
             rows = [r for r in rows if (r["size"], r["procs"]) != (size, world)] + fresh
             store.write_text(json.dumps(rows, indent=1))
             print(_table(fresh, args.tokens), flush=True)
@@ -185,27 +217,35 @@ def _write(rows: list[dict], tokens: int) -> None:
     text = (
         "# Curvature of FSDP2-sharded GPT-2 on CPU/gloo\n\n"
         "Commands (`OMP_NUM_THREADS=1`): `.venv/bin/python benchmarks/scale/run.py --sizes 124M "
-        "--procs 1 2 4 --no-spectra 124M` and `... --sizes tiny --procs 1 2 4` "
+        "--procs 1 2 4 --no-spectra 124M`, `... --sizes 355M --procs 1 2 --products 1 "
+        "--no-spectra 355M --no-eigs 355M` and `... --sizes tiny --procs 1 2 4` "
         f"({tokens} tokens x 4 sequences, split over the processes; float32; GPT-2 built from "
-        "its config: 124M = 768 wide, 12 layers; tiny = 64 wide, 2 layers, the 50257-token "
+        "its config: 124M = 768 wide, 12 layers; 355M = 1024 wide, 24 layers; tiny = 64 "
+        "wide, 2 layers, the 50257-token "
         "vocabulary; per process, the slowest process shown). `--no-spectra`: products and "
         "top-1 only, graphs not kept (every product a fresh forward and double backward). "
         "top-1 and top-5 are capped at 3 and 6 products (a time per product, not a converged "
         "spectrum), with a float32 basis (float64 sums) and the smallest `ncv`.\n\n"
-        "**Rough timings**: a shared machine with 2 CPU cores and a load average of 12-16 "
-        "(other jobs running), one thread per process, so a process gets a fraction of a core "
-        "and 4 processes share 2 cores: times are NOT a speed-up measurement. Peak RSS is "
-        "measured (the model FSDP holds, the full copy the data pass gathers, the graphs and "
-        "the reductions); local params and the top-5 basis are counted. With N > 1 each "
-        "process holds 1/N of the parameters and of the Lanczos basis; the data pass gathers "
-        "the full parameters (one model's worth per process, transiently) and keeps only its "
-        "own batches' graphs.\n\n"
-        "**Not measured**: GPT-2 124M on 2 processes was killed by the kernel's OOM killer "
-        "(two processes of ~7 GB peak each, on a 23 GB machine shared with other jobs), and "
-        "the 4-process 124M run and the 355M runs did not fit the time left (one 124M product "
-        "took 100-140 s on the loaded machine). The same script runs them where memory and "
-        "cores allow; on GPUs/NCCL it needs `init_device_mesh('cuda', ...)`.\n\n"
-        + _table(rows, tokens)
+        "`--no-eigs`: the gradient and one product only (no Lanczos basis). 355M was run "
+        "with `--products 1 --no-spectra 355M --no-eigs 355M` (its 1-process run peaks at 14 "
+        "GB without any basis).\n\n"
+        "**Rough timings**: a shared machine with 2 CPU cores and 3 other jobs running, one "
+        "thread per process, so a process gets a fraction of a core and 4 processes share 2 "
+        "cores: times are NOT a speed-up measurement. Peak RSS is measured per process (the "
+        "model FSDP holds, the graph with its gathered weights, the double backward's "
+        "temporaries, the basis); local params, gradient and the top-5 basis are counted "
+        "(`d * 4` bytes, 9 float32 vectors for the basis). With N > 1 each process holds 1/N "
+        "of the parameters, the gradient, every product vector and the Lanczos basis; each "
+        "FSDP unit's parameters are gathered (differentiably) while it runs, the largest being "
+        "GPT-2's root (the 50257 x 768 embedding, tied to the head); a graph kept for the "
+        "second backward holds the gathered weights its operations saved (so kept graphs per "
+        "process do not fall with N: one gathered copy, shared by the batches of the Hessian "
+        "pass that built them).\n\n"
+        "**Not measured**: GPT-2 355M on 4 processes was stopped before its first product: the "
+        "4 processes held 5.0-5.5 GB each (21 GB of the 23 GB machine, which other jobs "
+        "share) and were still growing. The same script runs it where memory allows; on "
+        "GPUs/NCCL it needs `init_device_mesh('cuda', ...)`. `kept product s` is 0.0 where "
+        "only one product ran.\n\n" + _table(rows, tokens)
     )
     (HERE / "RESULTS.md").write_text(text)
 

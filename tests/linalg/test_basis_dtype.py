@@ -34,7 +34,7 @@ def test_float32_basis_resolves_outliers_and_bulk_with_honest_bounds(which, k):
         r = hesse.eigs(A, k=k, which=which, seed=seed, basis_dtype=F32)
         assert r.vectors.dtype == F32
         _honest(A, r, k, which, 16 * torch.finfo(F32).eps)
-        ref = hesse.eigs(A, k=k, which=which, seed=seed)  # the float64 basis
+        ref = hesse.eigs(A, k=k, which=which, seed=seed, basis_dtype=DT)
         assert (r.values - ref.values).abs().max() <= 16 * torch.finfo(F32).eps
 
 
@@ -50,7 +50,7 @@ def test_float32_basis_bounds_include_its_storage_round_off():
     # the same products: a float32 basis can only widen the bounds (by eps32 sqrt(n) ||A||)
     A = sym_matrix(_outlier_bulk(), seed=0).to(F32)
     wide = hesse.eigs(A, k=2, basis_dtype=F32, tol=1e-3)
-    narrow = hesse.eigs(A, k=2, tol=1e-3)
+    narrow = hesse.eigs(A, k=2, tol=1e-3, basis_dtype=DT)
     assert wide.residuals.min() >= torch.finfo(F32).eps * 1.0
     assert narrow.residuals.min() < wide.residuals.min()
 

@@ -103,17 +103,17 @@ def test_max_memory_lowers_the_group_then_the_block():
 
 def test_graphs_are_given_up_last():
     obj = objective("block_ce")
-    smallest = plan(obj, group=1, block_size=1)
+    smallest = plan(obj, group=1, block_size=1, basis_dtype=torch.float64)
     cap = smallest.total_bytes - smallest.graphs_bytes + smallest.graph_bytes
-    p = plan(obj, max_memory=cap)
+    p = plan(obj, max_memory=cap, basis_dtype=torch.float64)
     assert p.fits and not p.keep_graphs
     assert p.graphs_bytes == p.graph_bytes and p.max_cache_bytes == 0
 
 
 def test_a_fixed_group_is_kept():
     obj = objective("mlp_ce")
-    free = plan(obj, probes=8, group=4)
-    p = plan(obj, probes=8, group=4, max_memory=free.total_bytes - 1)
+    free = plan(obj, probes=8, group=4, basis_dtype=torch.float64)
+    p = plan(obj, probes=8, group=4, max_memory=free.total_bytes - 1, basis_dtype=torch.float64)
     assert p.group == 4 and p.block_size < 32
 
 

@@ -27,9 +27,9 @@ def test_world_size_counts_rank0_shard(world):
     # fully_shard splits dim 0 in world chunks; rank 0 holds ceil(rows / world) rows
     local = sum(math.ceil(r / world) * c for r, c in ((5, 3), (5, 1), (2, 5), (2, 1)))
     assert p.dim == local
-    assert p.gathered_bytes == 32 * 8  # the full 32 parameters in float64
+    assert p.gathered_bytes == 32 * 8  # one unit (the root) of all 32 parameters, float64
     assert p.basis_bytes == (4 + 6) * local * 8  # ncv + max(k + 3, 6) vectors
-    assert p.block_bytes == 4 * 1 * 32 * 8  # columns are full D-vectors
+    assert p.block_bytes == 4 * 1 * local * 8  # columns stay local shards
 
 
 def test_meta_graph_equals_cpu_graph():

@@ -101,11 +101,11 @@ def _work(rank, world):
         results[name] = _numbers(obj, _vectors(dim), obj.shard.gather)
         results[name]["local_dim"] = torch.tensor([obj.dim])
         with pytest.raises(ValueError, match="sharded across processes"):
-            hesse.KFACOperator(obj)
-        with pytest.raises(ValueError, match="sharded across processes"):
             hesse.reference.dense_hessian(obj)
-        plan = hesse.plan(obj, k=2, steps=3, probes=1)  # per process: the local dimension
-        assert plan.dim == obj.dim and plan.gathered_bytes == dim * 8
+        plan = hesse.plan(obj, k=2, steps=3, probes=1)
+        # per process: the local dimension, and the largest unit gathered at once
+        assert plan.dim == obj.dim and plan.gathered_bytes == obj._gatherer.largest * 8
+        assert plan.gathered_bytes < dim * 8 and plan.block_bytes == 4 * 32 * obj.dim * 8
         assert plan.basis_bytes == (plan.ncv + 6) * obj.dim * 8
     dist.barrier()
     return results

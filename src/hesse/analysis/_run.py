@@ -102,15 +102,20 @@ class Run:
         # under a time budget each run gets the products that fit the time left, so that it
         # stops with what it found (converged=False) instead of being cut off
         budget = max(self.log.affordable(o.budget), o.k)
-        top = eigs(self.op, o.k, which="largest", max_matvecs=budget, seed=o.seed, **QUIET)
+        quiet = QUIET | self.basis()
+        top = eigs(self.op, o.k, which="largest", max_matvecs=budget, seed=o.seed, **quiet)
         self.unconverged(f"{o.k} largest eigenvalues", top)
         largest = eig_dict(top)
         del top  # its (d, k) vectors: the next basis should not sit beside them
         budget = max(self.log.affordable(o.budget), o.k_smallest)
         low = eigs(self.op, o.k_smallest, which="smallest", max_matvecs=budget, seed=o.seed,
-                   **QUIET)  # fmt: skip
+                   **quiet)  # fmt: skip
         self.unconverged(f"{o.k_smallest} smallest eigenvalues", low)
         return {"largest": largest, "smallest": eig_dict(low)}
+
+    def basis(self) -> dict:
+        """The basis dtype the plan chose to fit ``max_memory`` (none: eigs chooses)."""
+        return {} if self.job.max_memory is None else {"basis_dtype": self.job.plan.basis_dtype}
 
     def unconverged(self, what: str, result) -> None:
         """Note why an eigenvalue run did not converge (its bounds may still be tight)."""
@@ -155,7 +160,9 @@ class Run:
             )
         except ValueError as err:
             return no_ggn(str(err))
-        top = eigs(G, o.k, which="largest", max_matvecs=o.budget, seed=o.seed, **QUIET)
+        top = eigs(
+            G, o.k, which="largest", max_matvecs=o.budget, seed=o.seed, **QUIET, **self.basis()
+        )
         self.unconverged(f"GGN's {o.k} largest eigenvalues", top)
         return {"available": True, "reason": None, "eigs": eig_dict(top),
                 "trace": trace_dict(trace(G, o.budget, seed=o.seed, **QUIET))}  # fmt: skip

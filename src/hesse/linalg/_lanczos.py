@@ -1,4 +1,4 @@
-r"""The Lanczos core of ``eigs`` and ``density``: block Krylov bases kept in float64.
+r"""The Lanczos core of ``eigs`` and ``density``: block Krylov bases with float64 sums.
 
 One :class:`Lanczos` object is one (block) Krylov sequence. It keeps the relation
 
@@ -30,12 +30,14 @@ operator they are all that ``K`` holds) and along the next direction (inside ``C
 size as a whole; :math:`\varepsilon\,\|A\|` is the error of a product of a unit vector whose
 entries are each rounded once. Products that carry a measured error of their own
 (finite differences: ``Counted.error``, per unit input) add it to that term, and may be that
-far from symmetric. The basis, its inner products and norms are
-float64 whatever the operator's dtype; only ``A @ F`` runs in the operator's dtype (Paige 1976:
-the accuracy of Lanczos is set by the arithmetic of its basis). Where a float64 basis does not
-fit, ``eigs(basis_dtype=torch.float32)`` stores it in float32 (half the memory): its inner
-products and norms are still float64 sums (in row chunks), and the bounds add what storing
-rounds away, :math:`\varepsilon_{\text{basis}} \sqrt{n}\,\|A\|`.
+far from symmetric. The inner products and norms of the basis are
+float64 sums whatever the operator's dtype; only ``A @ F`` runs in the operator's dtype (Paige
+1976: the accuracy of Lanczos is set by the arithmetic of its basis). ``density`` stores the
+basis in float64; ``eigs`` stores it in float32 for float32 (or lower) products where that
+leaves room in its tolerance, and wherever ``basis_dtype=torch.float32`` asks (half the
+memory): the sums then run over row chunks cast to float64 (``_util.chunk_rows``: never a
+float64 copy of the basis, nor a temporary of more than 1 MiB), and the bounds add what
+storing rounds away, :math:`\varepsilon_{\text{basis}} \sqrt{n}\,\|A\|`.
 
 Every new vector is orthogonalized against the basis with the DGKS test (Daniel, Gragg, Kaufman
 & Stewart 1976): another pass only when a pass shrank the vector by more than
@@ -51,7 +53,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._util import Counted, gaussian
+from ._util import Counted, chunk_rows, gaussian
 
 F64 = torch.float64
 BREAKDOWN = 4.0  # units of round-off of the product dtype, relative to ||A||
@@ -60,7 +62,6 @@ BREAKDOWN = 4.0  # units of round-off of the product dtype, relative to ||A||
 # differs by a fraction of ||A||. sqrt(eps) (1.5e-8 in float64, 3.5e-4 in float32, 0.09 in
 # bfloat16) lies far from both.
 ASYMMETRY = 0.5  # the exponent of eps: the largest relative asymmetry accepted
-ROWS = 1 << 16  # rows per chunk when a restart rotates the basis in place
 
 
 def basis_dtype(device: torch.device, chosen: torch.dtype | None = None) -> torch.dtype:
@@ -234,8 +235,9 @@ class Lanczos:
         n, b, p = self.n, self.b, len(keep)
         Sk = S[:, keep]
         Sd = Sk.to(self.V)
-        for r in range(0, self.op.d, ROWS):  # in place, without a (d, p) copy of the basis
-            rows = self.V[r : r + ROWS]
+        chunk = chunk_rows(n + b)
+        for r in range(0, self.op.d, chunk):  # in place, without a (d, p) copy of the basis
+            rows = self.V[r : r + chunk]
             front = rows[:, n : n + b].clone()
             rows[:, :p] = rows[:, :n] @ Sd
             rows[:, p : p + b] = front
@@ -292,6 +294,9 @@ def step(runs: Sequence[Lanczos], op: Counted) -> None:
     live = [lz for lz in runs if lz.b > 0]
     if not live:
         return
-    W = op(torch.cat([lz.frontier for lz in live], 1))
+    # one run: its frontier goes as a view of the basis where the operator takes strided
+    # blocks (hesse's operators and tensors), instead of a (d, b) copy held during the product
+    one = len(live) == 1 and op.takes_views
+    W = op(live[0].frontier if one else torch.cat([lz.frontier for lz in live], 1))
     for lz, w in zip(live, W.split([lz.b for lz in live], 1), strict=True):
         lz.absorb(w)

@@ -36,12 +36,16 @@ class DensityResult:
             (rows of probes whose Krylov space closed early are padded with zero weights).
         dim: The dimension ``d`` of the operator.
         n_matvecs: Matrix-vector products used.
+        product_error: The largest error per unit input of the products (finite differences:
+            ``HessianOperator(mode="fd")``), 0 for exact products; ``trace_estimate`` widens
+            its interval by ``dim`` times it.
     """
 
     nodes: torch.Tensor
     weights: torch.Tensor
     dim: int
     n_matvecs: int
+    product_error: float = 0.0
 
     @property
     def support(self) -> tuple[float, float]:
@@ -67,9 +71,15 @@ class DensityResult:
 
     @property
     def trace_estimate(self) -> TraceResult:
-        """The trace implied by the quadrature: ``d`` times the mean first moment of the probes."""
+        r"""The trace implied by the quadrature: ``d`` times the mean first moment of the probes.
+
+        Each probe's moment is :math:`q^\top \tilde A q` for a unit ``q``: approximate products
+        make it up to ``product_error`` off, so the interval is widened by ``d`` times that.
+        """
         value, se, (lo, hi) = mean_ci(self.dim * (self.weights * self.nodes).sum(1))
-        return TraceResult(value, se, (lo, hi), self.n_matvecs, "slq", True, self.nodes.shape[0])
+        pad = self.dim * self.product_error
+        n = self.nodes.shape[0]
+        return TraceResult(value, se, (lo - pad, hi + pad), self.n_matvecs, "slq", True, n)
 
 
 def density(
@@ -145,7 +155,7 @@ def density(
             )
     finally:
         op.close()
-    return DensityResult(nodes, weights, d, op.n)
+    return DensityResult(nodes, weights, d, op.n, op.error)
 
 
 def _quadratures(op: Counted, gen: torch.Generator, steps: int, count: int):

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..operators._memory import auto_basis_dtype
 from ._lanczos import Lanczos, step
 from ._lanczos import basis_dtype as storage_dtype
 from ._util import Counted, as_operator, dimension, gaussian, generator, require_symmetric
@@ -28,6 +29,7 @@ class EigResult:
         n_matvecs: Matrix-vector products used.
         which: The end of the spectrum asked for.
         reason: Why ``converged`` is False (``""`` when it is True).
+        basis_dtype: The dtype the Krylov basis was stored in (see ``eigs``'s ``basis_dtype``).
     """
 
     values: torch.Tensor
@@ -37,6 +39,7 @@ class EigResult:
     n_matvecs: int
     which: str
     reason: str = ""
+    basis_dtype: torch.dtype = torch.float64
 
     def __repr__(self) -> str:
         def shape(t: torch.Tensor) -> str:
@@ -45,7 +48,8 @@ class EigResult:
         return (
             f"EigResult(values={shape(self.values)}, vectors={shape(self.vectors)}, "
             f"residuals={shape(self.residuals)}, converged={self.converged}, "
-            f"n_matvecs={self.n_matvecs}, which={self.which!r}, reason={self.reason!r})"
+            f"n_matvecs={self.n_matvecs}, which={self.which!r}, reason={self.reason!r}, "
+            f"basis_dtype={str(self.basis_dtype).removeprefix('torch.')})"
         )
 
 
@@ -65,13 +69,16 @@ def eigs(
 ) -> EigResult:
     r"""``k`` extreme eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
-    The Krylov basis is kept in float64 and fully reorthogonalized (DGKS test), so no ghost
-    copies of an eigenvalue appear whatever the operator's dtype; only the products run in
-    the operator's dtype. When the basis reaches ``ncv`` vectors it restarts from the most
-    wanted Ritz vectors (Wu & Simon 2000, "Thick-restart Lanczos method for large symmetric
-    eigenvalue problems"). A Ritz pair :math:`(\theta, x)` is accepted when its residual bound
-    :math:`r` (see ``hesse.linalg._lanczos``: it keeps the true :math:`\beta`, the measured
-    asymmetry of the products, and one unit of their round-off) meets
+    The Krylov basis is fully reorthogonalized (DGKS test) with inner products summed in
+    float64, so no ghost copies of an eigenvalue appear whatever the operator's dtype; only the
+    products run in the operator's dtype. The basis is stored in float64 for a float64
+    operator and in float32 for a float32 (or lower) one, half the memory, where its rounding
+    still leaves room in ``tol`` (see ``basis_dtype``). When the basis reaches ``ncv`` vectors
+    it restarts from the most wanted Ritz vectors (Wu & Simon 2000, "Thick-restart Lanczos
+    method for large symmetric eigenvalue problems"). A Ritz pair :math:`(\theta, x)` is
+    accepted when its residual bound :math:`r` (see ``hesse.linalg._lanczos``: it keeps the
+    true :math:`\beta`, the measured asymmetry of the products, and one unit of their
+    round-off) meets
 
     .. math:: \|A x - \theta x\| \le r \le \mathrm{tol}\cdot\|A\|,
 
@@ -86,11 +93,12 @@ def eigs(
     eigenvector (it does with probability one, and fails only for eigenvectors with a tiny
     component in the start).
 
-    Memory: the float64 basis of ``ncv + b`` vectors of ``d`` entries (``b`` = 1 for ``k = 1``,
-    else 2), the ``k`` Ritz vectors it ends with (kept, as locked vectors, while the
-    multiplicity check runs a basis of ``ncv + 1``), and the products' block: at the peak,
-    ``ncv + 3`` vectors for ``k = 1``, and ``ncv + max(k + 3, 6)`` for ``k > 1`` (``k + 2``
-    when no check runs), for a float64 operator.
+    Memory: the basis of ``ncv + b`` vectors of ``d`` entries (``b`` = 1 for ``k = 1``, else
+    2), the ``k`` Ritz vectors it ends with (kept, as locked vectors, while the multiplicity
+    check runs a basis of ``ncv + 1``), and the products' block: at the peak, ``ncv + 3``
+    vectors for ``k = 1``, and ``ncv + max(k + 3, 6)`` for ``k > 1`` (``k + 2`` when no check
+    runs), in the basis dtype; norms and inner products are float64 sums over row chunks,
+    never a float64 copy of the basis.
 
     Args:
         A: Symmetric operator ``(d, d)``: a hesse operator, a dense tensor, a numpy array, a
@@ -113,13 +121,17 @@ def eigs(
             on a terminal when the run lasts more than a second).
         callback: Called as ``callback(n_matvecs, ritz_values, residual_bounds)`` at each step.
         v0: Warm start: a ``(d,)`` vector, a ``(d, j)`` block, or an earlier :class:`EigResult`.
-        basis_dtype: Storage of the Krylov basis: None (float64; float32 on MPS), or e.g.
-            ``torch.float32`` where ``hesse.plan`` says a float64 basis does not fit (half the
-            memory; inner products stay float64 sums and the bounds add the storage's
-            round-off, :math:`\varepsilon_{\text{basis}}\sqrt{n}\,\|A\|`).
             Its columns, normalized and summed, make the first start vector (the Krylov space
             of a sum of ``j`` eigenvectors holds all of them after ``j`` products); for
             ``k > 1`` a random vector joins it.
+        basis_dtype: Storage of the Krylov basis. None chooses: float32 for products in
+            float32 or lower when
+            :math:`(\varepsilon + \varepsilon_{32}\sqrt{n_{cv}+b}) \le 0.9\,\mathrm{tol}`
+            (the default ``tol`` and ``ncv`` are, up to ``k = 17``), else float64 (float32 on
+            MPS). Pass ``torch.float32`` for a
+            float64 operator where ``hesse.plan`` says a float64 basis does not fit. Inner
+            products and norms stay float64 sums, and a float32 basis adds its storage's
+            round-off, :math:`\varepsilon_{32}\sqrt{n}\,\|A\|`, to every bound.
 
     Returns:
         EigResult: ``values`` ``(k,)`` float64 Ritz values in the order ``which`` asks;
@@ -128,7 +140,8 @@ def eigs(
         at least the true residual up to one unit of the products' round-off; ``converged``,
         True only when every bound is within ``tol`` times :math:`\|A\|` and the
         multiplicity check (when a value appeared twice) ran; ``n_matvecs``, the products
-        used; ``which``; and ``reason``, why ``converged`` is False (``""`` when True).
+        used; ``which``; ``reason``, why ``converged`` is False (``""`` when True); and
+        ``basis_dtype``, the dtype the basis was stored in.
 
     Raises:
         ValueError: a non-symmetric matrix or an operator not tagged symmetric; an operator
@@ -164,10 +177,11 @@ def eigs(
     if basis_dtype is not None and not basis_dtype.is_floating_point:
         raise ValueError(f"eigs: basis_dtype must be a floating dtype, got {basis_dtype}.")
     op = Counted(A, progress, budget, "eigs")
-    op.basis_dtype = basis_dtype
+    m = ncv or max(2 * k + 1, 20)
+    op.basis_dtype = basis_dtype or auto_basis_dtype(A.dtype, min(m, d) + b, tol, op.device)
     search = _Search(op, which, tol, budget, generator(seed), callback)
     try:
-        return search.run(k, b, ncv or max(2 * k + 1, 20), v0)
+        return search.run(k, b, m, v0)
     finally:
         op.close()
 
@@ -253,8 +267,10 @@ class _Search:
         if self.which == "both":
             order = order[torch.argsort(vals[order], descending=True)]
         vectors = found.vectors[:, order].to(torch.promote_types(self.op.dtype, torch.float32))
-        bounds, n = found.bounds[order], self.op.n
-        return EigResult(vals[order], vectors, bounds, found.converged, n, self.which, reason)
+        bounds, n, stored = found.bounds[order], self.op.n, found.vectors.dtype
+        return EigResult(
+            vals[order], vectors, bounds, found.converged, n, self.which, reason, stored
+        )
 
     def round(self, lz: Lanczos, nev: int, m: int) -> _Pairs:
         """Iterate ``lz`` until its ``nev`` most wanted Ritz pairs meet the tolerance.
@@ -292,9 +308,13 @@ class _Search:
             keep, old = _priority(allv, self.which)[:k].tolist(), len(found.values)
             new = [i for i in keep if i >= old]
             dropped = [j for j in range(old) if j not in keep]
-            X = torch.cat([found.vectors, extra.vectors], 1)[:, keep]
-            bounds = torch.cat([found.bounds, extra.bounds])[keep]
-            found = _Pairs(allv[keep], X, bounds, True, extra.anorm)
+            # the new pairs take the dropped ones' places in place: no copy of the k vectors
+            slots = [j if j in keep else new[dropped.index(j)] for j in range(old)]
+            X = found.vectors
+            for j, i in zip(dropped, new, strict=True):
+                X[:, j] = extra.vectors[:, i - old]
+            bounds = torch.cat([found.bounds, extra.bounds])[slots]
+            found = _Pairs(allv[slots], X, bounds, True, extra.anorm)
             if all(abs(float(allv[i] - allv[j])) <= margin for i in new for j in dropped):
                 break
         return found

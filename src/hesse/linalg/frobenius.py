@@ -102,6 +102,7 @@ def frobenius_norm(
         progress,
         exact=_squares,
         sample=_sample_squares,
+        squares=True,
     )
     return _norm_of(squared)
 

@@ -24,14 +24,19 @@ class SolveResult:
         value: ``x``, shaped like ``b`` (``(d,)`` or ``(d, k)``).
         converged: Whether every column reached ``||r|| <= tol ||b||``.
         n_matvecs: Matrix-vector products used.
-        residual_norm: ``(k,)`` float64 residual norms ``||b - (A + damping I) x||`` of the
-            returned ``x``, recomputed with one product per column.
+        residual_norm: ``(k,)`` float64 bounds on the residual norms
+            ``||b - (A + damping I) x||`` of the returned ``x``: recomputed with one product
+            per column, plus ``product_error * ||x||`` for approximate products.
+        product_error: The largest error per unit input of the products (an operator with a
+            ``product_error``, finite differences: ``HessianOperator(mode="fd")``), 0 for exact
+            products. The recomputed residual can be that far off, times ``||x||``.
     """
 
     value: torch.Tensor
     converged: bool
     n_matvecs: int
     residual_norm: torch.Tensor
+    product_error: float = 0.0
 
 
 def solve(
@@ -60,6 +65,10 @@ def solve(
     :math:`\|b - (A+\lambda I)x\| \le \mathrm{tol}\,\|b\|` for every column, or when
     ``max_matvecs`` is spent; the residual of the returned ``x`` is then recomputed with one
     more product per column (counted within the budget), and only that decides ``converged``.
+    Products that carry a measured error :math:`e` per unit input (finite differences) may
+    be :math:`e\,\|x\|` off in that product, so the reported residual is
+    :math:`\|b - (A+\lambda I)x\|_{\text{computed}} + e\,\|x\|`, a bound on the true one:
+    a solve from approximate products is never more trusted than its products.
 
     Args:
         A: Operator or dense tensor ``(d, d)``.
@@ -108,8 +117,9 @@ def solve(
         s = scale or 1.1 * (_norm_estimate(op, min(20, max(1, budget // 2))) + damping)
         X = _lissa(apply, B, X, tol, budget, op, s)
     res = op.norm((B - apply(X)).double(), dim=0).cpu()
+    res = res + op.error * op.norm(X.double(), dim=0).cpu()  # what the products may be off
     ok = bool((res <= tol * op.norm(B.double(), dim=0).cpu()).all())
-    return SolveResult(X[:, 0] if b.dim() == 1 else X, ok, op.n, res)
+    return SolveResult(X[:, 0] if b.dim() == 1 else X, ok, op.n, res, op.error)
 
 
 def _cg(apply: Callable, B, X, tol, budget, op) -> torch.Tensor:

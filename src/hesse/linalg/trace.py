@@ -44,11 +44,18 @@ class TraceResult:
 
 @dataclass(frozen=True)
 class DiagonalResult:
-    """An estimate of ``diag(A)``: ``value`` and ``stderr`` of shape ``(d,)``, ``n_matvecs``."""
+    r"""An estimate of ``diag(A)``: ``value`` and ``stderr`` of shape ``(d,)``, ``n_matvecs``.
+
+    ``product_error``: the products' error per unit input :math:`e` (finite differences; 0 for
+    exact products). Each entry may then be off by up to :math:`e\sqrt d` beyond its sampling
+    error (:math:`|z_i (E z)_i| \le \|E z\| \le e \|z\|`), which ``bias_bound`` holds.
+    """
 
     value: torch.Tensor
     stderr: torch.Tensor
     n_matvecs: int
+    product_error: float = 0.0
+    bias_bound: float = 0.0
 
 
 def trace(
@@ -198,7 +205,8 @@ def diagonal(A: Any, budget: int = 100, *, seed: int = 0, block_size: int = 32) 
     _need(budget, 2, "diagonal")
     op, gen = Counted(A), generator(seed)
     X = torch.cat([Z * AZ for Z, AZ in _probes(op, gen, budget, block_size, None)], 1)
-    return DiagonalResult(X.mean(1), X.std(1) / X.shape[1] ** 0.5, op.n)
+    bias = op.error * op.dim**0.5  # approximate products: |z_i (E z)_i| <= e ||z||
+    return DiagonalResult(X.mean(1), X.std(1) / X.shape[1] ** 0.5, op.n, op.error, bias)
 
 
 @dataclass(frozen=True)
@@ -227,6 +235,7 @@ def _estimate(
     *,
     exact: Callable[[Counted, torch.Tensor, torch.Tensor], tuple[float, float]],
     sample: Callable[[Counted, _Probes, torch.Tensor | None], _Sampled],
+    squares: bool = False,
 ) -> TraceResult:
     r"""The estimator behind ``trace`` and ``frobenius_norm``: :math:`\mathrm{tr}(M)`.
 
@@ -243,7 +252,7 @@ def _estimate(
     try:
         if method == "exact":
             value = sum(exact(op, E, AE)[0] for E, AE in _identity_blocks(op, block_size))
-            pad = op.dim * op.error  # approximate products: each of the d terms is that far off
+            pad = _product_pad(op, value, squares)
             return TraceResult(value, 0.0, (value - pad, value + pad), op.n, method)
         _need(budget, 2 if method == "hutchinson" else 4, f"{who}({method})")
         gen = generator(seed)
@@ -252,15 +261,29 @@ def _estimate(
             Q, AQ = _sketch(op, gen, budget)
             known, size = exact(op, Q, AQ)
         probes = _probes(op, gen, budget, block_size, Q)
-        return _result(op, method, known, size, sample(op, probes, Q))
+        return _result(op, method, known, size, sample(op, probes, Q), squares)
     finally:
         op.close()
 
 
-def _result(op: Counted, method: str, known: float, size: float, s: _Sampled) -> TraceResult:
+def _product_pad(op: Counted, value: float, squares: bool) -> float:
+    r"""How far approximate products (error :math:`e` per unit input) move one estimate.
+
+    A trace sums ``d`` unit forms (identity columns) or probe forms :math:`z^\top \tilde A z`
+    with :math:`\|z\|^2 = d`: at most :math:`d e` off. A squared norm sums
+    :math:`\|\tilde A v\|^2`, each at most :math:`e\|v\|(2\|\tilde A v\| + e\|v\|)` off:
+    by Cauchy-Schwarz at most :math:`2e\sqrt{d\,T} + d e^2` for a total ``T``.
+    """
+    d, e = op.dim, op.error
+    return 2 * e * (d * abs(value)) ** 0.5 + d * e * e if squares else d * e
+
+
+def _result(
+    op: Counted, method: str, known: float, size: float, s: _Sampled, squares: bool = False
+) -> TraceResult:
     """``known + s`` as a ``TraceResult``, its interval widened by the round-off allowance."""
-    # approximate products: |z^T E z| <= ||z||^2 ||E|| = d ||E|| per probe, for sketch and samples
-    pad = _roundoff(op, size + s.size) + 2 * op.dim * op.error
+    # approximate products move the sketch's part and the samples' part each (see _product_pad)
+    pad = _roundoff(op, size + s.size) + 2 * _product_pad(op, abs(known) + abs(s.mean), squares)
     ci = (known + s.ci95[0] - pad, known + s.ci95[1] + pad)
     return TraceResult(known + s.mean, s.stderr, ci, op.n, method, s.converged, s.n)
 

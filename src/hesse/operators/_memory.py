@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -103,6 +104,43 @@ def saved_bytes(build: Callable[[], T], resident: set[int]) -> tuple[T, int]:
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+BASIS_HEADROOM = 0.9
+"""Share of ``eigs``' tolerance that the round-off of a float32 basis may take (see below)."""
+
+
+def auto_basis_dtype(
+    dtype: torch.dtype, width: int, tol: float, device: torch.device | str = "cpu"
+) -> torch.dtype:
+    r"""The dtype ``eigs`` stores its Krylov basis in when none is given.
+
+    float32 for products in float32 or lower, where the bounds' round-off floor, products and
+    storage, :math:`(\varepsilon + \varepsilon_{32}\sqrt{w})\,\|A\|` for ``w`` basis vectors,
+    stays within ``BASIS_HEADROOM`` of ``tol`` (half the memory of float64, and the products'
+    own round-off is already :math:`\varepsilon \ge \varepsilon_{32}`); float64 otherwise and
+    for float64 products; float32 on MPS, which has no float64. With the default tolerance of
+    float32 products (:math:`8\varepsilon_{32}`), float32 holds up to ``w`` = 38 (``k`` <= 17
+    at the default ``ncv``).
+
+    Args:
+        dtype: The products' dtype.
+        width: Basis vectors held at once (``ncv`` plus the block).
+        tol: The run's relative residual tolerance.
+        device: The operator's device.
+
+    Example:
+        >>> auto_basis_dtype(torch.float32, 23, 8 * torch.finfo(torch.float32).eps)
+        torch.float32
+        >>> auto_basis_dtype(torch.float64, 23, 1e-10)
+        torch.float64
+    """
+    if torch.device(device).type == "mps":
+        return torch.float32
+    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
+    if dtype == torch.float64 or eps + eps32 * math.sqrt(width) > BASIS_HEADROOM * tol:
+        return torch.float64
+    return torch.float32
 
 
 def probe_group(d: int, steps: int, probes: int, group: int | None = None) -> int:

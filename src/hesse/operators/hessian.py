@@ -46,8 +46,9 @@ class HessianOperator(ModelOperator):
     :math:`R(t/2)`, which the smallest step makes the largest); the largest so far is
     :attr:`product_error`, which ``eigs``, ``density`` and ``trace`` add to their bounds and
     intervals, so that a result from these products is never more trusted than they are.
-    Six gradients per column and batch; nothing is cached. Under FSDP the differences run on
-    the full parameters like every product (see :class:`~hesse.Objective`).
+    Six gradients per column and batch; nothing is cached. Under FSDP the local shards are
+    perturbed (the step and the column norms are the same on every process) and each gradient
+    is a local shard (see :class:`~hesse.Objective`); ``mode="forward"`` is refused there.
 
     Args:
         objective: The loss, model and data.
@@ -60,6 +61,9 @@ class HessianOperator(ModelOperator):
         cache_bytes: Bytes the kept graphs hold (0 when none are kept).
         product_error: With ``mode="fd"``, the largest measured error of a product per unit
             norm of its input, :math:`\max_j \|E v_j\| / \|v_j\|`; 0 for exact products.
+
+    Raises:
+        ValueError: an unknown ``mode``, or ``mode="forward"`` on a sharded (FSDP) objective.
 
     Example:
         >>> import torch
@@ -88,6 +92,11 @@ class HessianOperator(ModelOperator):
             raise ValueError(
                 f"HessianOperator: mode must be 'auto', 'forward', 'reverse' or 'fd', got {mode!r}."
             )
+        if mode == "forward" and objective.shard is not None:
+            raise ValueError(
+                "HessianOperator: mode='forward' (torch.func) cannot run through the gathers of "
+                "a sharded (FSDP) model; use mode='reverse' (the default), which is exact there."
+            )
         self.mode, self.product_error = mode, 0.0
         super().__init__(objective, (SYMMETRIC,), block_size, max_cache_bytes)
 
@@ -106,19 +115,24 @@ class HessianOperator(ModelOperator):
             self._kept.enabled = self._can_cache()
             return super()._matmat_batch(index, batch, V)
 
+    _SHARES_LEAVES = True  # under FSDP the batches of a pass share one gathered copy
+
     def _can_cache(self) -> bool:
         return self.mode not in ("forward", "fd") and super()._can_cache()
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         if self.mode != "fd":
             return super()._matmat(V)
-        scale = max(1.0, max(float(p.abs().max()) for p in self.objective.params.values()))
+        shard = self.objective.shard
+        largest = max(
+            (float(p.abs().max()) for p in self.objective.params.values() if p.numel()), default=0.0
+        )
+        scale = max(1.0, largest if shard is None else shard.max(largest))
         t = torch.finfo(self.dtype).eps ** (1 / 3) * scale
         D1, D2, D4 = (
             self._pass(V, lambda i, b, T, h=h: self._difference(b, T, h)) for h in (t, t / 2, t / 4)
         )
         R1, R2 = (4 * D2 - D1) / 3, (4 * D4 - D2) / 3
-        shard = self.objective.shard
         norms = [(X.double() ** 2).sum(0) for X in (R2 - R1, V)]
         gap, size = norms if shard is None else [shard.sum(x) for x in norms]
         ratio = 2 * gap.sqrt() / size.sqrt().clamp_min(1e-300)
@@ -129,6 +143,7 @@ class HessianOperator(ModelOperator):
         """Central differences :math:`D(t)` of the batch's gradient along each column."""
         obj, names, cols, w = self.objective, list(self.objective.params), [], 0.0
         norms = torch.stack([V[n].flatten(1).double().square().sum(1) for n in names]).sum(0)
+        norms = norms if obj.shard is None else obj.shard.sum(norms)  # the same on all
         for j, norm in enumerate(norms.sqrt().tolist()):
             if norm == 0.0:
                 cols.append([torch.zeros_like(V[n][j]) for n in names])
@@ -154,7 +169,7 @@ class HessianOperator(ModelOperator):
 
     def _graph(self, batch: Batch):
         """The batch's gradient graph ``(params, grads, weight)``."""
-        params = leaf_params(self.objective)
+        params = self._leaves if self._leaves is not None else leaf_params(self.objective)
         with torch.enable_grad():
             value, w = self.objective.batch_loss(params, batch)
             # a batch whose loss does not reach the analysed parameters (a restricted block,

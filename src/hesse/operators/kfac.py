@@ -13,13 +13,13 @@ from typing import cast
 
 import torch
 
-from ..problem._shard import refuse_sharded
 from ..problem.objective import Objective
 from ..problem.params import ParamSpace
 from ._kfac_blocks import DenseBlock, EigenBlock, KronBlock, Layout, eigenbasis
 from ._kfac_capture import KINDS, Vectors
 from ._kfac_factors import eigen_scalings, factor_terms
 from ._kfac_layers import Group, find_groups, group_bytes, layout_of, matrix_shape
+from ._kfac_shard import full_shapes, on_full, unsharded
 from .base import PSD, SYMMETRIC, Operator, copy_with
 from .gauss_newton import FisherOperator, GGNOperator
 
@@ -43,19 +43,21 @@ class _Kronecker(Operator):
     ):
         who = type(self).__name__
         _check_settings(who, kind, approx, mc_samples, max_dense)
-        refuse_sharded(objective, who, "Kronecker factors of sharded layers are not built yet")
         super().__init__(
             objective.dim, objective.dtype, objective.device, (SYMMETRIC, PSD), objective.space
         )
         self.kind, self.approx, self.seed, self.mc_samples = kind, approx, seed, mc_samples
         self.max_dense = max_dense
-        groups = find_groups(objective, max_dense, who)
-        layouts = {gi: _layout(g, objective) for gi, g in enumerate(groups) if not g.dense}
-        vectors = Vectors(objective, kind, seed, mc_samples, who)
-        factored = self._factored(objective, groups, layouts, vectors)
+        # under FSDP: factors of the full layers from this process's data, summed over the
+        # processes; products gather their local input (hesse.operators._kfac_shard)
+        self._shard, full = objective.shard, unsharded(objective)
+        self._full_space = full.space
+        groups = find_groups(full, max_dense, who)
+        layouts = {gi: _layout(g, full) for gi, g in enumerate(groups) if not g.dense}
+        vectors = Vectors(full, kind, seed, mc_samples, who)
+        factored = self._factored(full, groups, layouts, vectors)
         self._blocks = [
-            factored[gi] if gi in factored else self._dense(objective, g)
-            for gi, g in enumerate(groups)
+            factored[gi] if gi in factored else self._dense(full, g) for gi, g in enumerate(groups)
         ]
 
     def _factored(self, objective, groups, layouts, vectors) -> dict:
@@ -74,13 +76,20 @@ class _Kronecker(Operator):
         return {b.label: b for b in self._blocks}
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        space = cast(ParamSpace, self.space)
-        return space.join(_apply(self._blocks, space.split(V), "apply"))
+        return on_full(
+            self._shard, self._full_space, V, lambda parts: _apply(self._blocks, parts, "apply")
+        )
 
     def _restrict(self, names: list[str]) -> Operator:
-        sub = cast(ParamSpace, self.space).subspace(names)
+        shard = None if self._shard is None else self._shard.subset(names)
+        sub = cast(ParamSpace, self.space).subspace(names) if shard is None else shard.space
         return copy_with(
-            self, _blocks=_restricted(self._blocks, names), space=sub, shape=(sub.dim,) * 2
+            self,
+            _blocks=_restricted(self._blocks, names),
+            space=sub,
+            shape=(sub.dim,) * 2,
+            _shard=shard,
+            _full_space=self._full_space.subspace(names),
         )
 
     def trace(self) -> float:
@@ -237,6 +246,7 @@ class KFACOperator(_Kronecker):
         Raises:
             ValueError: as the constructor, for an unfactored module above ``max_dense``.
         """
+        objective = full_shapes(objective)  # under FSDP: the full layers' factors
         groups = find_groups(objective, max_dense, cls.__name__)
         return sum(group_bytes(g, objective) for g in groups)
 
@@ -288,7 +298,7 @@ class EKFACOperator(_Kronecker):
         Building it also holds KFAC's factors for a while (:meth:`KFACOperator.factor_bytes`).
         """
         item = torch.empty((), dtype=objective.dtype).element_size()
-        total = 0
+        total, objective = 0, full_shapes(objective)
         for g in find_groups(objective, max_dense, cls.__name__):
             if g.dense:
                 total += group_bytes(g, objective)
@@ -307,8 +317,10 @@ class _KroneckerInverse(Operator):
         self.op, self.damping = op, damping
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        space = cast(ParamSpace, self.space)
-        return space.join(_apply(self.op._blocks, space.split(V), "solve", self.damping))
+        blocks, damping = self.op._blocks, self.damping
+        return on_full(
+            self.op._shard, self.op._full_space, V, lambda p: _apply(blocks, p, "solve", damping)
+        )
 
 
 def _apply(blocks, parts: dict, method: str, *args) -> dict:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,10 +12,11 @@ from ..problem.objective import Batch, Objective
 from ._autograd import (
     Tangents,
     check_twice_differentiable,
+    leaf_params,
     second_order,
 )
 from ._cache import KeptStates
-from ._memory import saved_bytes
+from ._memory import saved_bytes, storages
 from .base import Operator, copy_with
 
 
@@ -42,6 +44,8 @@ class ModelOperator(Operator):
         cache_bytes: Bytes the kept states hold (0 when none are kept).
     """
 
+    _SHARES_LEAVES = False
+
     def __init__(self, objective: Objective, tags, block_size: int = 32, max_cache_bytes="auto"):
         if max_cache_bytes != "auto" and not (
             isinstance(max_cache_bytes, int) and max_cache_bytes >= 0
@@ -58,6 +62,7 @@ class ModelOperator(Operator):
             name, max_cache_bytes, self.device, _tensors(objective), enabled=enabled
         )
         self._checked = False
+        self._leaves: Tangents | None = None  # a pass's shared leaves (see _sharing)
         self._last: tuple[Batch, Any] | None = None  # (batch, state) of the last batch built
 
     @property
@@ -66,23 +71,47 @@ class ModelOperator(Operator):
         return self._kept.nbytes
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        if self._kept.fresh():
+        shard, fresh = self.objective.shard, self._kept.fresh()
+        # under FSDP every process takes the same path (the collectives inside must pair up)
+        if shard is not None and not shard.all(fresh):
+            fresh = False
+        if fresh:
             return self._pass(V, lambda i, state, T: self._apply(state, T), self._kept.states)
         try:
-            with self._kept.first_pass():
+            with self._kept.first_pass(), self._sharing():
                 return self._pass(V, self._matmat_batch)
         finally:
             self._last = None
+
+    @contextmanager
+    def _sharing(self) -> Iterator[None]:
+        """Under FSDP, one set of leaves for all batches of a pass, and one gathered copy.
+
+        For operators whose graphs differentiate ``self._leaves`` (``_SHARES_LEAVES``): every
+        batch's graph then reaches the same gathered weights, which kept graphs hold once.
+        """
+        gatherer = self.objective._gatherer
+        if gatherer is None or not self._SHARES_LEAVES:
+            yield
+            return
+        self._leaves = leaf_params(self.objective)
+        try:
+            with gatherer.sharing():
+                yield
+        finally:
+            self._leaves = None
 
     def clear_cache(self) -> None:
         """Free the kept per-batch states (the next product rebuilds them)."""
         self._kept.clear()
 
     def _pass(self, V: torch.Tensor, product: Callable, items=None) -> torch.Tensor:
-        """One pass over ``items`` (default: the batches) applying ``product`` per column chunk."""
-        # sharded parameters (FSDP): the pass runs on full vectors, gathered from the shards
-        shard, space, size = self.objective.shard, self.objective.full_space, self.block_size
-        V = V if shard is None else shard.gather(V)
+        """One pass over ``items`` (default: the batches) applying ``product`` per column chunk.
+
+        Under FSDP the columns stay local shards: each unit gathers its rows of them inside the
+        second backward (``hesse.problem._gather``), and the products come out local, summed.
+        """
+        space, size = self.objective.space, self.block_size
         chunks = [space.split(V[:, i : i + size]) for i in range(0, V.shape[1], size)]
 
         def term(index: int, item) -> tuple[torch.Tensor, float]:
@@ -93,8 +122,7 @@ class ModelOperator(Operator):
                     parts.append(space.join(out))
             return torch.cat(parts, dim=1), w
 
-        out = self.objective.accumulate(term, items)  # the sum over processes: all-reduced
-        return out if shard is None else shard.local(out)
+        return self.objective.accumulate(term, items, shards=True)  # summed over processes
 
     def _matmat_batch(self, index: int, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
         return self._apply(self._state_of(index, batch), V)
@@ -131,6 +159,11 @@ class ModelOperator(Operator):
         else:
             state, size = self._measured_state(index, batch, build.resident)
             build.add(state, size)
+            gatherer = self.objective._gatherer
+            if gatherer is not None and gatherer.shared:  # counted once, by the first batch
+                build.resident.update(
+                    storages(t for _, full in gatherer.shared.values() for t in full)
+                )
         self._last = (batch, state)
         return state
 
@@ -140,10 +173,14 @@ class ModelOperator(Operator):
         state = self._state(index, batch, graph)  # torch.func refuses saved-tensor hooks
         return state, saved + self._held_bytes(state)
 
-    def _measure_state(self, batch: Batch) -> int:
-        """Bytes one batch's kept state takes (for the memory plan); nothing is kept."""
+    def _measure_state(self, batch: Batch, resident: set[int] | None = None) -> int:
+        """Bytes one batch's kept state takes (for the memory plan); nothing is kept.
+
+        ``resident``: the storages not to count (default: the parameters and buffers).
+        """
+        resident = self._kept.resident() if resident is None else resident
         with second_order(type(self).__name__):
-            return self._measured_state(0, batch, self._kept.resident())[1]
+            return self._measured_state(0, batch, resident)[1]
 
     def _check_once(self, grads: Iterable[torch.Tensor]) -> None:
         """Check the first batch's backward graph for once-differentiable Functions."""

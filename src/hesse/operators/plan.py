@@ -16,15 +16,18 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 
+from ..problem._gather import planned_units
 from ..problem._positions import sample_count
+from ..problem.calibration import CalibrationMemory, plan_calibration
 from ..problem.objective import Objective
 from ._cache import AUTO_CACHE_FRACTION
 from ._kfac_layers import factor_shapes, find_groups, matrix_shape
-from ._memory import available_bytes, probe_group
+from ._kfac_shard import full_shapes
+from ._memory import auto_basis_dtype, available_bytes, probe_group, storages
 from ._memory import format_bytes as _size
 from .gauss_newton import FisherOperator, GGNOperator
 from .hessian import HessianOperator
@@ -66,10 +69,10 @@ class MemoryPlan:
         block_size: Most columns per product pushed through the model at once (chosen to fit).
         keep_graphs: Whether the per-batch graphs fit and are kept between products.
         max_cache_bytes: What to pass to the operator: the kept graphs' bytes, or 0.
-        basis_bytes: the vectors of ``eigs`` at its peak (float64 unless ``basis_dtype``; 8
-            bytes shown): ``(ncv + 3) * d * 8`` for
-            ``k = 1``, ``(ncv + max(k + 3, 6)) * d * 8`` for ``k > 1`` (the basis, the block
-            start, the ``k`` locked or returned vectors, and the block being multiplied).
+        basis_bytes: the vectors of ``eigs`` at its peak, in ``basis_dtype`` (8 bytes shown):
+            ``(ncv + 3) * d * 8`` for ``k = 1``, ``(ncv + max(k + 3, 6)) * d * 8`` for
+            ``k > 1`` (the basis, the block start, the ``k`` locked or returned vectors, and
+            the block being multiplied).
         probes_bytes: ``(steps + 1) * group * d * 8``, the float64 bases of ``density``.
         graph_bytes: One batch's graph (measured on the first batch).
         graphs_bytes: The kept graphs, ``graph_bytes * batches``; one batch's when not kept.
@@ -84,10 +87,12 @@ class MemoryPlan:
         available_bytes: Memory free on the device when the plan was made.
         max_memory: The cap the plan was fitted to (None: no cap).
         fits: ``total_bytes`` is within ``max_memory`` (or within the free memory if None).
-        gathered_bytes: Under FSDP (parameters sharded across processes), the full parameters
-            the data pass holds on each process, ``D * itemsize`` (0 otherwise). Everything
-            else is per process: ``dim`` and the bases are the local shard's, while
-            ``block_bytes`` counts full ``D``-vectors (products gather their columns).
+        gathered_bytes: Under FSDP (parameters sharded across processes), the largest FSDP
+            unit's full parameters, which the data pass gathers while the unit runs
+            (``itemsize`` times its entries; 0 otherwise). Everything is per process:
+            ``dim``, the bases and ``block_bytes`` are the local shard's (columns and products
+            stay local), and the graphs hold the gathered weights their operations saved.
+        basis_dtype: The dtype of the ``eigs`` basis planned; pass it to ``eigs``.
     """
 
     dim: int
@@ -114,6 +119,7 @@ class MemoryPlan:
     max_memory: int | None
     fits: bool
     gathered_bytes: int = 0
+    basis_dtype: torch.dtype = torch.float64
 
     def __str__(self) -> str:
         graphs = "kept" if self.keep_graphs else "not kept: one batch at a time"
@@ -130,8 +136,8 @@ class MemoryPlan:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The plan as plain numbers, for a report."""
-        return asdict(self)
+        """The plan as plain numbers (the basis dtype as its name), for a report."""
+        return asdict(self) | {"basis_dtype": str(self.basis_dtype).removeprefix("torch.")}
 
 
 class MemoryPlanError(ValueError):
@@ -142,6 +148,7 @@ class MemoryPlanError(ValueError):
         self.plan = plan
 
 
+@overload
 def plan(
     objective: Objective,
     *,
@@ -154,8 +161,27 @@ def plan(
     max_memory: int | None = None,
     curvature: str = "hessian",
     world_size: int | None = None,
-    basis_dtype: torch.dtype = torch.float64,
-) -> MemoryPlan:
+    basis_dtype: torch.dtype | None = None,
+    compress: None = None,
+) -> MemoryPlan: ...
+@overload
+def plan(objective: Objective, *, compress: str, sequential: bool = True) -> CalibrationMemory: ...
+def plan(
+    objective: Objective,
+    *,
+    k: int = 6,
+    ncv: int | None = None,
+    steps: int = 80,
+    probes: int = 10,
+    group: int | None = None,
+    block_size: int = 32,
+    max_memory: int | None = None,
+    curvature: str = "hessian",
+    world_size: int | None = None,
+    basis_dtype: torch.dtype | None = None,
+    compress: str | None = None,
+    sequential: bool = True,
+) -> MemoryPlan | CalibrationMemory:
     r"""The memory a run of ``eigs`` and ``density`` on a curvature of ``objective`` will take.
 
     .. math::
@@ -199,7 +225,14 @@ def plan(
             the largest process's, rank 0's) whose data are ``objective``'s batches. With a model
             on the meta device nothing is allocated: a 70B plan on a laptop.
         basis_dtype: The dtype of the ``eigs`` basis (``eigs(..., basis_dtype=)``); ``density``
-            keeps float64.
+            keeps float64. None: the one ``eigs`` chooses at its default tolerance
+            (:func:`~hesse.operators._memory.auto_basis_dtype`: float32 for a float32
+            objective), and with ``max_memory``, float32 where a float64 basis does not fit
+            (before any other setting is lowered); the plan's ``basis_dtype`` says which.
+        compress: ``"gptq"`` or ``"sparsegpt"``: plan that calibration instead (the other
+            settings then do not apply), :func:`hesse.problem.calibration.plan_calibration`,
+            a :class:`~hesse.problem.calibration.CalibrationMemory`.
+        sequential: With ``compress``, as for the compressor.
 
     Returns:
         MemoryPlan.
@@ -218,11 +251,13 @@ def plan(
         >>> x, y = torch.randn(8, 3), torch.zeros(8, dtype=torch.long)
         >>> obj = Objective(nn.Linear(3, 2).eval(), [(x, y)], loss=nn.functional.cross_entropy)
         >>> p = plan(obj, k=2, steps=5, probes=4)
-        >>> p.dim, p.ncv, p.basis_bytes, p.probes_bytes
-        (8, 8, 896, 1536)
+        >>> p.dim, p.ncv, p.basis_bytes, p.probes_bytes, p.basis_dtype  # float32 model: basis too
+        (8, 8, 448, 1536, torch.float32)
         >>> p.group, p.keep_graphs
         (4, True)
     """
+    if compress is not None:  # a GPTQ / SparseGPT calibration, not eigs and density
+        return plan_calibration(objective, compress, sequential=sequential)
     if curvature not in _OPERATORS:
         raise ValueError(f"plan: curvature must be one of {sorted(_OPERATORS)}, got {curvature!r}.")
     for name, value in {"k": k, "steps": steps, "probes": probes, "block_size": block_size}.items():
@@ -245,7 +280,15 @@ def plan(
         )
     steps = min(steps, full)
     samples, batches, first = _count(objective.batches())
-    graph = _OPERATORS[curvature](objective, max_cache_bytes=0)._measure_state(first)
+    operator = _OPERATORS[curvature](objective, max_cache_bytes=0)
+    # under FSDP the graph saves gathered copies of the weights, not the resident parameters
+    resident = storages(objective.frozen.values()) if world_size is not None else None
+    graph = operator._measure_state(first, resident)
+    unit = (
+        max(planned_units(objective.model))
+        if world_size is not None
+        else (0 if objective._gatherer is None else objective._gatherer.largest)
+    )
     free = available_bytes(objective.device)
     fixed = {
         "dim": d,
@@ -263,7 +306,8 @@ def plan(
         "max_memory": max_memory,
         "full_dim": full,
         "sharded": objective.shard is not None or world_size is not None,
-        "basis_itemsize": torch.empty((), dtype=basis_dtype).element_size(),
+        "unit": unit,
+        "basis_dtype": basis_dtype or _default_basis(objective.dtype, k, ncv, full),
     }
     itemsize = torch.empty((), dtype=objective.dtype).element_size()
     sized = functools.partial(_sized, fixed, itemsize)
@@ -271,7 +315,15 @@ def plan(
     if max_memory is None:
         keep = graph * batches <= AUTO_CACHE_FRACTION * free
         return sized(first_group, block_size, keep, free)
+    if basis_dtype is None and not sized(first_group, block_size, True, max_memory).fits:
+        fixed["basis_dtype"] = torch.float32  # first: it costs only round-off, in the bounds
     return _fitted(sized, first_group, block_size, max_memory, halve_group=group is None)
+
+
+def _default_basis(dtype: torch.dtype, k: int, ncv: int | None, d: int) -> torch.dtype:
+    """The basis dtype ``eigs`` chooses at its default tolerance and ``ncv``."""
+    width = min(ncv or max(2 * k + 1, 20), d) + (1 if k == 1 else 2)
+    return auto_basis_dtype(dtype, width, max(1e-10, 8 * torch.finfo(dtype).eps))
 
 
 def _fitted(
@@ -314,16 +366,17 @@ def _sized(
 ) -> MemoryPlan:
     """The plan of the ``fixed`` items for a group, block size and graph keeping."""
     fixed = dict(fixed)
-    d, graph, full = fixed["dim"], fixed["graph_bytes"], fixed.pop("full_dim")
-    sharded, basis_item = fixed.pop("sharded"), fixed.pop("basis_itemsize")
+    d, graph, _ = fixed["dim"], fixed["graph_bytes"], fixed.pop("full_dim")
+    sharded, unit = fixed.pop("sharded"), fixed.pop("unit")
+    basis_item = torch.empty((), dtype=fixed["basis_dtype"]).element_size()
     graphs = graph * fixed["batches"] if keep else graph
     sizes = {
         "basis_bytes": _eigs_vectors(fixed["ncv"], fixed["k"]) * d * basis_item,
         "probes_bytes": (fixed["steps"] + 1) * group * d * 8,
         "graphs_bytes": graphs,
-        "block_bytes": BLOCK_FACTOR * block * full * itemsize,
+        "block_bytes": BLOCK_FACTOR * block * d * itemsize,
         "factor_bytes": fixed["factor_bytes"],
-        "gathered_bytes": full * itemsize if sharded else 0,
+        "gathered_bytes": unit * itemsize if sharded else 0,
     }
     total = sum(sizes.values())
     return MemoryPlan(
@@ -356,6 +409,7 @@ def _factors(objective: Objective, curvature: str) -> tuple[int, str]:
     """Bytes of a Kronecker curvature's factors and its largest factor (``0, ""`` otherwise)."""
     if curvature not in ("kfac", "ekfac"):
         return 0, ""
+    objective = full_shapes(objective)  # under FSDP the factors follow the full layers
     factors = list(_each_factor(objective))
     if not factors:
         return 0, ""

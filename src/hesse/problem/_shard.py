@@ -1,29 +1,28 @@
-"""Parameters sharded across processes (FSDP2 ``fully_shard``): local shards, full copies.
+"""Parameters sharded across processes (FSDP2 ``fully_shard``): local shards and collectives.
 
 Under ``torch.distributed.fsdp.fully_shard`` every parameter is a ``DTensor`` whose rows
 (dim 0) are split over the processes. FSDP's all-gathers are detached from autograd and its
 hooks swap parameters in and out of the modules, so a second derivative through them is
-impossible. hesse therefore runs the model as a function of *full* parameters
-(gathered once, when the :class:`~hesse.Objective` is built) on a copy of the module tree
-without FSDP's hooks, differentiates each process's data locally and exactly, and meets the
-other processes only at the boundaries of a product: the input vectors (each process's local
-shard) are all-gathered, and the summed product is reduced and cut back to the local shard
-(a reduce-scatter). Vectors, bases and results are local shards throughout; only the data pass
-sees full parameters (one model's worth per process, transiently: the memory of one
-unsharded forward and backward).
+impossible. hesse therefore runs a copy of the module tree without FSDP's hooks and gathers
+each FSDP unit's parameters itself when the unit runs, by a differentiable all-gather whose
+backward is a reduce-scatter (``hesse.problem._gather``): the objective is a function of each
+process's *local shards*, and its gradients and curvature products are local shards too,
+already summed over the processes. :class:`Shard` maps local vectors to the full layout
+(``gather``, ``local``) and sums inner products over the processes (``sum``).
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._gather import Gatherer, Layout, layouts_of, local_shard
 from .params import ParamSpace
 
 if TYPE_CHECKING:
@@ -89,64 +88,63 @@ def full_tensor(t: Any) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
-def _local_positions(t: Any) -> torch.Tensor:
-    """``(n_local,)`` positions in the flattened full tensor of this process's local elements.
-
-    A ``DTensor``'s are found by distributing the positions themselves with its mesh and
-    placements (so uneven row splits follow torch's own rule); a plain tensor, the same on
-    every process, belongs to rank 0.
-    """
-    if not is_dtensor(t):
-        n = t.numel()
-        return torch.arange(n) if dist.get_rank() == 0 else torch.zeros(0, dtype=torch.long)
-    from torch.distributed.tensor import distribute_tensor
-
-    where = torch.arange(t.numel(), device=t.device_mesh.device_type).reshape(t.shape)
-    return distribute_tensor(where, t.device_mesh, t.placements).to_local().reshape(-1).cpu()
-
-
 class Shard:
     """This process's share of the flat parameter vector, and the collectives that move it.
 
     Args:
-        full: The space of the full parameters (the layout of the data pass).
-        positions: ``{name: (n_local,)}`` positions in each flattened full parameter of the
-            elements this process holds (disjoint across processes, covering each parameter).
-        shapes: ``{name: shape}`` of each local shard.
+        full: The space of the full parameters.
+        layouts: ``{name: Layout}``: which flat entries of each parameter every process holds
+            (contiguous ranges in rank order, disjoint, covering each parameter).
 
     Attributes:
         full: The full space; ``dim`` its dimension :math:`D`.
-        space: The local space (what operators and vectors see); ``index`` ``(d,)`` the
-            positions of its entries in the full flat layout.
+        space: The local space (what operators and vectors see).
+        positions: ``{name: (n_local,)}`` positions of this process's entries in each
+            flattened full parameter; ``shapes`` ``{name: local shape}``.
     """
 
     def __init__(
-        self,
-        full: ParamSpace,
-        positions: Mapping[str, torch.Tensor],
-        shapes: Mapping[str, Sequence[int]],
+        self, full: ParamSpace, layouts: Mapping[str, Layout], device: torch.device | None = None
     ):
-        self.full, self.positions, self.shapes = full, dict(positions), dict(shapes)
-        local = [shapes[n] for n in full.names]
+        self.full, self.layouts = full, dict(layouts)
+        self.device = torch.device("cpu") if device is None else device
+        self.shapes = {n: lay.local_shape for n, lay in self.layouts.items()}
+        local = [self.shapes[n] for n in full.names]
         self.space = ParamSpace(full.names, local, full.aliases, shard=self)
-        slices = full.slices()
-        parts = [positions[n] + slices[n].start for n in full.names]
-        self.index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
         self.dim = full.dim
+
+    @property
+    def positions(self) -> dict[str, torch.Tensor]:
+        """``{name: (n_local,)}`` positions of the local entries in each flattened parameter."""
+        return {
+            n: torch.arange(lay.start, lay.start + lay.count) for n, lay in self.layouts.items()
+        }
+
+    @property
+    def index(self) -> torch.Tensor:
+        """``(d,)`` positions of the local entries in the full flat layout (int64)."""
+        slices, lay = self.full.slices(), self.layouts
+        parts = [
+            torch.arange(lay[n].start, lay[n].start + lay[n].count) + slices[n].start
+            for n in self.full.names
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     @classmethod
     def of(cls, named: Mapping[str, torch.Tensor], full: ParamSpace) -> Shard:
-        """The shard of ``{name: parameter}`` (DTensors or replicated tensors)."""
-        positions = {n: _local_positions(t) for n, t in named.items()}
-        shapes = {n: _local_shape(t, positions[n]) for n, t in named.items()}
-        return cls(full, positions, shapes)
+        """The shard of ``{name: parameter}`` (DTensors or replicated tensors): a collective."""
+        device = next(iter(named.values())).device
+        return cls(full, layouts_of(named), device)
 
     def subset(self, names: Sequence[str]) -> Shard:
         """The shard of the full subspace of ``names``."""
-        return Shard(self.full.subspace(names), self.positions, self.shapes)
+        return Shard(self.full.subspace(names), self.layouts, self.device)
 
     def gather(self, V: torch.Tensor) -> torch.Tensor:
-        """Local ``(d, k)`` to full ``(D, k)``: every process gets all shards (all-gather)."""
+        """Local ``(d, k)`` to full ``(D, k)``: every process gets all shards (all-gather).
+
+        For results wanted whole (eigenvectors to save); the data passes never do this.
+        """
         out = V.new_zeros((self.dim, *V.shape[1:]))
         out[self.index.to(V.device)] = V
         dist.all_reduce(out)  # the supports are disjoint: the sum adds zeros, exactly
@@ -163,12 +161,15 @@ class Shard:
         dist.all_reduce(out)
         return out
 
+    def max(self, value: float) -> float:
+        """The largest of each process's ``value``."""
+        out = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return float(out)
 
-def _local_shape(t: Any, positions: torch.Tensor) -> torch.Size:
-    """Shape of this process's shard of ``t`` (a replicated tensor: all on rank 0, else empty)."""
-    if is_dtensor(t):
-        return t.to_local().shape
-    return t.shape if positions.numel() == t.numel() else torch.Size([0, *t.shape[1:]])
+    def all(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every process (so that all take the same path)."""
+        return self.max(0.0 if flag else 1.0) == 0.0
 
 
 def refuse_sharded(objective: Objective, who: str, why: str) -> None:
@@ -230,3 +231,174 @@ def my_batches(data: Any) -> list:
             "needs at least one (lower --batch-size or use fewer processes)."
         )
     return mine
+
+
+def sharded_parts(
+    model: nn.Module, copy: nn.Module, chosen: Sequence[str], cast: Any, clone: bool
+) -> tuple[Shard, Gatherer, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The shard, the gatherer, the local analysed shards and the other tensors of a model.
+
+    Every ``DTensor`` parameter (analysed or not) and every analysed plain parameter (held by
+    rank 0) is gathered by its unit when it runs; buffers and the other plain parameters are
+    passed whole, as on one process.
+
+    Args:
+        model: The FSDP2-wrapped model.
+        copy: Its hook-free copy (:func:`plain_module`), which the gatherer hooks.
+        chosen: The analysed parameters' names.
+        cast: Moves a tensor to the objective's device and dtype.
+        clone: Copy the buffers (training-mode batch-norm updates them in place).
+    """
+    named = dict(model.named_parameters())
+    gathered = {n: t for n, t in named.items() if n in chosen or is_dtensor(t)}
+    layouts = layouts_of(gathered)
+    params = {n: cast(local_shard(named[n].detach())) for n in chosen}
+    state = named | dict(model.named_buffers())
+    frozen = {
+        n: cast(local_shard(t.detach()) if n in layouts else (t.detach().clone() if clone else t))
+        for n, t in state.items()
+        if n not in params
+    }
+    full = ParamSpace.from_named({n: named[n] for n in chosen}, _aliases(model))
+    device = next(iter(params.values())).device
+    shard = Shard(full, {n: layouts[n] for n in chosen}, device)
+    return shard, Gatherer(copy, model, layouts), params, frozen
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    from ._selection import aliases
+
+    return aliases(model)
+
+
+def most_batches(data: Any, device: torch.device) -> int:
+    """The largest number of batches any process holds (every process runs that many passes)."""
+    try:
+        count = len(data)
+    except TypeError:
+        count = sum(1 for _ in data)
+    out = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return int(out)
+
+
+def sharded_mean(terms: Iterable[tuple[torch.Tensor, float]], device: torch.device) -> torch.Tensor:
+    """``sum_b term_b / sum_b w_b`` of local shards of derivatives, under FSDP.
+
+    The terms are already summed over the processes (by the reduce-scatters of the data
+    pass): only the weights and a failure flag are all-reduced.
+
+    Args:
+        terms: This process's ``(term, weight)`` pairs, padding passes included (weight 0).
+        device: Where the collective runs.
+
+    Raises:
+        ValueError: as :func:`~hesse.problem._positions.weighted_mean`.
+    """
+    total, weight, bad = None, 0.0, None
+    for i, (term, w) in enumerate(terms):
+        if bad is None and not torch.isfinite(term).all():
+            bad = i  # raised after the reduction, so that no other rank waits forever
+        total = term if total is None else total + term
+        weight += float(w)
+    if total is None:
+        raise ValueError("Objective: the data yielded no batches on this process.")
+    flags = torch.tensor([weight, float(bad is not None)], dtype=torch.float64, device=device)
+    dist.all_reduce(flags)
+    weight = float(flags[0])
+    if float(flags[1]):
+        where = f"batch {bad}" if bad is not None else "a batch of another process"
+        raise ValueError(
+            f"Objective: non-finite loss or derivative in {where}; check that batch's "
+            "inputs and targets, and the numerical range of the loss."
+        )
+    if weight == 0:
+        raise ValueError(
+            "Objective: the data has total weight 0: every label is ignored (equal to the "
+            "loss's ignore_index, -100 by default) or has class weight 0, so the mean loss is "
+            "over no sample; check the labels (is everything marked as padding?)."
+        )
+    return total / weight
+
+
+def padded(obj: Objective, fn: Any, items: Iterable | None) -> Iterator[tuple[torch.Tensor, float]]:
+    """``fn`` on this process's batches (or ``items``), then on zero-weight padding passes.
+
+    Every process runs as many passes as the one with the most batches: the others run
+    ``fn(0, first batch)`` with ``obj._padding`` set (``batch_weight`` 0, the loss times 0),
+    whose graph, and so whose collectives, are those of a real batch.
+    """
+    count = 0
+    for count, item in enumerate(obj.batches() if items is None else items, 1):
+        yield fn(count - 1, item)
+    if items is not None or obj._most is None:
+        return  # kept states hold the padding passes of the pass that built them
+    for _ in range(count, obj._most):
+        obj._padding = True
+        try:
+            term, _ = fn(0, obj._move(next(iter(obj._data))))
+        finally:
+            obj._padding = False
+        yield term, 0.0
+
+
+def zero_weight_loss(obj: Objective, params: Mapping[str, torch.Tensor], batch: Any):
+    """Under FSDP, the loss of a batch of weight 0 (every label ignored): zero, from its graph.
+
+    Its collectives must pair with the other processes' real batches, so its graph must be
+    that of a real batch: the loss of the batch with its ignored labels set to class 0, times
+    0. A ``loss_fn=`` batch of weight 0 is its loss times 0.
+
+    Raises:
+        ValueError: while differentiating, a batch whose relabelled weight is still 0 (class
+            weight 0 for class 0, an ignore_index >= 0); the other processes then wait in
+            their collectives until the process group times out.
+    """
+    if obj._caller is not None:
+        mean, _ = obj._call(obj._caller, "model.", dict(params), (batch,), {})
+        return mean * 0.0
+    relabelled = _labels_kept(batch)
+    if relabelled is not None and obj.batch_weight(relabelled) > 0:
+        return obj.batch_loss(dict(params), relabelled)[0] * 0.0
+    if torch.is_grad_enabled():
+        raise ValueError(
+            "Objective: a batch of this process has weight 0 and could not be given a real "
+            "batch's graph; under FSDP every process's pass must differentiate the same graph. "
+            "Drop the batches whose labels are all ignored (-100) from the data."
+        )
+    from ._calls import model_inputs
+    from ._losses import logits_of
+
+    return logits_of(obj._forward(dict(params), model_inputs(batch))).sum() * 0.0
+
+
+def _labels_kept(batch: Any) -> Any:
+    """The batch with its ignored (-100) integer labels set to 0, or None (no such labels)."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("labels"), torch.Tensor):
+        y = batch["labels"]
+        return None if y.is_floating_point() else {**batch, "labels": y.clamp_min(0)}
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
+        y = batch[1]
+        pair = (batch[0], y.clamp_min(0))
+        return None if y.is_floating_point() else (pair if isinstance(batch, tuple) else list(pair))
+    return None
+
+
+def infer_in_step(shard: Shard | None, infer: Any, module: nn.Module, first: Any, obj: Objective):
+    """``infer(module, labels, batches, forward)``, every process running as many forwards.
+
+    Which batch confirms a model's own loss may differ between processes; the ones that ran
+    fewer forwards (each unit's gathers are collectives) run the first batch again.
+    """
+    if shard is None:
+        return infer(module, first["labels"], obj.batches(), obj._logits_and_loss)
+    calls = []
+
+    def forward(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(batch)
+        return obj._logits_and_loss(batch)
+
+    found = infer(module, first["labels"], obj.batches(), forward)
+    for _ in range(int(shard.max(len(calls))) - len(calls)):
+        obj._logits_and_loss(obj._move(first))
+    return found

@@ -13,6 +13,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ._calls import Batch, CallLossFn, LossFn, cast, model_inputs, move
+from ._gather import Gatherer
 from ._hf_losses import infer_own_loss, task_outputs, task_targets, upcast
 from ._losses import (
     LossSpec,
@@ -27,7 +28,17 @@ from ._losses import (
 from ._modes import check_repeatable, check_train_mode
 from ._positions import as_batches, check_shards, positions, weighted_mean
 from ._selection import Selection, aliases, choose, resolve
-from ._shard import Shard, full_tensor, is_sharded, plain_module
+from ._shard import (
+    Shard,
+    infer_in_step,
+    is_sharded,
+    most_batches,
+    padded,
+    plain_module,
+    sharded_mean,
+    sharded_parts,
+    zero_weight_loss,
+)
 from .params import ParamSpace
 
 __all__ = ["Batch", "LossFn", "LossSpec", "Objective", "loss_kind"]
@@ -48,9 +59,10 @@ class Objective:
     A model sharded with FSDP2 (``fully_shard``: its parameters are ``DTensor`` shards) is a
     function of each process's *local shards*: :attr:`space`, :attr:`dim` and every vector
     (gradients, operator products) are the local rows, :attr:`shard` maps them to the full
-    layout (:attr:`full_space`), and the curvature operators' products are exact (the data
-    pass runs on a hook-free copy of the modules with the full parameters, gathered once here;
-    see ``hesse.problem._shard``).
+    layout (:attr:`full_space`), and the curvature operators' products are exact: the data
+    pass runs a hook-free copy of the modules in which each FSDP unit gathers its parameters,
+    differentiably, while it runs (``hesse.problem._gather``); gradients and products come out
+    as local shards already summed over the processes (``accumulate(..., shards=True)``).
 
     A Hugging Face model that computes its own loss (dict batches with ``labels``, no ``loss=``)
     gets that loss inferred from its class and config: token cross-entropy for causal LMs
@@ -129,29 +141,40 @@ class Objective:
             raise ValueError(f"Objective: dtype must be a real floating dtype, got {dtype}.")
         suspects = check_train_mode(model, allow_train_mode)
         self.model, self.loss_fn, self.progress = model, loss_fn, progress
-        # FSDP2: the data pass runs on full parameters, on a copy of the modules without hooks
+        # FSDP2: a copy of the modules without FSDP's hooks, each unit gathering its parameters
+        # differentiably when it runs (hesse.problem._gather); the objective is a function of
+        # the local shards
         sharded = is_sharded(model)
         self._module = plain_module(model) if sharded else model
         chosen, named = choose(model, params)
         first = named[chosen[0]]
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype or first.dtype
-        self.params = {n: self._cast(full_tensor(named[n].detach())) for n in chosen}
-        state = dict(model.named_parameters()) | dict(model.named_buffers())
-        # train-mode batch-norm updates its running statistics in place: work on copies then
-        self.frozen = {
-            n: self._cast(full_tensor(t.detach().clone() if allow_train_mode else t.detach()))
-            for n, t in state.items()
-            if n not in self.params
-        }
-        self.full_space = ParamSpace.from_named(self.params, aliases(model))
-        self.shard = Shard.of({n: named[n] for n in chosen}, self.full_space) if sharded else None
+        self.shard: Shard | None = None
+        self._gatherer: Gatherer | None = None
+        if sharded:
+            self.shard, self._gatherer, self.params, self.frozen = sharded_parts(
+                model, self._module, chosen, self._cast, allow_train_mode
+            )
+            self.full_space = self.shard.full
+        else:
+            self.params = {n: self._cast(named[n].detach()) for n in chosen}
+            state = dict(model.named_parameters()) | dict(model.named_buffers())
+            # train-mode batch-norm updates its running statistics in place: work on copies
+            self.frozen = {
+                n: self._cast(t.detach().clone() if allow_train_mode else t.detach())
+                for n, t in state.items()
+                if n not in self.params
+            }
+            self.full_space = ParamSpace.from_named(self.params, aliases(model))
         self.space = self.full_space if self.shard is None else self.shard.space
+        self._padding = False  # a zero-weight pass that keeps the processes in step (FSDP)
         self._data = as_batches(data, has_loss_fn=loss_fn is not None)
         self._caller = CallLossFn(self._module, loss_fn) if loss_fn is not None else None
         self._positions: list[torch.Tensor] | None = None
         first_batch = next(iter(self._data), None)
         self._shard_offset = check_shards(first_batch is None, self._data, self.device)
+        self._most = None if self.shard is None else most_batches(self._data, self.device)
         self._resolved = self._resolve_loss(loss, first_batch)
         self.loss = loss if loss is not None else self._resolved.call
         if suspects:
@@ -185,14 +208,28 @@ class Objective:
             yield self._move(batch)
 
     def accumulate(
-        self, fn: Callable[[int, Any], tuple[torch.Tensor, float]], items: Iterable | None = None
+        self,
+        fn: Callable[[int, Any], tuple[torch.Tensor, float]],
+        items: Iterable | None = None,
+        *,
+        shards: bool = False,
     ) -> torch.Tensor:
         """Weighted mean of per-batch sums: ``sum_b fn(b)[0] / sum_b fn(b)[1]``, over all ranks.
+
+        Under FSDP every process runs as many passes as the process with the most batches:
+        the others are padded with zero-weight passes over their first batch (``fn`` sees it
+        with :meth:`batch_weight` 0), so that the collectives inside the passes (each unit's
+        gathers, in the forward and the backward) run in the same order everywhere.
 
         Args:
             fn: ``fn(index, batch) -> (sum_term, weight)`` where ``sum_term`` is the batch's
                 contribution already multiplied by its weight.
-            items: What to pass to ``fn`` instead of the batches (e.g. cached per-batch state).
+            items: What to pass to ``fn`` instead of the batches (e.g. cached per-batch state,
+                padding included).
+            shards: Under FSDP, the terms are derivatives with respect to the local shards
+                (gradients, curvature products): already summed over the processes by the
+                pass's reduce-scatters, so only the weights are all-reduced. Leave False for
+                anything else (a loss value), which is all-reduced.
 
         Returns:
             ``sum_b term_b / sum_b w_b``, of the shape of ``fn``'s terms (a 0-d tensor for the
@@ -202,9 +239,12 @@ class Objective:
             ValueError: a batch produced non-finite values (the message names it), or the
                 total weight is 0 (every label ignored).
         """
-        return weighted_mean(
-            fn(i, batch) for i, batch in enumerate(self.batches() if items is None else items)
-        )
+        if self.shard is None:
+            return weighted_mean(
+                fn(i, batch) for i, batch in enumerate(self.batches() if items is None else items)
+            )
+        terms = padded(self, fn, items)
+        return sharded_mean(terms, self.device) if shards else weighted_mean(terms)
 
     def sample_positions(self, index: int) -> torch.Tensor:
         """Global positions of the samples of this process's batch number ``index``.
@@ -295,8 +335,10 @@ class Objective:
         """What a batch's mean loss is over (:class:`LossSpec`); 0 when every label is ignored.
 
         For an unrecognised loss, integer targets count the labels that are not -100 and
-        floating targets count rows (samples).
+        floating targets count rows (samples). 0 in a padding pass (FSDP, :meth:`accumulate`).
         """
+        if self._padding:
+            return 0.0
         return target_weight(self.targets(batch), self._resolved.spec, self._resolved.class_weights)
 
     def output_loss(self, out: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
@@ -329,13 +371,26 @@ class Objective:
             :math:`w_b = 0`.
         """
         if self._caller is not None:
-            prefixed = {"model." + n: t for n, t in params.items()}
-            frozen = {"model." + n: t for n, t in self.frozen.items()}
-            mean, w = functional_call(self._caller, (prefixed, frozen), (batch,))
-            return (mean * w if float(w) else _zero(params)), float(w)
+            mean, w = self._call(self._caller, "model.", params, (batch,), {})
+            if self._padding:  # the same graph as a real batch's: its collectives pair up
+                return mean * 0.0, 0.0
+            if float(w) == 0:
+                return (
+                    _zero(params) if self.shard is None else zero_weight_loss(self, params, batch)
+                ), 0.0
+            return mean * w, float(w)
+        if self._padding:
+            self._padding = False  # the batch's own weight, then none of it
+            try:
+                value, _ = self.batch_loss(params, batch)
+            finally:
+                self._padding = True
+            return value * 0.0, 0.0
         w = self.batch_weight(batch)
         if w == 0:
-            return _zero(params), 0.0
+            return (
+                _zero(params) if self.shard is None else zero_weight_loss(self, params, batch)
+            ), 0.0
         if self._resolved.call is None:
             return own_loss(self._forward(params, batch)) * w, w
         return self.output_loss(self.outputs(params, batch), self.targets(batch), w), w
@@ -365,8 +420,7 @@ class Objective:
                 )
             return torch.cat([t.reshape(-1) for t in g]), w
 
-        full = self.accumulate(term)
-        return full if self.shard is None else self.shard.local(full)
+        return self.accumulate(term, shards=True)
 
     def restrict(self, names: Selection) -> Objective:
         """The same objective as a function of a subset of the parameters (others fixed).
@@ -395,13 +449,24 @@ class Objective:
         sub._positions = None
         first = next(iter(sub._data), None)
         sub._shard_offset = check_shards(first is None, sub._data, self.device)
+        sub._most = None if self.shard is None else most_batches(sub._data, self.device)
         return sub
 
     # ------------------------------------------------------------------ helpers
     def _forward(self, params: dict[str, torch.Tensor], inputs: Any) -> Any:
         if isinstance(inputs, Mapping):
-            return functional_call(self._module, (params, self.frozen), (), dict(inputs))
-        return functional_call(self._module, (params, self.frozen), (inputs,))
+            return self._call(self._module, "", params, (), dict(inputs))
+        return self._call(self._module, "", params, (inputs,), {})
+
+    def _call(self, module: nn.Module, prefix: str, params: dict, args: tuple, kwargs: dict):
+        """``module(*args, **kwargs)`` at ``params``; under FSDP each unit gathers its own."""
+        if self._gatherer is None:
+            tensors = ({prefix + n: t for n, t in d.items()} for d in (params, self.frozen))
+            return functional_call(module, tuple(tensors), args, kwargs)
+        both, gathered = params | self.frozen, self._gatherer.layouts
+        direct = {prefix + n: t for n, t in both.items() if n not in gathered}
+        with self._gatherer.using({n: both[n] for n in gathered}):
+            return functional_call(module, direct, args, kwargs)
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return cast(t, self.device, self.dtype)
@@ -424,7 +489,7 @@ class Objective:
         if loss is not None:
             return given_loss(loss, first, self.dtype, self.device)
         check_own_loss_batch(first)
-        return infer_own_loss(self._module, first["labels"], self.batches(), self._logits_and_loss)
+        return infer_in_step(self.shard, infer_own_loss, self._module, first, self)
 
     def _logits_and_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits of a dict batch without its labels, and the model's own loss with them."""
