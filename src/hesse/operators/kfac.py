@@ -17,11 +17,11 @@ from ..problem.objective import Objective
 from ..problem.params import ParamSpace
 from ._kfac_blocks import DenseBlock, EigenBlock, KronBlock, Layout, eigenbasis
 from ._kfac_capture import KINDS, Vectors
+from ._kfac_dense import dense_blocks
 from ._kfac_factors import eigen_scalings, factor_terms
 from ._kfac_layers import Group, find_groups, group_bytes, layout_of, matrix_shape
 from ._kfac_shard import full_shapes, on_full, unsharded
 from .base import PSD, SYMMETRIC, Operator, copy_with
-from .gauss_newton import FisherOperator, GGNOperator
 
 APPROX = ("expand", "reduce")
 MAX_DENSE = 4096
@@ -56,9 +56,8 @@ class _Kronecker(Operator):
         layouts = {gi: _layout(g, full) for gi, g in enumerate(groups) if not g.dense}
         vectors = Vectors(full, kind, seed, mc_samples, who)
         factored = self._factored(full, groups, layouts, vectors)
-        self._blocks = [
-            factored[gi] if gi in factored else self._dense(full, g) for gi, g in enumerate(groups)
-        ]
+        exact = dense_blocks(full, groups, kind, mc_samples=mc_samples, seed=seed)
+        self._blocks = [factored[gi] if gi in factored else exact[gi] for gi in range(len(groups))]
 
     def _factored(self, objective, groups, layouts, vectors) -> dict:
         raise NotImplementedError
@@ -128,18 +127,6 @@ class _Kronecker(Operator):
         if not float(damping) >= 0:
             raise ValueError(f"{type(self).__name__}.inverse: damping must be >= 0, got {damping}.")
         return _KroneckerInverse(self, float(damping))
-
-    def _dense(self, objective: Objective, group: Group) -> DenseBlock:
-        """The exact block of a group no factor covers, of the same curvature as ``kind``."""
-        sub = objective.restrict(list(group.names))
-        op: Operator
-        if self.kind == "exact":
-            op = GGNOperator(sub, psd=True)
-        else:
-            op = FisherOperator(sub, self.kind, mc_samples=self.mc_samples, seed=self.seed)
-        M = op.to_dense()
-        shapes = [objective.params[n].shape for n in group.names]
-        return DenseBlock(group.names, shapes, (M + M.T) / 2, group.label)
 
     def __repr__(self) -> str:
         return (
