@@ -305,16 +305,25 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+DRAW_ROWS = 1 << 16
+"""Rows of the full dimension drawn at once under FSDP (a multiple of 16: :func:`_local_draw`)."""
+
+
 def rademacher(
     gen: torch.Generator, d: int, k: int, like: Counted, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """``(d, k)`` random signs (Hutchinson 1989 probes) in ``dtype`` (default ``like.dtype``).
 
     For a sharded ``like``, the local rows of the signs drawn for the full dimension: the same
-    probes on one process and on many.
+    probes on one process and on many, drawn ``DRAW_ROWS`` rows at a time (never a full
+    ``(D, k)`` block; see :func:`_local_draw`).
     """
-    z = torch.randint(0, 2, (like.dim if like.shard else d, k), generator=gen, dtype=torch.int8)
-    return like.rows(z * 2 - 1).to(device=like.device, dtype=dtype or like.dtype)
+
+    def draw(rows: int) -> torch.Tensor:
+        return torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8)
+
+    z = draw(d) if like.shard is None else _local_draw(draw, like.dim, k, like.shard.index)
+    return (z * 2 - 1).to(device=like.device, dtype=dtype or like.dtype)
 
 
 def gaussian(
@@ -325,8 +334,48 @@ def gaussian(
     They go to ``like``'s device in ``dtype`` (default ``like.dtype``); for a sharded ``like``,
     the local rows of those drawn for the full dimension (see :func:`rademacher`).
     """
-    z = torch.randn(like.dim if like.shard else d, k, generator=gen, dtype=torch.float64)
-    return like.rows(z).to(device=like.device, dtype=dtype or like.dtype)
+
+    def draw(rows: int) -> torch.Tensor:
+        return torch.randn(rows, k, generator=gen, dtype=torch.float64)
+
+    z = draw(d) if like.shard is None else _local_draw(draw, like.dim, k, like.shard.index)
+    return z.to(device=like.device, dtype=dtype or like.dtype)
+
+
+def _local_draw(draw, D: int, k: int, index: torch.Tensor) -> torch.Tensor:
+    """The rows ``index`` of ``draw(D)`` ``(D, k)``, drawn in blocks of ``DRAW_ROWS`` rows.
+
+    The blocks take the generator's numbers in the order one draw of all ``D`` rows takes them,
+    so they hold the same numbers wherever PyTorch's CPU sampler is sequential in the entries:
+    ``randint`` always; ``randn`` (Box-Muller on groups of 16 uniforms, the last 16 entries
+    redrawn when the count is not a multiple of 16) when every block but the last holds a
+    multiple of 16 entries and the last at least 16, which these blocks do
+    (``tests/linalg/test_probe_rows.py`` checks both against the one-shot draw).
+
+    Args:
+        draw: ``draw(rows) -> (rows, k)`` from the shared generator.
+        D: The full dimension.
+        k: Columns.
+        index: ``(d,)`` global positions of this process's rows.
+
+    Returns:
+        ``(d, k)``: row ``i`` is row ``index[i]`` of the full draw.
+    """
+    bounds = list(range(0, D, DRAW_ROWS)) + [D]
+    if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * k < 16:
+        del bounds[-2]  # a short last block joins the one before (randn's tail, see above)
+    # the local rows in global order: each block's are one slice of them
+    positions, order = index.cpu().sort()
+    cuts = torch.searchsorted(positions, torch.tensor(bounds)).tolist()
+    out: torch.Tensor | None = None
+    for b, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        block = draw(stop - start)
+        if out is None:
+            out = block.new_empty(len(positions), k)
+        lo, hi = cuts[b], cuts[b + 1]
+        out[order[lo:hi]] = block[positions[lo:hi] - start]
+    assert out is not None  # D >= 1
+    return out
 
 
 def mean_ci(samples: torch.Tensor) -> tuple[float, float, tuple[float, float]]:

@@ -98,7 +98,12 @@ def eigs(
     check runs a basis of ``ncv + 1``), and the products' block: at the peak, ``ncv + 3``
     vectors for ``k = 1``, and ``ncv + max(k + 3, 6)`` for ``k > 1`` (``k + 2`` when no check
     runs), in the basis dtype; norms and inner products are float64 sums over row chunks,
-    never a float64 copy of the basis.
+    never a float64 copy of the basis. The operator adds its own: a
+    :class:`~hesse.HessianOperator` keeps every batch's gradient graph between products by
+    default (``max_cache_bytes="auto"``, while they fit half the free memory), which made
+    top-10 runs 1.1-1.35x faster on the benchmark workloads for 84 (transformer) and 22 (MLP)
+    MiB; ``HessianOperator(obj, max_cache_bytes=0)`` holds one batch's graph at a time, the
+    smallest peak (``benchmarks/RESULTS.md``, "Peak memory of a top-10 run").
 
     Args:
         A: Symmetric operator ``(d, d)``: a hesse operator, a dense tensor, a numpy array, a

@@ -14,7 +14,7 @@ from ._autograd import (
     leaf_params,
 )
 from .base import SYMMETRIC
-from .model import ModelOperator
+from .model import ModelOperator, copy_into
 
 
 class HessianOperator(ModelOperator):
@@ -100,11 +100,11 @@ class HessianOperator(ModelOperator):
         self.mode, self.product_error = mode, 0.0
         super().__init__(objective, (SYMMETRIC,), block_size, max_cache_bytes)
 
-    def _matmat_batch(self, index: int, batch: Batch, V: Tangents) -> tuple[Tangents, float]:
+    def _matmat_batch(self, index: int, batch: Batch, V: Tangents, out: Tangents) -> float:
         if self.mode != "forward":
-            return super()._matmat_batch(index, batch, V)
+            return super()._matmat_batch(index, batch, V, out)
         try:
-            return self._forward(batch, V)
+            return copy_into(self._forward(batch, V), out)
         except (RuntimeError, NotImplementedError) as err:
             warnings.warn(
                 f"HessianOperator: forward-mode differentiation failed ({err}); using double "
@@ -113,7 +113,7 @@ class HessianOperator(ModelOperator):
             )
             self.mode = "reverse"
             self._kept.enabled = self._can_cache()
-            return super()._matmat_batch(index, batch, V)
+            return super()._matmat_batch(index, batch, V, out)
 
     _SHARES_LEAVES = True  # under FSDP the batches of a pass share one gathered copy
 
@@ -130,7 +130,8 @@ class HessianOperator(ModelOperator):
         scale = max(1.0, largest if shard is None else shard.max(largest))
         t = torch.finfo(self.dtype).eps ** (1 / 3) * scale
         D1, D2, D4 = (
-            self._pass(V, lambda i, b, T, h=h: self._difference(b, T, h)) for h in (t, t / 2, t / 4)
+            self._pass(V, lambda i, b, T, out, h=h: copy_into(self._difference(b, T, h), out))
+            for h in (t, t / 2, t / 4)
         )
         R1, R2 = (4 * D2 - D1) / 3, (4 * D4 - D2) / 3
         norms = [(X.double() ** 2).sum(0) for X in (R2 - R1, V)]
@@ -189,10 +190,15 @@ class HessianOperator(ModelOperator):
 
     def _apply(self, graph, V: Tangents) -> tuple[Tangents, float]:
         """Second backward through a gradient graph: ``(k, *shape)`` Hessian products."""
+        out = {n: torch.zeros_like(V[n]) for n in graph[0]}
+        return out, self._apply_into(graph, V, out)
+
+    def _apply_into(self, graph, V: Tangents, out: Tangents) -> float:
+        """The second backward, each column written into ``out`` as it comes out."""
         params, g, w = graph
-        if not g:
-            return {n: torch.zeros_like(V[n]) for n in params}, w
-        return backward_columns(list(g.values()), params, [V[n] for n in g]), w
+        if g:
+            backward_columns(list(g.values()), params, [V[n] for n in g], out=out)
+        return w
 
 
 def _gradient(obj: Objective, params: Tangents, batch: Batch) -> tuple[tuple, float]:
