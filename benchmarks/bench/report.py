@@ -339,7 +339,11 @@ def markdown(data: dict, meta: dict) -> str:
             "the bytes malloc has handed out (mallinfo2), without the heap that fragmentation "
             'keeps mapped. "error": max |λ_i − λ_i*| / |λ_1*| of the 10 values against the '
             'reference. "hesse (graphs not kept)": the same products with '
-            "`HessianOperator(max_cache_bytes=0)`.",
+            "`HessianOperator(max_cache_bytes=0)`. hesse's rows store the Lanczos basis in "
+            "float32 (`eigs(..., basis_dtype=torch.float32)`; float64 sums): measured when that "
+            "was the default for float32 operators; since then the default is float32 only "
+            "where a float64 basis would take 256 MiB or more (these workloads' take 59 and 195 "
+            "MiB), because a float32 basis can take more products on clustered eigenvalues.",
             "",
             _table(
                 data["memory"],

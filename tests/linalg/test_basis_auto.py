@@ -1,4 +1,4 @@
-"""The basis dtype eigs and plan choose by default: float32 for float32 products, bounds honest."""
+"""The basis dtype eigs and plan choose: float32 for large float32 operators, bounds honest."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 import hesse
 from cases import CASES, DT, objective, sym_matrix
 from hesse.linalg._util import Counted, chunk_rows
-from hesse.operators._memory import auto_basis_dtype
+from hesse.operators._memory import FLOAT32_BASIS_FROM, auto_basis_dtype
 from hesse.operators.plan import plan
 
 F32 = torch.float32
@@ -32,15 +32,16 @@ def _clustered_top_ten(d=300, seed=2):
         (_clustered_top_ten, 10, "largest"),
     ],
 )
-def test_float32_operator_gets_float32_basis_and_honest_bounds(spectrum, k, which):
+def test_float32_basis_gives_honest_bounds(spectrum, k, which):
     evals = spectrum()
     A = sym_matrix(evals, seed=0).to(F32)
     exact = A.double()
     true_evals = torch.linalg.eigvalsh(exact)
     norm = float(true_evals.abs().max())
     want = {"largest": true_evals.flip(0), "smallest": true_evals}[which][:k]
-    r = hesse.eigs(A, k=k, which=which)
+    r = hesse.eigs(A, k=k, which=which, basis_dtype=F32)
     assert r.basis_dtype == F32 and r.converged, r.reason
+    assert hesse.eigs(A, k=k, which=which).basis_dtype == DT  # small: float64 by default
     assert (r.values - want).abs().max() <= 16 * EPS32 * norm
     X = r.vectors.double()
     true = (exact @ X - X * r.values).norm(dim=0)
@@ -57,6 +58,10 @@ def test_float64_operator_keeps_float64_basis():
 
 def test_float32_basis_only_where_its_round_off_leaves_room_in_tol():
     tol = 8 * EPS32
+    big = -(-FLOAT32_BASIS_FROM // (8 * 23))  # a float64 basis of 23 vectors reaches it
+    assert auto_basis_dtype(F32, 23, tol, dim=big) == F32
+    assert auto_basis_dtype(F32, 23, tol, dim=big - 1) == DT  # small: memory does not matter
+    assert auto_basis_dtype(DT, 23, 1e-10, dim=10 * big) == DT
     assert auto_basis_dtype(F32, 23, tol) == F32  # k = 10 at the default ncv
     assert auto_basis_dtype(F32, 37, tol) == F32  # k = 17
     assert auto_basis_dtype(F32, 39, tol) == DT  # k = 18: sqrt(39) eps32 eats > 0.9 tol
@@ -83,7 +88,7 @@ def test_plan_takes_the_basis_eigs_will_take():
     assert f32.to_dict()["basis_dtype"] == "float32"
     model, data, kw = CASES["mlp_ce"].build()
     obj32 = hesse.Objective(model, data, **kw, dtype=F32)
-    assert plan(obj32, k=3).basis_dtype == F32
+    assert plan(obj32, k=3).basis_dtype == DT  # a small float32 model: float64, as eigs
 
 
 def test_plan_lowers_the_basis_to_float32_before_anything_else():

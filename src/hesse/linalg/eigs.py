@@ -130,11 +130,12 @@ def eigs(
             of a sum of ``j`` eigenvectors holds all of them after ``j`` products); for
             ``k > 1`` a random vector joins it.
         basis_dtype: Storage of the Krylov basis. None chooses: float32 for products in
-            float32 or lower when
+            float32 or lower when a float64 basis would take 256 MiB or more and
             :math:`(\varepsilon + \varepsilon_{32}\sqrt{n_{cv}+b}) \le 0.9\,\mathrm{tol}`
             (the default ``tol`` and ``ncv`` are, up to ``k = 17``), else float64 (float32 on
-            MPS). Pass ``torch.float32`` for a
-            float64 operator where ``hesse.plan`` says a float64 basis does not fit. Inner
+            MPS): a float32 basis can take more products on clustered eigenvalues. Pass
+            ``torch.float32`` for a float64 operator where ``hesse.plan`` says a float64
+            basis does not fit. Inner
             products and norms stay float64 sums, and a float32 basis adds its storage's
             round-off, :math:`\varepsilon_{32}\sqrt{n}\,\|A\|`, to every bound.
 
@@ -183,7 +184,7 @@ def eigs(
         raise ValueError(f"eigs: basis_dtype must be a floating dtype, got {basis_dtype}.")
     op = Counted(A, progress, budget, "eigs")
     m = ncv or max(2 * k + 1, 20)
-    op.basis_dtype = basis_dtype or auto_basis_dtype(A.dtype, min(m, d) + b, tol, op.device)
+    op.basis_dtype = basis_dtype or auto_basis_dtype(A.dtype, min(m, d) + b, tol, op.device, dim=d)
     search = _Search(op, which, tol, budget, generator(seed), callback)
     try:
         return search.run(k, b, m, v0)

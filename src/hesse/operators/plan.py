@@ -323,7 +323,7 @@ def plan(
 def _default_basis(dtype: torch.dtype, k: int, ncv: int | None, d: int) -> torch.dtype:
     """The basis dtype ``eigs`` chooses at its default tolerance and ``ncv``."""
     width = min(ncv or max(2 * k + 1, 20), d) + (1 if k == 1 else 2)
-    return auto_basis_dtype(dtype, width, max(1e-10, 8 * torch.finfo(dtype).eps))
+    return auto_basis_dtype(dtype, width, max(1e-10, 8 * torch.finfo(dtype).eps), dim=d)
 
 
 def _fitted(
