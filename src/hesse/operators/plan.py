@@ -251,8 +251,8 @@ def plan(
         >>> x, y = torch.randn(8, 3), torch.zeros(8, dtype=torch.long)
         >>> obj = Objective(nn.Linear(3, 2).eval(), [(x, y)], loss=nn.functional.cross_entropy)
         >>> p = plan(obj, k=2, steps=5, probes=4)
-        >>> p.dim, p.ncv, p.basis_bytes, p.probes_bytes, p.basis_dtype  # float32 model: basis too
-        (8, 8, 448, 1536, torch.float32)
+        >>> p.dim, p.ncv, p.basis_bytes, p.probes_bytes, p.basis_dtype  # small: float64 basis
+        (8, 8, 896, 1536, torch.float64)
         >>> p.group, p.keep_graphs
         (4, True)
     """

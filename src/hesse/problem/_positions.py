@@ -93,6 +93,17 @@ def weighted_mean(terms: Iterable[tuple[torch.Tensor, float]]) -> torch.Tensor:
         ValueError: a term is not finite (the message names its batch, on every rank), no
             batch on this process, or a total weight of 0 (every label ignored).
     """
+    total, weight, bad = summed(terms)
+    total, weight, failed = all_reduce(total, weight, bad is not None)
+    return checked_mean(total, weight, failed, bad)
+
+
+def summed(terms: Iterable[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, float, int | None]:
+    """``(sum_b term_b, sum_b w_b, first non-finite batch or None)`` on this process.
+
+    Raises:
+        ValueError: no batch on this process.
+    """
     total, weight, bad = None, 0.0, None
     for i, (term, w) in enumerate(terms):
         if bad is None and not torch.isfinite(term).all():
@@ -101,7 +112,16 @@ def weighted_mean(terms: Iterable[tuple[torch.Tensor, float]]) -> torch.Tensor:
         weight += float(w)
     if total is None:
         raise ValueError("Objective: the data yielded no batches on this process.")
-    total, weight, failed = all_reduce(total, weight, bad is not None)
+    return total, weight, bad
+
+
+def checked_mean(total: torch.Tensor, weight: float, failed: bool, bad: int | None) -> torch.Tensor:
+    """``total / weight`` of reduced sums, refusing a non-finite term or a total weight of 0.
+
+    Raises:
+        ValueError: ``failed`` (naming batch ``bad`` when it is this process's), or
+            ``weight == 0`` (every label ignored).
+    """
     if failed:
         where = f"batch {bad}" if bad is not None else "a batch of another process"
         raise ValueError(

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._gather import Gatherer, Layout, layouts_of, local_shard
+from ._positions import checked_mean, summed
 from .params import ParamSpace
 
 if TYPE_CHECKING:
@@ -295,30 +296,10 @@ def sharded_mean(terms: Iterable[tuple[torch.Tensor, float]], device: torch.devi
     Raises:
         ValueError: as :func:`~hesse.problem._positions.weighted_mean`.
     """
-    total, weight, bad = None, 0.0, None
-    for i, (term, w) in enumerate(terms):
-        if bad is None and not torch.isfinite(term).all():
-            bad = i  # raised after the reduction, so that no other rank waits forever
-        total = term if total is None else total + term
-        weight += float(w)
-    if total is None:
-        raise ValueError("Objective: the data yielded no batches on this process.")
+    total, weight, bad = summed(terms)
     flags = torch.tensor([weight, float(bad is not None)], dtype=torch.float64, device=device)
     dist.all_reduce(flags)
-    weight = float(flags[0])
-    if float(flags[1]):
-        where = f"batch {bad}" if bad is not None else "a batch of another process"
-        raise ValueError(
-            f"Objective: non-finite loss or derivative in {where}; check that batch's "
-            "inputs and targets, and the numerical range of the loss."
-        )
-    if weight == 0:
-        raise ValueError(
-            "Objective: the data has total weight 0: every label is ignored (equal to the "
-            "loss's ignore_index, -100 by default) or has class weight 0, so the mean loss is "
-            "over no sample; check the labels (is everything marked as padding?)."
-        )
-    return total / weight
+    return checked_mean(total, float(flags[0]), bool(flags[1]), bad)
 
 
 def padded(obj: Objective, fn: Any, items: Iterable | None) -> Iterator[tuple[torch.Tensor, float]]:
