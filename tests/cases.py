@@ -302,3 +302,16 @@ def sym_matrix(eigvals, seed=0):
     q, _ = torch.linalg.qr(torch.randn(len(eigvals), len(eigvals), generator=gen, dtype=DT))
     a = (q * eigvals) @ q.T
     return (a + a.T) / 2
+
+
+def uneven_mlp():
+    """An MLP whose last layer has 3 rows (fewer than 4 processes) and 5 uneven batches.
+
+    Returns ``(model, FSDP units, batches, Objective keywords)`` for the sharded tests.
+    """
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT).eval()
+    x, y = torch.randn(17, 4, dtype=DT), torch.randint(0, 3, (17,))
+    cuts = [0, 5, 8, 12, 13, 17]
+    batches = [(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+    return model, [model[0], model[2]], batches, {"loss": F.cross_entropy}

@@ -13,26 +13,14 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 import hesse
-from cases import DT
+from cases import DT, uneven_mlp
 from hf_models import gpt2_lm, lm_batches
 from ranks import run_ranks
 
 RTOL = 1e-10
 WORLD = 2
-
-
-def _mlp():
-    """An MLP whose last layer has 3 rows, and 5 uneven batches."""
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT).eval()
-    x, y = torch.randn(17, 4, dtype=DT), torch.randint(0, 3, (17,))
-    cuts = [0, 5, 8, 12, 13, 17]
-    batches = [(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
-    return model, [model[0], model[2]], batches, {"loss": F.cross_entropy}
 
 
 def _gpt2():
@@ -43,9 +31,9 @@ def _gpt2():
 
 # (model, operator, settings): what each run builds
 RUNS = {
-    "mlp-kfac": (_mlp, hesse.KFACOperator, {}),
-    "mlp-kfac-mc": (_mlp, hesse.KFACOperator, {"kind": "mc", "mc_samples": 2, "seed": 1}),
-    "mlp-ekfac": (_mlp, hesse.EKFACOperator, {"approx": "reduce"}),
+    "mlp-kfac": (uneven_mlp, hesse.KFACOperator, {}),
+    "mlp-kfac-mc": (uneven_mlp, hesse.KFACOperator, {"kind": "mc", "mc_samples": 2, "seed": 1}),
+    "mlp-ekfac": (uneven_mlp, hesse.EKFACOperator, {"approx": "reduce"}),
     "gpt2-kfac": (_gpt2, hesse.KFACOperator, {"kind": "empirical"}),
 }
 

@@ -11,25 +11,13 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 import hesse
-from cases import DT
+from cases import DT, uneven_mlp
 from hf_models import bert_classifier, classifier_batches, gpt2_lm, lm_batches
 from ranks import run_ranks
 
 RTOL = 1e-9
-
-
-def _mlp():
-    """An MLP (the last layer has fewer rows than 4 processes) and 5 uneven batches."""
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT).eval()
-    x, y = torch.randn(17, 4, dtype=DT), torch.randint(0, 3, (17,))
-    cuts = [0, 5, 8, 12, 13, 17]
-    batches = [(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
-    return model, [model[0], model[2]], batches, {"loss": F.cross_entropy}
 
 
 def _bert():
@@ -44,7 +32,7 @@ def _gpt2():
     return model, list(model.transformer.h), batches, {}
 
 
-MODELS = {"mlp": _mlp, "bert": _bert, "gpt2": _gpt2}
+MODELS = {"mlp": uneven_mlp, "bert": _bert, "gpt2": _gpt2}
 
 
 def _numbers(obj, full_vectors, gather):

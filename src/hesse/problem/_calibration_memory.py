@@ -159,14 +159,18 @@ def module_outputs(model: nn.Module, run: Callable[[], Any]) -> dict[str, int]:
         return hook
 
     leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook_of(n)) for n, m in leaves]
+    run_hooked([m.register_forward_hook(hook_of(n)) for n, m in leaves], run)
+    return found
+
+
+def run_hooked(handles: Sequence[Any], run: Callable[[], Any]) -> None:
+    """``run()`` under ``torch.no_grad()``, then remove the hooks' ``handles`` (on errors too)."""
     try:
         with torch.no_grad():
             run()
     finally:
         for h in handles:
             h.remove()
-    return found
 
 
 def activation_bytes(outputs: dict[str, int], prefixes: Sequence[str] | None = None) -> int:

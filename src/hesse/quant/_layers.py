@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..problem._blocks import module_prefixes
+from ..problem._calibration_memory import run_hooked
 from ..problem._positions import sample_count
 from ..problem._weights import is_hf_conv1d, output_axis
 
@@ -146,13 +147,7 @@ def macs_per_sample(
         return record
 
     hooked = {m for chain in chains.values() for m in chain}
-    handles = [modules[m].register_forward_hook(hook(m)) for m in hooked]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked([modules[m].register_forward_hook(hook(m)) for m in hooked], run)
     params = dict(model.named_parameters())
     out = {}
     for name, chain in chains.items():
