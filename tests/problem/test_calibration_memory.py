@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 import hesse
@@ -16,16 +15,14 @@ from hesse.problem.calibration import (
     SWEEP_SQUARES,
     calibration_memory,
 )
+from hf_models import bert_classifier
 
 
 def _bert():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=2,
-        attn_implementation="eager",
+    return bert_classifier(
+        torch.float32, "eager", hidden=16, layers=2, intermediate=32, vocab=30,
+        max_positions=16, num_labels=2, init_range=0.02,
     )  # fmt: skip
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 def _calib(n=3):

@@ -7,16 +7,14 @@ import torch
 import transformers
 
 from hesse.quant import _calibrate, gptq
+from hf_models import bert_classifier
 
 
 def _bert():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=2,
-        attn_implementation="eager",
+    return bert_classifier(
+        torch.float64, "eager", hidden=16, layers=3, intermediate=32, vocab=30,
+        max_positions=16, num_labels=2, init_range=0.02,
     )  # fmt: skip
-    return transformers.BertForSequenceClassification(config).double().eval()
 
 
 def _gpt2():

@@ -12,16 +12,14 @@ from safetensors import safe_open
 
 from hesse.quant import gptq, save
 from hesse.quant._pack import pack_int32
+from hf_models import bert_classifier
 
 
 def _bert():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=40, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=128, max_position_embeddings=16, num_labels=3,
-        attn_implementation="eager",
+    return bert_classifier(
+        torch.float32, "eager", hidden=64, layers=1, intermediate=128, vocab=40,
+        max_positions=16, num_labels=3, init_range=0.02,
     )  # fmt: skip
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 def _calib():
