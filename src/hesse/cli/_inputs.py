@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import re
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from hesse import losses
+from hesse.operators._memory import size_bytes
 from hesse.problem._positions import is_batch, sample_count
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -308,26 +308,17 @@ def parse_groups(text: str | None) -> dict[str, list[str]] | None:
     return groups or None
 
 
-SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-"""Decimal units, as the memory plan prints them; ``Ki``, ``Mi``, ``Gi``, ``Ti`` are binary."""
-
-
 def parse_size(text: str, option: str = "--max-memory") -> int:
-    """Bytes from ``"8G"``, ``"500MB"``, ``"1.5GiB"`` or ``"1024"``.
-
-    ``K``, ``M``, ``G``, ``T`` are powers of 1000 (as the plan prints sizes), ``Ki``, ``Mi``,
-    ``Gi``, ``Ti`` powers of 1024; a trailing ``B`` is optional.
+    """Bytes from ``"8G"``, ``"500MB"``, ``"1.5GiB"`` or ``"1024"`` (see ``size_bytes``).
 
     Example:
         >>> parse_size("8G"), parse_size("500mb"), parse_size("1.5GiB"), parse_size("100")
         (8000000000, 500000000, 1610612736, 100)
     """
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", text, re.IGNORECASE)
-    if match is None or float(match[1]) <= 0 or (match[3] and not match[2]):
+    try:
+        return size_bytes(text, option)
+    except ValueError:
         raise UsageError(
             f"{option} {text!r}: expected a positive size such as 8G, 500M or 1.5GiB "
             "(K, M, G, T: powers of 1000; Ki, Mi, Gi, Ti: powers of 1024)."
-        )
-    unit = match[2].lower()
-    scale = 1024 ** " kmgt".index(unit) if match[3] else SIZE_UNITS[unit]
-    return int(float(match[1]) * scale)
+        ) from None

@@ -10,46 +10,29 @@ progress bar over the training samples shows the rate and the time left (tqdm's 
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..operators._memory import size_bytes
 from ..problem._per_sample import SampleGradients, batch_gradients
 from ..problem._positions import rows_of, samples_in
 from ..problem.objective import Objective
 from ._grads import in_order
 
-UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 """Decimal units of a size string; ``Ki``, ``Mi``, ``Gi``, ``Ti`` are binary."""
 
 
 def memory_bytes(size: int | str | None) -> int | None:
-    """Bytes from an int or a string such as ``"2GB"``, ``"500M"``, ``"1.5GiB"`` (None: None).
-
-    Raises:
-        ValueError: not a positive size.
+    """Bytes of ``max_memory=`` (see :func:`~hesse.operators._memory.size_bytes`; None: None).
 
     Example:
         >>> memory_bytes("2GB"), memory_bytes("1.5GiB"), memory_bytes(4096)
         (2000000000, 1610612736, 4096)
     """
-    if size is None:
-        return None
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(size), re.IGNORECASE)
-    if match is None or float(match[1]) <= 0 or (match[3] and not match[2]):
-        raise ValueError(
-            f"influence: max_memory={size!r} is not a positive size; pass bytes (an int) or a "
-            "string such as '2GB', '500M' or '1.5GiB' (K, M, G, T: powers of 1000; Ki, Mi, "
-            "Gi, Ti: powers of 1024)."
-        )
-    unit = match[2].lower()
-    scale = 1024 ** " kmgt".index(unit) if match[3] else UNITS[unit]
-    return int(float(match[1]) * scale)
+    return None if size is None else size_bytes(size, "influence: max_memory")
 
 
 def chunk_rows(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -23,6 +24,36 @@ def format_bytes(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
+
+
+SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+"""Decimal multiples of a size (as the plans print them); ``Ki``... are powers of 1024."""
+
+
+def size_bytes(size: int | str, who: str = "max_memory") -> int:
+    """Bytes from an int or a string such as ``"8G"``, ``"500MB"``, ``"1.5GiB"``, ``"1024"``.
+
+    ``K``, ``M``, ``G``, ``T`` are powers of 1000, ``Ki``, ``Mi``, ``Gi``, ``Ti`` powers of
+    1024; a trailing ``B`` is optional.
+
+    Raises:
+        ValueError: not a positive size (the message names ``who``).
+
+    Example:
+        >>> size_bytes("8G"), size_bytes("500mb"), size_bytes("1.5GiB"), size_bytes(4096)
+        (8000000000, 500000000, 1610612736, 4096)
+    """
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(size), re.IGNORECASE)
+    if match is None or float(match[1]) <= 0 or (match[3] and not match[2]):
+        raise ValueError(
+            f"{who}={size!r} is not a positive size; pass bytes (an int) or a string such as "
+            "'2GB', '500M' or '1.5GiB' (K, M, G, T: powers of 1000; Ki, Mi, Gi, Ti: powers of "
+            "1024)."
+        )
+    unit = match[2].lower()
+    return int(float(match[1]) * (1024 ** " kmgt".index(unit) if match[3] else SIZE_UNITS[unit]))
 
 
 def available_bytes(device: torch.device | str) -> int:
